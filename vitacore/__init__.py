@@ -1,0 +1,33 @@
+"""vitacore: staged multimodal (vision + audio + language) LLM training on an explicit DeepSpeed engine.
+
+A run reads top to bottom::
+
+    config = vitacore.parse_args()                     # VITA's flags, --config YAML
+    stage = vitacore.apply_stage(config, ...)          # preset defaults + freeze policy
+    dist = vitacore.init_distributed()
+    bundle = vitacore.build_model(config)              # LLM + tower + projector + audio
+    stage.policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
+    data = vitacore.build_data(config, bundle, stage.key)
+    result = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist, data.eval).fit()
+    vitacore.save_stage_artifacts(bundle.model, config.training.output_dir, ...)
+"""
+
+from vitacore.checkpoint import load_adapter_file, save_stage_artifacts
+from vitacore.config import (
+    ConfigError, DataArguments, ModelArguments, RunConfig, TrainingArguments, load_yaml_config, parse_args, validate,
+)
+from vitacore.data.build import DataBundle, build_data
+from vitacore.engine import DistInfo, Trainer, TrainResult, build_param_groups, init_distributed
+from vitacore.freeze import FreezePolicy, build_report, format_report
+from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, uses_embedded_default
+from vitacore.stages import StagePreset, apply_stage, get_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle",
+    "RunConfig", "StagePreset", "Trainer", "TrainResult", "TrainingArguments", "UNIT_PREFIXES", "VitaModel",
+    "apply_stage", "build_data", "build_model", "build_param_groups", "build_report", "format_report",
+    "get_preset", "init_distributed", "load_adapter_file", "load_yaml_config", "parse_args",
+    "save_stage_artifacts", "uses_embedded_default", "validate",
+]

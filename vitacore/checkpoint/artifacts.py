@@ -1,0 +1,73 @@
+"""Stage artifacts with VITA's file and key names (``mm_projector.bin``, ``audio_adpter.bin``)."""
+
+from __future__ import annotations
+
+import os
+import torch
+import torch.nn as nn
+
+from vitacore.checkpoint.gather import gathered_state
+
+MM_PROJECTOR_FILE = "mm_projector.bin"
+AUDIO_ADAPTER_FILE = "audio_adpter.bin"  # VITA's spelling, kept so its loaders find the file
+MM_PROJECTOR_PREFIX = "model.mm_projector."
+AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_stage_artifacts(model: nn.Module, output_dir: str, trainable_units: set[str], is_main: bool) -> dict[str, str]:
+    """Write the adapter files for the units this stage trained.
+
+    Called on every rank (gathering is collective under ZeRO-3); only the main rank writes.
+
+    Returns:
+        ``{file name: path}`` of what was written.
+    """
+    plan = []
+    if "mm_projector" in trainable_units and getattr(model, "mm_projector", None) is not None:
+        plan.append((MM_PROJECTOR_FILE, model.mm_projector, MM_PROJECTOR_PREFIX))
+    if "audio_adapter" in trainable_units and getattr(model, "audio_adapter", None) is not None:
+        plan.append((AUDIO_ADAPTER_FILE, model.audio_adapter, AUDIO_ADAPTER_PREFIX))
+    written = {}
+    for file_name, module, prefix in plan:
+        state = gathered_state(module, prefix)
+        path = os.path.join(output_dir, file_name)
+        if is_main:
+            os.makedirs(output_dir, exist_ok=True)
+            atomic_torch_save(state, path)
+        written[file_name] = path
+    return written
+
+
+def load_adapter_file(path: str, module: nn.Module, key_marker: str, flag: str) -> None:
+    """Load a VITA-style adapter file into ``module`` with VITA's rule: keep keys containing
+    ``key_marker``, strip everything through it, load strictly.
+
+    Raises:
+        FileNotFoundError / ValueError: naming ``flag``, the file, and any shape that does not fit.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.split(key_marker, 1)[1]: v for k, v in weights.items() if key_marker in k}
+    if not state:
+        raise ValueError(f"{flag} {path!r}: no key contains {key_marker!r}; is this the right file?")
+    expected = module.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(f"{flag} {path!r}: {key_marker}{key} has shape {tuple(value.shape)} but this model "
+                             f"needs {tuple(expected[key].shape)}; the file was trained for another tower/LLM")
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{flag} {path!r}: keys do not fit (missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    module.load_state_dict(state, strict=True)
+

@@ -1,0 +1,397 @@
+"""Run configuration: VITA's argument classes as plain dataclasses, plus parsing.
+
+The fields mirror VITA's ``ModelArguments`` / ``DataArguments`` /
+``TrainingArguments`` (and the HF-Trainer fields its stage scripts pass), so a
+VITA ``finetune*.sh`` command line parses unchanged::
+
+    cfg = parse_args(["--bf16", "True", "--learning_rate", "5e-4"])
+    cfg.training.learning_rate  # 0.0005
+    cfg.is_explicit("bf16")     # True: stage presets must not override it
+
+``--config run.yaml`` loads YAML (flat or sectioned) first; flags override it.
+"""
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from vitacore import _flags
+from vitacore._flags import ConfigError
+
+__all__ = [
+    "ConfigError", "DataArguments", "ModelArguments", "RunConfig", "TrainingArguments",
+    "load_yaml_config", "parse_args", "validate",
+]
+
+
+def _f(default: Any, help: str, literal: bool = False) -> Any:
+    # `literal`: strings such as "none"/"False" are kept verbatim instead of becoming None.
+    return field(default=default, metadata={"help": help, "literal": literal})
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build and which of its parts to train (VITA's ModelArguments)."""
+
+    model_name_or_path: Optional[str] = _f(None, "HF id or local path of the base LLM")
+    model_type: Optional[str] = _f(None, "LLM family, e.g. qwen2p5_instruct, mixtral-8x7b")
+    version: Optional[str] = _f(None, "conversation template name")
+    freeze_backbone: bool = _f(False, "freeze the LLM weights")
+    tune_mm_mlp_adapter: bool = _f(False, "train only the vision projector (stage-1 pretraining)")
+    tune_audio_mlp_adapter: bool = _f(False, "train only the audio adapter")
+    audio_prompt_finetune: bool = _f(False, "train learnable audio prompt tokens")
+    audio_prompt_num: Optional[int] = _f(None, "number of audio prompt tokens")
+    audio_state_predictor_tuning: bool = _f(False, "train the audio state-predictor head")
+    vision_tower: Optional[str] = _f(None, "path of the vision encoder (e.g. InternViT)")
+    audio_encoder: Optional[str] = _f(None, "path of the audio encoder")
+    freeze_audio_encoder: bool = _f(True, "keep the audio encoder frozen")
+    freeze_audio_encoder_adapter: bool = _f(True, "keep the audio encoder's adapter frozen")
+    unfreeze_vision_tower: bool = _f(False, "train the vision encoder too")
+    use_s2: bool = _f(False, "multi-scale (S2) vision features")
+    pretrain_audio_mlp_adapter: Optional[str] = _f(None, "checkpoint of a pretrained audio adapter")
+    pretrain_mm_mlp_adapter: Optional[str] = _f(None, "checkpoint of a pretrained vision projector")
+    mm_projector_type: str = _f("mlp2x_gelu", "vision projector: linear, identity or mlpNx_gelu")
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how images are tiled (VITA's DataArguments)."""
+
+    lazy_preprocess: bool = _f(False, "tokenize samples on the fly")
+    is_multimodal: bool = _f(True, "samples may contain images/audio")
+    image_folder: Optional[str] = _f(None, "root folder of the images")
+    image_aspect_ratio: Optional[str] = _f(None, "square or pad (None: resize as is)")
+    # VITA's default "temp" crashes; None selects the embedded synthetic demo data.
+    dataset_use: Optional[str] = _f(None, "named dataset mix (None: built-in synthetic demo data)")
+    min_dynamic_patch: int = _f(1, "fewest image tiles per image")
+    max_dynamic_patch: int = _f(12, "most image tiles per image")
+    use_thumbnail: bool = _f(True, "add a thumbnail tile to tiled images")
+    eval_data_path: Optional[str] = _f(None, "evaluation data (None: no eval set)")
+
+
+@dataclass
+class TrainingArguments:
+    """VITA's training additions followed by the standard HF-Trainer fields its scripts use."""
+
+    cache_dir: Optional[str] = _f(None, "HF download cache directory")
+    optim: str = _f("adamw_torch", "optimizer: adamw_torch, adamw_torch_fused or adamw")
+    remove_unused_columns: bool = _f(False, "HF compatibility; ignored")
+    freeze_mm_mlp_adapter: bool = _f(False, "keep the vision projector frozen")
+    mpt_attn_impl: str = _f("triton", "MPT attention implementation (VITA compatibility)")
+    model_max_length: int = _f(512, "maximum sequence length in tokens")
+    double_quant: bool = _f(True, "nested quantization for 4-bit loading")
+    quant_type: str = _f("nf4", "4-bit quantization type: nf4 or fp4")
+    bits: int = _f(16, "weight precision to load the LLM in: 4, 8 or 16")
+    lora_enable: bool = _f(False, "train LoRA adapters instead of full weights")
+    lora_r: int = _f(64, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout probability")
+    lora_weight_path: str = _f("", "LoRA weights to start from")
+    lora_bias: str = _f("none", "LoRA bias training: none, all or lora_only")
+    mm_projector_lr: Optional[float] = _f(None, "separate learning rate for the projector")
+    group_by_modality_length: bool = _f(False, "batch samples of the same modality together")
+    output_dir: str = _f("output", "where checkpoints and logs go")
+    num_train_epochs: float = _f(1.0, "number of passes over the data")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: use epochs)")
+    per_device_train_batch_size: int = _f(8, "training micro-batch per GPU")
+    per_device_eval_batch_size: int = _f(8, "evaluation batch per GPU")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(5e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
+    lr_scheduler_type: str = _f("linear", "linear, cosine, constant or constant_with_warmup")
+    warmup_ratio: float = _f(0.0, "fraction of steps spent warming up")
+    warmup_steps: int = _f(0, "warm-up steps (overrides warmup_ratio when > 0)")
+    logging_steps: int = _f(10, "log every N optimizer steps")
+    save_strategy: str = _f("steps", "when to checkpoint: no, steps or epoch", literal=True)
+    save_steps: int = _f(500, "checkpoint every N steps")
+    save_total_limit: Optional[int] = _f(None, "keep at most N checkpoints")
+    eval_strategy: str = _f("no", "when to evaluate: no, steps or epoch", literal=True)
+    eval_steps: Optional[int] = _f(None, "evaluate every N steps (None: logging_steps)")
+    bf16: bool = _f(False, "bfloat16 mixed precision")
+    fp16: bool = _f(False, "float16 mixed precision")
+    tf32: Optional[bool] = _f(None, "allow TF32 matmuls on Ampere+ GPUs")
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    dataloader_num_workers: int = _f(0, "data loader worker processes")
+    report_to: str = _f("none", "none, tensorboard, all or a comma list", literal=True)
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (path or name)")
+    seed: int = _f(42, "random seed")
+    resume_from_checkpoint: Optional[str] = _f(
+        None, "checkpoint path, or True/False (kept verbatim)", literal=True)
+    local_rank: int = _f(-1, "set by the distributed launcher")
+    ddp_timeout: int = _f(1800, "distributed timeout in seconds")
+
+
+# Old HF spelling -> field.
+_ALIASES = {"evaluation_strategy": "eval_strategy"}
+_EXPLICIT_SOURCES = ("flag", "yaml")
+
+
+@dataclass
+class RunConfig:
+    """Everything one vitacore run needs, plus where each explicitly set value came from.
+
+    Attributes:
+        field_sources: Field name -> "flag" or "yaml" for values the user set (other
+            labels, e.g. "preset", may be recorded via :meth:`set` and are not explicit);
+            fields absent from it hold defaults. Not part of equality.
+    """
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+    stage: str = _f("1", "training stage whose presets apply (resolved by the stage code)")
+    dry_run: bool = _f(False, "build everything, run no optimizer step")
+    report_json: Optional[str] = _f(None, "write a JSON run report to this path")
+    field_sources: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def _owner(self, name: str) -> Any:
+        spec = _spec(name)
+        return self if spec.section == "run" else getattr(self, spec.section)
+
+    def get(self, name: str) -> Any:
+        """Returns the value of a field, whichever section declares it.
+
+        Raises:
+            ConfigError: No field has that name.
+        """
+        return getattr(self._owner(name), name)
+
+    def set(self, name: str, value: Any, source: Optional[str] = None) -> None:
+        """Sets a field in whichever section declares it.
+
+        Args:
+            name: Field name (aliases such as ``evaluation_strategy`` are accepted).
+            value: Already-typed value; it is not converted.
+            source: "flag" or "yaml" marks the value as user-set; any other label
+                (e.g. "preset") is recorded but not explicit; None forgets the source,
+                so the value counts as a default.
+        """
+        name = _ALIASES.get(name, name)
+        setattr(self._owner(name), name, value)
+        if source is None:
+            self.field_sources.pop(name, None)
+        else:
+            self.field_sources[name] = source
+
+    def is_explicit(self, name: str) -> bool:
+        """Whether the user set ``name`` with a flag or in the YAML file."""
+        name = _ALIASES.get(name, name)
+        _spec(name)  # typos in preset code should fail loudly
+        return self.field_sources.get(name) in _EXPLICIT_SOURCES
+
+    def source_of(self, name: str) -> str:
+        """Returns "flag", "yaml", another recorded label, or "default"."""
+        name = _ALIASES.get(name, name)
+        _spec(name)
+        return self.field_sources.get(name, "default")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Returns ``{"model": {...}, "data": {...}, "training": {...}, <run fields>}``."""
+        out: Dict[str, Any] = {sec: {} for sec in _SECTIONS}
+        for spec in _SPECS.values():
+            value = getattr(self._owner(spec.name), spec.name)
+            (out if spec.section == "run" else out[spec.section])[spec.name] = value
+        return out
+
+    def flat_dict(self) -> Dict[str, Any]:
+        """Returns every field, all sections merged into one mapping."""
+        return {name: self.get(name) for name in _SPECS}
+
+    def to_yaml(self, path: str) -> None:
+        """Writes the sectioned YAML form that ``--config`` / :func:`load_yaml_config` read."""
+        _flags.dump_yaml(self.to_dict(), path, header="# vitacore run config\n")
+
+
+_SECTIONS = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
+_SPECS: Dict[str, _flags.FlagSpec] = {}
+for _sec, _cls in list(_SECTIONS.items()) + [("run", RunConfig)]:
+    for _s in _flags.specs_for(_cls, _sec, exclude=(*_SECTIONS, "field_sources")):
+        # get()/set()/flat YAML rely on every name being unique across sections.
+        assert _s.name not in _SPECS and _s.name not in _SECTIONS, f"duplicate field {_s.name}"
+        _SPECS[_s.name] = _s
+assert not set(_ALIASES) & set(_SPECS)
+del _sec, _cls, _s
+
+# Normalised flag name -> (field or pseudo-flag, is_bool), for the argv splitter.
+_LOOKUP = {n: (n, s.kind is bool) for n, s in _SPECS.items()}
+_LOOKUP.update({a: (n, _SPECS[n].kind is bool) for a, n in _ALIASES.items()})
+_LOOKUP["config"] = ("config", False)
+
+
+def _spec(name: str) -> _flags.FlagSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ConfigError(f"no config field named {name!r}{_flags.suggestion(name, _SPECS, '')}"
+                          ) from None
+
+
+def _apply(cfg: RunConfig, entries: Sequence[tuple], source: str) -> None:
+    """Converts and stores ``(field, raw, where, spelling)`` entries; later ones win."""
+    seen: Dict[str, Dict[str, tuple]] = {}
+    for name, raw, where, spelling in entries:
+        value = _flags.convert(_SPECS[name], raw, where)
+        by_spelling = seen.setdefault(name, {})
+        by_spelling[spelling] = (value, where)
+        # Repeating a flag is "last wins"; old and new spelling disagreeing is a mistake.
+        for other, (other_value, other_where) in by_spelling.items():
+            if other != spelling and other_value != value:
+                old = next(a for a, n in _ALIASES.items() if n == name)
+                raise ConfigError(f"{other_where} {other_value!r} conflicts with {where} {value!r};"
+                                  f" give only one (--{old} is the old name of --{name})")
+        cfg.set(name, value, source)
+
+
+def load_yaml_config(path: str) -> RunConfig:
+    """Loads a YAML run config (flat or sectioned) and validates it.
+
+    Args:
+        path: YAML file, e.g. one written by :meth:`RunConfig.to_yaml`.
+
+    Returns:
+        The config; every key in the file is recorded as source "yaml".
+
+    Raises:
+        ConfigError: Unreadable file, unknown key, bad value or failed validation.
+    """
+    cfg = RunConfig()
+    _apply(cfg, _flags.yaml_entries(path, _SPECS, _ALIASES, _SECTIONS), "yaml")
+    validate(cfg)
+    return cfg
+
+
+def help_text() -> str:
+    """Returns the ``--help`` text: every flag grouped by section."""
+    groups = [(f"{sec.capitalize()} arguments", [s for s in _SPECS.values() if s.section == sec])
+              for sec in (*_SECTIONS, "run")]
+    intro = ("usage: [--config FILE.yaml] [--FLAG VALUE | --FLAG=VALUE ...]\n"
+             "Booleans take True/False (a bare --FLAG means True); dashes may replace "
+             "underscores;\n--config loads YAML (flat or sectioned) that later flags override.")
+    return _flags.format_help(groups, _ALIASES, intro)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """Parses VITA-style command-line flags (and an optional ``--config`` YAML).
+
+    Args:
+        argv: Tokens without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        A validated :class:`RunConfig` whose ``field_sources`` says which values
+        came from flags and which from the YAML file.
+
+    Raises:
+        ConfigError: Unknown flag (with a suggestion), bad value or failed validation.
+        SystemExit: With code 0 after printing help for ``--help`` / ``-h``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(help_text())
+        raise SystemExit(0)
+    entries = _flags.split_argv(args, _LOOKUP)
+    configs = [raw for name, raw, _ in entries if name == "config"]
+    if len(configs) > 1:
+        raise ConfigError(f"--config given {len(configs)} times; give one YAML file")
+    cfg = RunConfig()
+    if configs:
+        _apply(cfg, _flags.yaml_entries(configs[0], _SPECS, _ALIASES, _SECTIONS), "yaml")
+    _apply(cfg, [(n, raw, flag, flag[2:].replace("-", "_")) for n, raw, flag in entries
+                 if n != "config"], "flag")
+    validate(cfg)
+    return cfg
+
+
+_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+_STRATEGIES = ("epoch", "no", "steps")
+_REPORTERS = ("all", "none", "tensorboard")
+_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+_PROJECTOR = re.compile(r"^mlp([1-9]\d*)x_gelu$")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks types, ranges and combinations of a config.
+
+    Args:
+        cfg: The config to check.
+
+    Raises:
+        ConfigError: Lists every problem, each naming the flag, the value and what
+            is allowed (one problem: just its message).
+    """
+    errors = [e for e in (_flags.type_error(s, cfg.get(n)) for n, s in _SPECS.items()) if e]
+    if not errors:
+        errors = _rule_errors(cfg)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _rule_errors(cfg: RunConfig) -> List[str]:
+    m, d, t = cfg.model, cfg.data, cfg.training
+    errors: List[str] = []
+    check = _flags.rule(errors)
+
+    def at_least(name: str, low: int) -> None:
+        value = cfg.get(name)
+        check(value >= low, f"--{name} {value} must be >= {low}")
+
+    def unit(name: str) -> None:
+        value = cfg.get(name)
+        check(0 <= value < 1, f"--{name} {value} must be in [0, 1)")
+
+    def one_of(name: str, allowed: Sequence[str]) -> None:
+        value = cfg.get(name)
+        check(value in allowed, f"--{name} {value!r} is not one of: {', '.join(allowed)}")
+
+    check(not (t.bf16 and t.fp16), "--bf16 True and --fp16 True both set; choose one precision")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps", "lora_r"):
+        at_least(name, 1)
+    for name in ("warmup_steps", "dataloader_num_workers"):
+        at_least(name, 0)
+    at_least("model_max_length", 16)
+    check(t.learning_rate > 0, f"--learning_rate {t.learning_rate} must be > 0")
+    check(t.num_train_epochs > 0, f"--num_train_epochs {t.num_train_epochs} must be > 0")
+    check(t.max_steps == -1 or t.max_steps > 0,
+          f"--max_steps {t.max_steps} must be > 0, or -1 to train for --num_train_epochs")
+    check(t.weight_decay >= 0, f"--weight_decay {t.weight_decay} must be >= 0")
+    check(t.max_grad_norm >= 0, f"--max_grad_norm {t.max_grad_norm} must be >= 0 (0: no clipping)")
+    for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
+        unit(name)
+    one_of("lr_scheduler_type", _SCHEDULERS)
+    one_of("save_strategy", _STRATEGIES)
+    one_of("eval_strategy", _STRATEGIES)
+    one_of("quant_type", ("fp4", "nf4"))
+    one_of("lora_bias", ("all", "lora_only", "none"))
+    one_of("optim", _OPTIMIZERS)
+    check(t.bits in (4, 8, 16), f"--bits {t.bits} is not one of: 4, 8, 16")
+    if t.save_strategy == "steps":
+        check(t.save_steps >= 1, f"--save_steps {t.save_steps} must be >= 1 with "
+                                 "--save_strategy steps (or use --save_strategy no/epoch)")
+    for name in ("eval_steps", "save_total_limit"):
+        value = cfg.get(name)
+        check(value is None or value >= 1, f"--{name} {value} must be >= 1 (or None)")
+    check(d.image_aspect_ratio in (None, "square", "pad"),
+          f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, None")
+    projector = m.mm_projector_type
+    check(projector in ("linear", "identity") or bool(_PROJECTOR.match(projector)),
+          f"--mm_projector_type {projector!r} is not one of: linear, identity, "
+          "mlp2x_gelu (or mlpNx_gelu with N >= 1)")
+    reporters = [r.strip() for r in t.report_to.split(",")]
+    check(all(r in _REPORTERS for r in reporters),
+          f"--report_to {t.report_to!r} is not one of: {', '.join(_REPORTERS)} "
+          "(or a comma-separated list of them)")
+    if m.audio_prompt_finetune:
+        check(m.audio_prompt_num is not None and m.audio_prompt_num >= 1,
+              f"--audio_prompt_finetune True needs --audio_prompt_num >= 1 "
+              f"(got {m.audio_prompt_num})")
+    check(not (m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter),
+          "--tune_mm_mlp_adapter True contradicts --freeze_mm_mlp_adapter True; set one to False")
+    check(cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")
+    return errors

@@ -1,0 +1,176 @@
+"""VITA JSON records -> model-ready samples (ids, labels, media tensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image, ImageSequence
+from torch.utils.data import Dataset
+
+from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+from vitacore.data.conversation import ChatTemplate, tokenize_conversation
+from vitacore.data.media import AudioTransform, ImageTransform, load_image
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a VITA JSON list of records.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: malformed JSON (with line and column) or a record without ``conversations``.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            records = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise ValueError(f"{path}: record {index} has no 'conversations' list")
+    return records
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def load_video_frames(path: str, max_frames: int = 16) -> list[Image.Image]:
+    """Frames of an animated image file (GIF/WebP), evenly subsampled to at most ``max_frames``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video {path!r} does not exist")
+    with Image.open(path) as clip:
+        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
+    if len(frames) > max_frames:
+        step = len(frames) / max_frames
+        frames = [frames[int(i * step)] for i in range(max_frames)]
+    return frames
+
+
+@dataclass
+class Sample:
+    """One tokenized record with its media."""
+
+    sample_id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor]
+    audios: list[torch.Tensor]
+    audio_token_lengths: list[int]
+    modality: str
+
+
+class VitaJsonDataset(Dataset):
+    """A list of VITA records whose media paths are relative to ``media_root``.
+
+    Args:
+        records: VITA records (see :func:`load_records`).
+        media_root: folder the ``image`` / ``video`` / ``audio`` paths are relative to.
+        tokenizer: the LLM's tokenizer.
+        template: the chat template.
+        image_transform: image -> tensor for the vision tower.
+        audio_transform: wav path -> (fbank, LLM token count).
+        source: name used in error messages (the JSON path).
+    """
+
+    def __init__(self, records, media_root: str, tokenizer, template: ChatTemplate,
+                 image_transform: Optional[ImageTransform], audio_transform: Optional[AudioTransform],
+                 source: str = "<records>"):
+        self.records = records
+        self.media_root = media_root
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_transform = image_transform
+        self.audio_transform = audio_transform
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, rel: str) -> str:
+        return rel if os.path.isabs(rel) else os.path.join(self.media_root, rel)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        sample_id = str(record.get("id", index))
+        try:
+            return self._build(record, sample_id)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{self.source}, record {index} (id {sample_id!r}): {err}") from None
+
+    def _build(self, record: dict, sample_id: str) -> Sample:
+        conversations = [dict(turn) for turn in record["conversations"]]
+        images, modality = [], "lang"
+        image_paths, video_paths = _as_list(record.get("image")), _as_list(record.get("video"))
+        if (image_paths or video_paths) and self.image_transform is None:
+            raise ValueError("record has media but the model has no vision tower")
+        for rel in image_paths:
+            images.append(self.image_transform(load_image(self._path(rel))))
+            modality = "image"
+        num_frames = 0
+        for rel in video_paths:
+            frames = load_video_frames(self._path(rel))
+            images.extend(self.image_transform(frame) for frame in frames)
+            num_frames = len(frames)
+            modality = "video"
+        if num_frames:
+            for turn in conversations:
+                turn["value"] = turn["value"].replace(DEFAULT_VIDEO_TOKEN, DEFAULT_IMAGE_TOKEN * num_frames)
+        audios, audio_lengths = [], []
+        for rel in _as_list(record.get("audio")):
+            if self.audio_transform is None:
+                raise ValueError("record has audio but the model has no audio encoder")
+            features, num_tokens = self.audio_transform(self._path(rel))
+            audios.append(features)
+            audio_lengths.append(num_tokens)
+        num_image_placeholders = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations)
+        num_audio_placeholders = sum(t["value"].count(DEFAULT_AUDIO_TOKEN) for t in conversations)
+        if num_image_placeholders != len(images):
+            raise ValueError(f"{num_image_placeholders} <image>/<video> placeholder(s) in the text but {len(images)} image(s)/frame(s) loaded")
+        if num_audio_placeholders != len(audios):
+            raise ValueError(f"{num_audio_placeholders} <audio> placeholder(s) in the text but {len(audios)} audio file(s) given")
+        input_ids, labels = tokenize_conversation(
+            conversations, self.tokenizer, self.template, modality, record.get("inserted_id"))
+        return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality)
+
+
+class Collator:
+    """Pads a list of :class:`Sample` into a batch the model's ``forward`` takes."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        longest = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            input_ids[row, :n] = torch.tensor(sample.input_ids)
+            labels[row, :n] = torch.tensor(sample.labels)
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "sample_ids": [s.sample_id for s in samples]}
+        images = [image for s in samples for image in s.images]
+        if images:
+            batch["images"] = torch.stack(images)
+        audios = [audio for s in samples for audio in s.audios]
+        if audios:
+            longest_audio = max(a.shape[0] for a in audios)
+            padded = torch.zeros((len(audios), longest_audio, audios[0].shape[1]))
+            for i, audio in enumerate(audios):
+                padded[i, : audio.shape[0]] = audio
+            batch["audios"] = padded
+            batch["audio_lengths"] = torch.tensor([a.shape[0] for a in audios])
+            batch["audio_token_lengths"] = torch.tensor([n for s in samples for n in s.audio_token_lengths])
+        return batch

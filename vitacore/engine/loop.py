@@ -1,0 +1,225 @@
+"""The training loop: DeepSpeed initialized here, forward / backward / step owned here."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from vitacore.engine.distributed import DistInfo
+from vitacore.engine.ds_config import builtin_config, complete_config, load_user_config
+from vitacore.engine.metrics import MetricsLog, answer_accuracy, format_lr
+from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    num_steps: int
+    seconds: float
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    final_eval: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs one stage: builds the DeepSpeed engine and loops over the data.
+
+    Args:
+        config: the run's ``RunConfig``.
+        model: the model; its forward takes a collated batch and returns ``loss`` and ``logits``.
+        param_groups: optimizer groups (each with ``params``, ``lr``, ``weight_decay``, ``name``).
+        train_dataset / eval_dataset: datasets of samples; ``collate_fn`` batches them.
+        dist: the process's place in the job.
+        on_log: called with every metrics row (for printing).
+    """
+
+    def __init__(self, config, model: torch.nn.Module, param_groups: list[dict], train_dataset: Dataset,
+                 collate_fn: Callable, dist: DistInfo, eval_dataset: Optional[Dataset] = None,
+                 on_log: Optional[Callable[[dict], None]] = None):
+        self.config = config
+        self.args = config.training
+        self.model = model
+        self.param_groups = param_groups
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.collate_fn = collate_fn
+        self.dist = dist
+        self.on_log = on_log or (lambda row: None)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        self.metrics = MetricsLog(self.args.output_dir, enabled=dist.is_main)
+        self._check_precision()
+
+        self.sampler = DistributedSampler(train_dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=self.args.seed, drop_last=False)
+        self.loader = DataLoader(train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                 sampler=self.sampler, collate_fn=collate_fn,
+                                 num_workers=self.args.dataloader_num_workers)
+        updates_per_epoch = max(1, math.ceil(len(self.loader) / self.args.gradient_accumulation_steps))
+        if self.args.max_steps > 0:
+            self.total_steps = self.args.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.args.num_train_epochs * updates_per_epoch))
+        self.warmup_steps = warmup_steps_for(self.total_steps, self.args.warmup_steps, self.args.warmup_ratio)
+        self.engine = self._initialize()
+
+    def _check_precision(self) -> None:
+        if self.dist.device.type == "cpu" and self.args.fp16:
+            raise ValueError("--fp16 True is not supported on CPU (DeepSpeed refuses fp16 there); "
+                             "use --bf16 True or drop the flag for fp32")
+
+    def _initialize(self):
+        import deepspeed
+
+        hidden = getattr(self.model.config, "hidden_size", 1024)
+        if self.args.deepspeed:
+            raw, source = load_user_config(self.args.deepspeed), f"--deepspeed {self.args.deepspeed}"
+        else:
+            raw, source = builtin_config(self.dist.world_size), "built-in DeepSpeed config"
+        self.ds_config = complete_config(raw, training=self.args, world_size=self.dist.world_size,
+                                         hidden_size=hidden, total_steps=self.total_steps,
+                                         warmup_steps=self.warmup_steps, source=source)
+        multiplier = lr_multiplier(self.args.lr_scheduler_type, self.warmup_steps, self.total_steps)
+        kwargs = {"model": self.model.to(self.dist.device), "config": self.ds_config, "dist_init_required": False}
+        if "optimizer" in self.ds_config:
+            kwargs["model_parameters"] = self.param_groups
+        else:
+            kwargs["optimizer"] = torch.optim.AdamW(
+                self.param_groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay)
+        kwargs["lr_scheduler"] = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        engine, _, _, _ = deepspeed.initialize(**kwargs)
+        return engine
+
+    def _group_lrs(self) -> dict[str, float]:
+        groups = self.engine.optimizer.param_groups
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)}
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        if self.engine.zero_optimization_stage() > 0:
+            return None
+        total = 0.0
+        for param in self.engine.module.parameters():
+            if param.grad is not None:
+                total += float(param.grad.detach().float().pow(2).sum())
+        return math.sqrt(total)
+
+    def fit(self) -> TrainResult:
+        """Train to ``total_steps`` optimizer steps, evaluating as configured; return a summary."""
+        args, engine = self.args, self.engine
+        engine.train()
+        started = time.time()
+        step, epoch, micro = 0, 0, 0
+        window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.time()}
+        first_loss = last_loss = None
+        bar = tqdm(total=self.total_steps, desc=f"stage {self.config.stage}", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        grad_norm = None
+        while step < self.total_steps:
+            self.sampler.set_epoch(epoch)
+            for batch in self.loader:
+                batch = _to_device(batch, self.dist.device)
+                output = engine(**batch)
+                loss = output["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at optimizer step {step + 1} (micro-batch {micro + 1}, samples "
+                        f"{batch.get('sample_ids')}); lower --learning_rate or check the data")
+                engine.backward(loss)
+                micro += 1
+                window["loss"] += loss.item()
+                window["micro"] += 1
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["samples"] += batch["input_ids"].shape[0]
+                if engine.is_gradient_accumulation_boundary():
+                    grad_norm = self._grad_norm_before_step()
+                engine.step()
+                if micro % args.gradient_accumulation_steps:
+                    continue
+                step += 1
+                bar.update(1)
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    mean_loss = window["loss"] / window["micro"]
+                    first_loss = mean_loss if first_loss is None else first_loss
+                    last_loss = mean_loss
+                    elapsed = max(1e-9, time.time() - window["t0"])
+                    row = {"step": step, "epoch": round(epoch + (micro / max(1, len(self.loader))) % 1, 4),
+                           "loss": mean_loss, "lr": format_lr(self._group_lrs()),
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": window["tokens"] * self.dist.world_size / elapsed,
+                           "samples_per_s": window["samples"] * self.dist.world_size / elapsed}
+                    self.metrics.write(row)
+                    self.on_log(row)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.time()}
+                grad_norm = None
+                if self._should_eval(step, end_of_epoch=False):
+                    self.evaluate(step, epoch)
+                if step >= self.total_steps:
+                    break
+            else:
+                epoch += 1
+                micro = 0
+                if self._should_eval(step, end_of_epoch=True):
+                    self.evaluate(step, epoch)
+                continue
+            break
+        bar.close()
+        final_eval = self.evaluate(step, epoch) if self.eval_dataset is not None else {}
+        return TrainResult(step, time.time() - started, first_loss, last_loss, final_eval, self.metrics.rows)
+
+    def _should_eval(self, step: int, end_of_epoch: bool) -> bool:
+        if self.eval_dataset is None or step >= self.total_steps:
+            return False
+        if self.args.eval_strategy == "epoch":
+            return end_of_epoch
+        if self.args.eval_strategy == "steps" and not end_of_epoch:
+            every = self.args.eval_steps or self.args.logging_steps
+            return step % every == 0
+        return False
+
+    @torch.no_grad()
+    def evaluate(self, step: int, epoch: int) -> dict:
+        """Loss and teacher-forced answer accuracy on the eval set, summed over ranks."""
+        sampler = DistributedSampler(self.eval_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=False)
+        loader = DataLoader(self.eval_dataset, batch_size=self.args.per_device_eval_batch_size, sampler=sampler,
+                            collate_fn=self.collate_fn, num_workers=self.args.dataloader_num_workers)
+        self.engine.eval()
+        totals = torch.zeros(6, dtype=torch.float64)
+        for batch in loader:
+            batch = _to_device(batch, self.dist.device)
+            output = self.engine(**batch)
+            correct, supervised, exact, rows = answer_accuracy(output["logits"], output["merged_labels"])
+            totals += torch.tensor([float(output["loss"]) * supervised, supervised, correct, exact, rows, 1.0],
+                                   dtype=torch.float64)
+        if self.dist.world_size > 1:
+            totals = totals.to(self.dist.device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+        self.engine.train()
+        loss_sum, supervised, correct, exact, rows, _ = totals.tolist()
+        row = {"step": step, "epoch": epoch, "eval_loss": loss_sum / max(1.0, supervised),
+               "eval_accuracy": correct / max(1.0, supervised), "eval_exact_match": exact / max(1.0, rows),
+               "eval_samples": int(rows)}
+        self.metrics.write(row)
+        self.on_log(row)
+        return row

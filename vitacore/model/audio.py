@@ -1,0 +1,116 @@
+"""The audio side: a compact fbank encoder and VITA's subsampling adapter.
+
+Token arithmetic matches VITA: the encoder's two stride-2 convolutions and the adapter's stride-2
+convolution turn ``T`` fbank frames into ``len(ones(T)[2::2][2::2][0::2])`` LLM tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+AUDIO_CONFIG_FILE = "vitacore_audio_config.json"
+AUDIO_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Shape of the built-in audio encoder."""
+
+    num_mel_bins: int = 80
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_size: int = 128
+    dropout: float = 0.0
+
+
+class AudioEncoder(nn.Module):
+    """Conv subsampling (x4 in time) followed by a transformer encoder over fbank frames."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.config = config
+        channels = config.hidden_size
+        self.subsample = nn.Sequential(
+            nn.Conv2d(1, channels, kernel_size=3, stride=2), nn.GELU(),
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2), nn.GELU(),
+        )
+        freq = ((config.num_mel_bins - 1) // 2 - 1) // 2
+        self.input_proj = nn.Linear(channels * freq, config.hidden_size)
+        layer = nn.TransformerEncoderLayer(
+            config.hidden_size, config.num_heads, config.ffn_size, config.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(config.hidden_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode padded ``(B, T, mel)`` features; return ``(B, T', hidden)`` and output lengths."""
+        dtype = self.input_proj.weight.dtype
+        x = self.subsample(features.to(dtype).unsqueeze(1))  # (B, C, T', F')
+        batch, channels, time, freq = x.shape
+        x = self.input_proj(x.permute(0, 2, 1, 3).reshape(batch, time, channels * freq))
+        out_lengths = ((lengths - 1) // 2 - 1) // 2
+        pad_mask = torch.arange(time, device=x.device)[None, :] >= out_lengths[:, None]
+        x = self.layers(x, src_key_padding_mask=pad_mask)
+        return self.final_norm(x), out_lengths
+
+    def save(self, directory: str) -> None:
+        """Write the config and weights to ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, AUDIO_CONFIG_FILE), "w") as fh:
+            json.dump(asdict(self.config), fh, indent=2)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, AUDIO_WEIGHTS_FILE))
+
+
+def load_audio_encoder(path: str) -> AudioEncoder:
+    """Load an audio encoder written by :meth:`AudioEncoder.save`.
+
+    Raises:
+        FileNotFoundError: the folder or its config is missing.
+    """
+    config_file = os.path.join(path, AUDIO_CONFIG_FILE)
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(
+            f"--audio_encoder {path!r}: no {AUDIO_CONFIG_FILE} there (expected a vitacore audio encoder folder)"
+        )
+    with open(config_file) as fh:
+        config = AudioEncoderConfig(**json.load(fh))
+    encoder = AudioEncoder(config)
+    encoder.load_state_dict(load_file(os.path.join(path, AUDIO_WEIGHTS_FILE)), strict=True)
+    encoder.source = os.path.abspath(path)
+    return encoder
+
+
+class AudioAdapter(nn.Module):
+    """VITA-1.5's subsampling adapter: conv (stride 2) -> LayerNorm -> GELU -> linear.
+
+    Attribute names (``conv1d2``, ``bn2``, ``project``) are VITA's, so ``audio_adpter.bin`` keys map
+    one to one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 5):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1d2 = nn.Conv1d(in_features, 2 * in_features, kernel_size, stride=2)
+        self.bn2 = nn.LayerNorm(2 * in_features, eps=1e-3)
+        self.relu2 = nn.GELU()
+        self.project = nn.Linear(2 * in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, T, in)`` encoder states to ``(B, ceil(T/2), out)`` LLM embeddings."""
+        x = F.pad(x.transpose(1, 2), (0, self.kernel_size - 1))
+        x = self.conv1d2(x).transpose(1, 2)
+        return self.project(self.relu2(self.bn2(x)))

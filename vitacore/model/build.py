@@ -1,0 +1,98 @@
+"""Build the multimodal model for a run: the user's checkpoints by path, or the embedded default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vitacore.checkpoint.artifacts import load_adapter_file
+from vitacore.model.audio import AudioAdapter, load_audio_encoder
+from vitacore.model.default import DefaultAssets, ensure_default_assets
+from vitacore.model.multimodal import VitaModel
+from vitacore.model.projector import build_projector
+from vitacore.model.vision import load_vision_tower
+
+
+@dataclass
+class ModelBundle:
+    """The model and what the data pipeline needs to feed it."""
+
+    model: VitaModel
+    tokenizer: object
+    default_assets: Optional[DefaultAssets]
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        return self.default_assets is not None
+
+
+def uses_embedded_default(config) -> bool:
+    """True when no model, tower, encoder or dataset path is given."""
+    m = config.model
+    return not (m.model_name_or_path or m.vision_tower or m.audio_encoder or config.data.dataset_use)
+
+
+def compute_dtype(training) -> torch.dtype:
+    """The dtype the precision flags ask for."""
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+
+
+def load_tokenizer_for(path: str, model_max_length: int):
+    """The LLM's tokenizer, right-padded, with a pad token (unk, else eos, when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right",
+                                              use_fast=True, local_files_only=os.path.isdir(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(config, log=print) -> ModelBundle:
+    """Compose LLM + vision tower + projector + audio encoder + adapter for ``config``.
+
+    Paths not given fall back to the embedded default's parts (built and cached on first use).
+    Adapter weights (``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter``) are loaded
+    here, before any engine partitions the modules.
+    """
+    from transformers import AutoModelForCausalLM
+
+    m, t = config.model, config.training
+    needs_default = not (m.model_name_or_path and m.vision_tower and m.audio_encoder)
+    assets = ensure_default_assets(log=log) if needs_default else None
+    llm_path = m.model_name_or_path or assets.llm
+    dtype = compute_dtype(t)
+    tokenizer = load_tokenizer_for(llm_path, t.model_max_length)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa")
+    llm.config.use_cache = False
+    hidden = llm.config.hidden_size
+
+    vision_tower = load_vision_tower(m.vision_tower or assets.vision_tower, torch_dtype=dtype)
+    # New modules get their initial values from the run's seed, so reruns start identically.
+    torch.manual_seed(t.seed)
+    projector = build_projector(m.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)
+    if m.pretrain_mm_mlp_adapter:
+        load_adapter_file(m.pretrain_mm_mlp_adapter, projector, "mm_projector.", "--pretrain_mm_mlp_adapter")
+
+    audio_encoder = load_audio_encoder(m.audio_encoder or assets.audio_encoder).to(dtype)
+    audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
+    if m.pretrain_audio_mlp_adapter:
+        load_adapter_file(m.pretrain_audio_mlp_adapter, audio_adapter, "audio_encoder.adpter.",
+                          "--pretrain_audio_mlp_adapter")
+
+    mm_config = {
+        "mm_vision_tower": vision_tower.source,
+        "mm_audio_encoder": getattr(audio_encoder, "source", m.audio_encoder),
+        "mm_projector_type": m.mm_projector_type,
+        "mm_hidden_size": vision_tower.hidden_size,
+        "use_mm_proj": True,
+        "image_aspect_ratio": config.data.image_aspect_ratio,
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": t.model_max_length,
+    }
+    model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter,
+                      model_max_length=t.model_max_length, padding_side="right", mm_config=mm_config)
+    return ModelBundle(model, tokenizer, assets)

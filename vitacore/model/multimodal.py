@@ -1,0 +1,134 @@
+"""The multimodal model: any causal LM composed with a vision tower, projector and audio stack."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from vitacore.model.merge import merge_media_embeddings
+
+# Each freeze unit is the set of parameters under these attribute prefixes.
+UNIT_PREFIXES = {
+    "llm": ("llm.",),
+    "vision_tower": ("vision_tower.",),
+    "mm_projector": ("mm_projector.",),
+    "audio_encoder": ("audio_encoder.",),
+    "audio_adapter": ("audio_adapter.",),
+    "audio_prompt": ("audio_prompt.",),
+    "state_head": ("state_head.",),
+}
+
+
+class VitaModel(nn.Module):
+    """A VITA-style model built by composition.
+
+    Args:
+        llm: a transformers causal LM.
+        vision_tower: produces ``(N, tokens, mm_hidden)`` features, or None.
+        mm_projector: maps vision features to the LLM width, or None.
+        audio_encoder: encodes fbank features, or None.
+        audio_adapter: maps audio encoder states to the LLM width, or None.
+        model_max_length: longest sequence after media expansion.
+        padding_side: side to re-pad merged rows on.
+        mm_config: multimodal config fields saved in exports (``mm_projector_type``, ...).
+    """
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        vision_tower: Optional[nn.Module] = None,
+        mm_projector: Optional[nn.Module] = None,
+        audio_encoder: Optional[nn.Module] = None,
+        audio_adapter: Optional[nn.Module] = None,
+        model_max_length: int = 2048,
+        padding_side: str = "right",
+        mm_config: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.llm = llm
+        self.vision_tower = vision_tower
+        self.mm_projector = mm_projector
+        self.audio_encoder = audio_encoder
+        self.audio_adapter = audio_adapter
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+        self.mm_config = dict(mm_config or {})
+        # Units whose modules stay in eval mode while training (set by the freeze policy).
+        self.eval_units: tuple[str, ...] = ()
+
+    @property
+    def config(self):
+        """The LLM's config (DeepSpeed and transformers helpers read ``hidden_size`` from it)."""
+        return self.llm.config
+
+    def unit_modules(self) -> dict[str, nn.Module]:
+        """Freeze units that exist on this model, by name."""
+        units = {
+            "llm": self.llm,
+            "vision_tower": self.vision_tower,
+            "mm_projector": self.mm_projector,
+            "audio_encoder": self.audio_encoder,
+            "audio_adapter": self.audio_adapter,
+        }
+        return {name: module for name, module in units.items() if module is not None}
+
+    def train(self, mode: bool = True) -> "VitaModel":
+        super().train(mode)
+        # Frozen encoders keep dropout off and norm statistics fixed even while training.
+        modules = self.unit_modules()
+        for unit in self.eval_units:
+            if unit in modules:
+                modules[unit].eval()
+        return self
+
+    def _grad_enabled_for(self, module: nn.Module) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Vision tower + projector: one ``(tokens, hidden)`` block per image."""
+        with torch.set_grad_enabled(self._grad_enabled_for(self.vision_tower)):
+            features = self.vision_tower(images)
+        return list(self.mm_projector(features))
+
+    def encode_audio(self, audios: torch.Tensor, audio_lengths: torch.Tensor, audio_token_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Audio encoder + adapter: one ``(tokens, hidden)`` block per clip, cut to its token count."""
+        with torch.set_grad_enabled(self._grad_enabled_for(self.audio_encoder)):
+            states, _ = self.audio_encoder(audios, audio_lengths)
+        embeds = self.audio_adapter(states)
+        return [embeds[i, : int(n)] for i, n in enumerate(audio_token_lengths.tolist())]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        audios: Optional[torch.Tensor] = None,
+        audio_lengths: Optional[torch.Tensor] = None,
+        audio_token_lengths: Optional[torch.Tensor] = None,
+        sample_ids: Optional[Sequence[str]] = None,
+        **_unused,
+    ):
+        """Run the LLM on text with media spliced in; returns the LLM's output (``loss``, ``logits``)
+        with the merged ``labels`` attached for metrics."""
+        image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
+        audio_blocks = (
+            self.encode_audio(audios, audio_lengths, audio_token_lengths)
+            if audios is not None and audios.shape[0]
+            else []
+        )
+        merged = merge_media_embeddings(
+            input_ids, labels, attention_mask, self.llm.get_input_embeddings(),
+            image_blocks, audio_blocks, self.model_max_length, self.padding_side, sample_ids,
+        )
+        output = self.llm(
+            inputs_embeds=merged.inputs_embeds,
+            attention_mask=merged.attention_mask,
+            position_ids=merged.position_ids,
+            labels=merged.labels,
+            use_cache=False,
+        )
+        output["merged_labels"] = merged.labels
+        return output
