@@ -19,15 +19,20 @@ import vitacore
 
 
 def main(argv=None) -> int:
-    started = time.time()
     try:
-        config = vitacore.parse_args(argv)
-        embedded = vitacore.uses_embedded_default(config)
-        stage = vitacore.apply_stage(config, embedded_default=embedded)
-        vitacore.validate(config)
-    except ValueError as err:
+        return train(argv)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad flags, files or data: say what and where, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def train(argv=None) -> int:
+    started = time.time()
+    config = vitacore.parse_args(argv)
+    embedded = vitacore.uses_embedded_default(config)
+    stage = vitacore.apply_stage(config, embedded_default=embedded)
+    vitacore.validate(config)
     args = config.training
 
     dist = vitacore.init_distributed()
@@ -49,6 +54,8 @@ def main(argv=None) -> int:
 
     data = vitacore.build_data(config, bundle, stage.key)
     trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist, eval_dataset=data.eval)
+    for note in trainer.notes:
+        say(f"note: {note}")
     result = trainer.fit()
     artifacts = vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(stage.policy.trained_units()),
                                               dist.is_main)

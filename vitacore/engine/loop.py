@@ -65,6 +65,7 @@ class Trainer:
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.metrics = MetricsLog(self.args.output_dir, enabled=dist.is_main)
         self._check_precision()
+        self.notes = self._apply_runtime_flags()
 
         self.sampler = DistributedSampler(train_dataset, num_replicas=dist.world_size, rank=dist.rank,
                                           shuffle=True, seed=self.args.seed, drop_last=False)
@@ -83,6 +84,25 @@ class Trainer:
         if self.dist.device.type == "cpu" and self.args.fp16:
             raise ValueError("--fp16 True is not supported on CPU (DeepSpeed refuses fp16 there); "
                              "use --bf16 True or drop the flag for fp32")
+
+    def _apply_runtime_flags(self) -> list[str]:
+        """Gradient checkpointing and TF32; returns notes about flags ignored on this hardware."""
+        notes = []
+        if self.args.gradient_checkpointing:
+            llm = getattr(self.model, "llm", self.model)
+            # Non-reentrant: works with frozen weights and inputs that carry the only gradient path.
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.args.tf32:
+            if self.dist.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            else:
+                notes.append("--tf32 True ignored: TF32 exists only on NVIDIA GPUs")
+        return notes
 
     def _initialize(self):
         import deepspeed
@@ -161,7 +181,7 @@ class Trainer:
                     first_loss = mean_loss if first_loss is None else first_loss
                     last_loss = mean_loss
                     elapsed = max(1e-9, time.time() - window["t0"])
-                    row = {"step": step, "epoch": round(epoch + (micro / max(1, len(self.loader))) % 1, 4),
+                    row = {"step": step, "epoch": self._epoch_progress(epoch, micro),
                            "loss": mean_loss, "lr": format_lr(self._group_lrs()),
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_s": window["tokens"] * self.dist.world_size / elapsed,
@@ -172,7 +192,7 @@ class Trainer:
                     window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.time()}
                 grad_norm = None
                 if self._should_eval(step, end_of_epoch=False):
-                    self.evaluate(step, epoch)
+                    self.evaluate(step, self._epoch_progress(epoch, micro))
                 if step >= self.total_steps:
                     break
             else:
@@ -183,8 +203,11 @@ class Trainer:
                 continue
             break
         bar.close()
-        final_eval = self.evaluate(step, epoch) if self.eval_dataset is not None else {}
+        final_eval = self.evaluate(step, self._epoch_progress(epoch, micro)) if self.eval_dataset is not None else {}
         return TrainResult(step, time.time() - started, first_loss, last_loss, final_eval, self.metrics.rows)
+
+    def _epoch_progress(self, epoch: int, micro: int) -> float:
+        return round(epoch + micro / max(1, len(self.loader)), 4)
 
     def _should_eval(self, step: int, end_of_epoch: bool) -> bool:
         if self.eval_dataset is None or step >= self.total_steps:
@@ -197,7 +220,7 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def evaluate(self, step: int, epoch: int) -> dict:
+    def evaluate(self, step: int, epoch: float) -> dict:
         """Loss and teacher-forced answer accuracy on the eval set, summed over ranks."""
         sampler = DistributedSampler(self.eval_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                      shuffle=False)

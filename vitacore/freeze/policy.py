@@ -59,8 +59,17 @@ class FreezePolicy:
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name])
         if hasattr(model, "eval_units"):
-            model.eval_units = tuple(u for u in UNITS if self.mode(u) == "frozen")
+            model.eval_units = self.eval_units()
         return trainable
+
+    def eval_units(self) -> tuple[str, ...]:
+        """Frozen units kept in eval mode while training.
+
+        Frozen encoders, projectors and heads stay in eval mode so their dropout and norm statistics
+        never move. A frozen LLM is the exception: it follows the engine's mode, because gradients
+        still flow through it to the projector and gradient checkpointing only runs in train mode.
+        """
+        return tuple(u for u in UNITS if u != "llm" and self.mode(u) == "frozen")
 
 
 def unit_summary(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], policy: FreezePolicy) -> dict:
