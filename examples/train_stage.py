@@ -44,6 +44,7 @@ def train(argv=None) -> int:
     stage.policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
     groups = vitacore.build_param_groups(bundle.model, args.learning_rate, args.weight_decay)
     report = vitacore.build_report(bundle.model, vitacore.UNIT_PREFIXES, stage.policy, groups)
+    say(vitacore.describe_sources(config))
     say(vitacore.format_report(report))
     if config.report_json and dist.is_main:
         with open(config.report_json, "w") as fh:

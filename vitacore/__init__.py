@@ -20,14 +20,14 @@ from vitacore.data.build import DataBundle, build_data
 from vitacore.engine import DistInfo, Trainer, TrainResult, build_param_groups, init_distributed
 from vitacore.freeze import FreezePolicy, build_report, format_report
 from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, uses_embedded_default
-from vitacore.stages import StagePreset, apply_stage, get_preset
+from vitacore.stages import StagePreset, apply_stage, describe_sources, get_preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle",
     "RunConfig", "StagePreset", "Trainer", "TrainResult", "TrainingArguments", "UNIT_PREFIXES", "VitaModel",
-    "apply_stage", "build_data", "build_model", "build_param_groups", "build_report", "format_report",
+    "apply_stage", "build_data", "describe_sources", "build_model", "build_param_groups", "build_report", "format_report",
     "get_preset", "init_distributed", "load_adapter_file", "load_yaml_config", "parse_args",
     "save_stage_artifacts", "uses_embedded_default", "validate",
 ]

@@ -95,3 +95,11 @@ def apply_stage(config, embedded_default: bool) -> StagePreset:
         if not config.is_explicit(name):
             config.set(name, value, sources[name])
     return preset
+
+
+def describe_sources(config) -> str:
+    """Lines saying which values came from flags / YAML / the preset / demo settings."""
+    by_source: dict[str, list[str]] = {}
+    for name, source in sorted(config.field_sources.items()):
+        by_source.setdefault(source, []).append(f"{name}={config.get(name)!r}")
+    return "\n".join(f"{source}: {', '.join(values)}" for source, values in sorted(by_source.items()))
