@@ -37,13 +37,21 @@ def train(argv=None) -> int:
 
     dist = vitacore.init_distributed()
     say = print if dist.is_main else (lambda *a, **k: None)
-    say(f"vitacore: stage {stage.key} ({stage.name}), {dist.world_size} process(es) on {dist.device.type}"
+    say(f"vitacore: stage {stage.key} ({stage.name}: trains {stage.trains}), "
+        f"{dist.world_size} process(es) on {dist.device.type}"
         + (", embedded default model and data" if embedded else ""))
 
+    for note in vitacore.stage_notes(config, stage):
+        say(f"note: {note}")
+
     bundle = vitacore.build_model(config, log=say)
-    stage.policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.build_param_groups(bundle.model, args.learning_rate, args.weight_decay)
-    report = vitacore.build_report(bundle.model, vitacore.UNIT_PREFIXES, stage.policy, groups)
+    policy = vitacore.policy_from_config(config)
+    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
+    rates = vitacore.unit_learning_rates(args.learning_rate, args.mm_projector_lr, args.vision_tower_lr,
+                                         vitacore.parse_unit_lr(args.unit_lr or ""))
+    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, args.learning_rate,
+                                         args.weight_decay, rates)
+    report = vitacore.build_report(bundle.model, vitacore.UNIT_PREFIXES, policy, groups)
     say(vitacore.describe_sources(config))
     say(vitacore.format_report(report))
     if config.report_json and dist.is_main:
@@ -53,12 +61,12 @@ def train(argv=None) -> int:
         say("dry run: nothing trained")
         return 0
 
-    data = vitacore.build_data(config, bundle, stage.key)
+    data = vitacore.build_data(config, bundle, stage.demo_data)
     trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist, eval_dataset=data.eval)
     for note in trainer.notes:
         say(f"note: {note}")
     result = trainer.fit()
-    artifacts = vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(stage.policy.trained_units()),
+    artifacts = vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(policy.trained_units()),
                                               dist.is_main)
 
     say(f"\ndone: {result.num_steps} steps in {result.seconds:.1f}s (total {time.time() - started:.1f}s)")

@@ -8,6 +8,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(scope="session")
+def dist():
+    """A one-process gloo group shared by every Trainer in the session (real DeepSpeed, CPU)."""
+    from vitacore.engine import init_distributed
+
+    info = init_distributed()
+    assert info.world_size == 1 and info.rank == 0
+    return info
+
+
+@pytest.fixture(scope="session")
 def vitacore_cache(tmp_path_factory):
     """A cache folder for the embedded default, shared by the tests of one session.
 

@@ -457,11 +457,11 @@ def test_get_set_and_sources():
 def test_to_dict_and_flat_dict():
     cfg = RunConfig()
     nested = cfg.to_dict()
-    assert set(nested) == {"model", "data", "training", "stage", "dry_run", "report_json"}
+    assert set(nested) == {"model", "data", "training", "stage", "dry_run", "report_json", "stage_file"}
     assert nested["training"]["learning_rate"] == 5e-5 and nested["model"]["mm_projector_type"]
     flat = cfg.flat_dict()
     sizes = sum(len(dataclasses.fields(c)) for c in (ModelArguments, DataArguments, TrainingArguments))
-    assert len(flat) == sizes + 3
+    assert len(flat) == sizes + 4  # stage, dry_run, report_json, stage_file
     assert flat["dataset_use"] is None and flat["stage"] == "1"
 
 

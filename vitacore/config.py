@@ -21,7 +21,7 @@ from vitacore._flags import ConfigError
 
 __all__ = [
     "ConfigError", "DataArguments", "ModelArguments", "RunConfig", "TrainingArguments",
-    "load_yaml_config", "parse_args", "validate",
+    "load_yaml_config", "parse_args", "parse_unit_lr", "validate",
 ]
 
 
@@ -89,7 +89,11 @@ class TrainingArguments:
     lora_dropout: float = _f(0.05, "LoRA dropout probability")
     lora_weight_path: str = _f("", "LoRA weights to start from")
     lora_bias: str = _f("none", "LoRA bias training: none, all or lora_only")
-    mm_projector_lr: Optional[float] = _f(None, "separate learning rate for the projector")
+    mm_projector_lr: Optional[float] = _f(None, "learning rate of the vision projector (None: --learning_rate)")
+    vision_tower_lr: Optional[float] = _f(None, "learning rate of the vision tower (None: --mm_projector_lr)")
+    unit_lr: Optional[str] = _f(None, "per-unit learning rates, e.g. audio_adapter=1e-4,llm=1e-5")
+    trainable_regex: Optional[str] = _f(None, "also train parameters whose name matches (re.search)")
+    frozen_regex: Optional[str] = _f(None, "freeze parameters whose name matches; wins over everything")
     group_by_modality_length: bool = _f(False, "batch samples of the same modality together")
     output_dir: str = _f("output", "where checkpoints and logs go")
     num_train_epochs: float = _f(1.0, "number of passes over the data")
@@ -147,6 +151,7 @@ class RunConfig:
     stage: str = _f("1", "training stage whose presets apply (resolved by the stage code)")
     dry_run: bool = _f(False, "build everything, run no optimizer step")
     report_json: Optional[str] = _f(None, "write a JSON run report to this path")
+    stage_file: Optional[str] = _f(None, "YAML file defining extra stages for --stage")
     field_sources: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def _owner(self, name: str) -> Any:
@@ -394,4 +399,45 @@ def _rule_errors(cfg: RunConfig) -> List[str]:
     check(not (m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter),
           "--tune_mm_mlp_adapter True contradicts --freeze_mm_mlp_adapter True; set one to False")
     check(cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")
+    for name in ("mm_projector_lr", "vision_tower_lr"):
+        value = cfg.get(name)
+        check(value is None or value > 0, f"--{name} {value} must be > 0 (or None)")
+    if t.unit_lr:
+        try:
+            parse_unit_lr(t.unit_lr)
+        except ValueError as err:
+            errors.append(str(err))
+    for name in ("trainable_regex", "frozen_regex"):
+        pattern = cfg.get(name)
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                errors.append(f"--{name} {pattern!r} is not a valid regular expression: {err}")
     return errors
+
+
+def parse_unit_lr(text: str) -> Dict[str, float]:
+    """Parse ``--unit_lr`` (``unit=lr,unit=lr``) into ``{unit: lr}``.
+
+    Raises:
+        ConfigError: malformed entry, unknown unit or non-positive rate.
+    """
+    from vitacore.freeze.units import UNITS
+
+    rates: Dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        unit, sep, value = entry.partition("=")
+        unit = unit.strip()
+        if not sep:
+            raise ConfigError(f"--unit_lr entry {entry!r} must look like unit=lr, e.g. audio_adapter=1e-4")
+        if unit not in UNITS:
+            raise ConfigError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(UNITS)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ConfigError(f"--unit_lr {unit}={value!r}: not a number") from None
+        if rate <= 0:
+            raise ConfigError(f"--unit_lr {unit}={rate} must be > 0")
+        rates[unit] = rate
+    return rates

@@ -1,17 +1,23 @@
-"""Stage presets: config defaults from VITA's stage scripts plus a freeze policy.
+"""Stage presets: config defaults from VITA's stage scripts; the freeze policy follows the flags.
 
-A preset only fills values the user did not set (flags and ``--config`` YAML always win); every
-value it sets is recorded in ``config.field_sources`` so the report can say where it came from.
-When the embedded default is in use, a few values are tuned for the tiny model so the demo learns
-in about a minute; those are recorded too.
+A preset fills only values the user did not set (flags and ``--config`` YAML always win); every
+value it sets is recorded in ``config.field_sources`` so the report can say where it came from. The
+freeze policy is then derived from the (VITA) flags, so ``--stage 1 --unfreeze_vision_tower True``
+trains the projector and the tower, and ``--stage 1 --freeze_mm_mlp_adapter True`` is refused.
+With the embedded default, a few values are tuned for the tiny model so each stage learns in about
+a minute, and adapters written by an earlier demo stage are picked up; those are recorded too.
+Users add stages in YAML (``--stage_file``, see :func:`load_stage_file`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from vitacore.freeze import FreezePolicy
+import yaml
+
+from vitacore.data.build import SyntheticSelection
 
 
 @dataclass(frozen=True)
@@ -21,76 +27,168 @@ class StagePreset:
     Attributes:
         key: canonical short name (``"1"``).
         name: descriptive alias (``"pretrain_mlp"``).
-        script: the VITA script the defaults come from.
+        script: where the defaults come from (a VITA script, or a YAML file).
+        trains: what the stage trains, in words (for ``--help`` and the README).
         defaults: config field -> value.
-        policy: which units train.
         demo_defaults: values used instead with the embedded default model.
+        demo_data: synthetic subsets the embedded demo trains and evaluates on.
+        inputs: flag -> (earlier stage key, file) picked up from that stage's demo output.
+        loads: what the stage expects from the previous stage, in words.
     """
 
     key: str
     name: str
     script: str
+    trains: str
     defaults: Mapping[str, object]
-    policy: FreezePolicy
     demo_defaults: Mapping[str, object] = field(default_factory=dict)
+    demo_data: SyntheticSelection = SyntheticSelection()
+    inputs: Mapping[str, tuple] = field(default_factory=dict)
+    loads: str = ""
 
 
 _VITA_COMMON = {
-    "lr_scheduler_type": "cosine",
-    "warmup_ratio": 0.03,
-    "weight_decay": 0.0,
-    "num_train_epochs": 1.0,
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 2,
-    "model_max_length": 6200,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 1,
-    "logging_steps": 1,
+    "model_type": "qwen2p5_instruct", "version": "qwen2p5_instruct", "mm_projector_type": "mlp2x_gelu",
+    "image_aspect_ratio": "square", "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
+    "num_train_epochs": 1.0, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+    "model_max_length": 6200, "save_strategy": "steps", "save_steps": 500, "save_total_limit": 1,
+    "logging_steps": 1, "gradient_checkpointing": True,
 }
-
+_AUDIO_FROZEN = {"freeze_audio_encoder": True, "freeze_audio_encoder_adapter": True}
 _DEMO_COMMON = {
-    "gradient_accumulation_steps": 1,
-    "model_max_length": 512,
-    "logging_steps": 10,
-    "per_device_eval_batch_size": 32,
-    "output_dir": "output/demo-stage-{stage}",
+    "gradient_accumulation_steps": 1, "model_max_length": 512, "logging_steps": 10,
+    "per_device_eval_batch_size": 32, "gradient_checkpointing": False, "output_dir": "output/demo-stage-{stage}",
 }
+_FROM_STAGE_1 = {"pretrain_mm_mlp_adapter": ("1", "mm_projector.bin")}
+_FROM_STAGE_2 = {"pretrain_audio_mlp_adapter": ("2", "audio_adpter.bin")}
 
-PRESETS = {
-    "1": StagePreset(
-        key="1", name="pretrain_mlp", script="pretrain_mlp_qwen.sh",
-        defaults={**_VITA_COMMON, "learning_rate": 5e-4, "tune_mm_mlp_adapter": True},
-        policy=FreezePolicy({"mm_projector": "full"}),
-        demo_defaults={**_DEMO_COMMON, "learning_rate": 3e-3, "max_steps": 600},
-    ),
-}
-_ALIASES = {preset.name: key for key, preset in PRESETS.items()}
+BUILTIN_PRESETS = (
+    StagePreset("1", "pretrain_mlp", "pretrain_mlp_qwen.sh", "the vision projector",
+                {**_VITA_COMMON, **_AUDIO_FROZEN, "learning_rate": 5e-4, "tune_mm_mlp_adapter": True},
+                {**_DEMO_COMMON, "learning_rate": 3e-3, "max_steps": 600},
+                SyntheticSelection(("image",), "eval_image")),
+    StagePreset("2", "pretrain_audio_mlp", "pretrain_audio_mlp_qwen.sh", "the audio adapter",
+                {**_VITA_COMMON, "learning_rate": 5e-4, "save_steps": 200, "tune_mm_mlp_adapter": False,
+                 "tune_audio_mlp_adapter": True, "freeze_audio_encoder": True, "freeze_audio_encoder_adapter": False},
+                {**_DEMO_COMMON, "learning_rate": 3e-3, "max_steps": 400},
+                SyntheticSelection(("audio",), "eval_audio")),
+    StagePreset("3", "finetune", "finetune_qwen.sh", "the LLM, the projector and the vision tower",
+                {**_VITA_COMMON, **_AUDIO_FROZEN, "learning_rate": 2e-5, "unfreeze_vision_tower": True,
+                 "mm_projector_lr": 2e-6},
+                {**_DEMO_COMMON, "learning_rate": 1e-4, "mm_projector_lr": 1e-4, "max_steps": 200},
+                SyntheticSelection(("image", "video", "text"), "eval_image"), _FROM_STAGE_1,
+                loads="stage 1's mm_projector.bin (--pretrain_mm_mlp_adapter)"),
+    StagePreset("4", "finetune_task", "finetuneTask_qwen.sh", "the LLM and the projector",
+                {**_VITA_COMMON, **_AUDIO_FROZEN, "learning_rate": 2e-5, "model_max_length": 33300,
+                 "per_device_train_batch_size": 1},
+                {**_DEMO_COMMON, "learning_rate": 1e-4, "per_device_train_batch_size": 8, "max_steps": 200},
+                SyntheticSelection(("image", "video", "audio", "text"), "eval_image"),
+                {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                loads="stage 3's full export (--model_name_or_path)"),
+    StagePreset("neg", "finetune_task_neg", "finetuneTaskNeg_qwen.sh",
+                "the LLM, the projector and the audio adapter",
+                {**_VITA_COMMON, "learning_rate": 2e-5, "freeze_audio_encoder": True,
+                 "freeze_audio_encoder_adapter": False},
+                {**_DEMO_COMMON, "learning_rate": 1e-4, "max_steps": 200},
+                SyntheticSelection(("neg", "image", "audio"), "eval_image"), {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                loads="stage 4's full export (--model_name_or_path)"),
+    StagePreset("fo", "audio_prompt", "finetuneTaskNeg_qwen_fo.sh", "the audio prompt embeddings",
+                {**_VITA_COMMON, **_AUDIO_FROZEN, "model_type": "qwen2p5_fo_instruct", "learning_rate": 1e-4,
+                 "audio_prompt_finetune": True, "audio_prompt_num": 25, "audio_state_predictor_tuning": False},
+                {**_DEMO_COMMON, "learning_rate": 3e-3, "max_steps": 200},
+                SyntheticSelection(("audio",), "eval_audio"), {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                loads="the neg stage's full export (--model_name_or_path)"),
+)
 
 
-def get_preset(stage: str) -> StagePreset:
-    """Look a stage up by key or alias.
+def _index(presets) -> dict[str, StagePreset]:
+    table = {}
+    for preset in presets:
+        table[preset.key] = preset
+        table[preset.name] = preset
+    return table
+
+
+def load_stage_file(path: str) -> list[StagePreset]:
+    """Read user stages from YAML.
+
+    Format (a top-level ``stages:`` key is optional)::
+
+        my_stage:
+          base: "3"                    # optional: start from a preset's defaults
+          trains: what it trains, in words
+          defaults:                    # any config fields; the freeze policy follows the flags
+            learning_rate: 1.0e-5
+            unfreeze_vision_tower: false
+            frozen_regex: "vision_tower\\\\.encoder\\\\.layers\\\\.0\\\\."
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and the stage.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--stage_file {path!r}: no such file")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--stage_file {path}: not valid YAML: {err}") from None
+    raw = raw.get("stages", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"--stage_file {path}: expected a mapping of stage name -> definition")
+    builtins = _index(BUILTIN_PRESETS)
+    presets = []
+    for key, spec in raw.items():
+        spec = spec or {}
+        unknown = set(spec) - {"base", "trains", "defaults", "demo_defaults"}
+        if unknown:
+            raise ValueError(f"--stage_file {path}: stage {key!r} has unknown keys {sorted(unknown)}; "
+                             "allowed: base, trains, defaults, demo_defaults")
+        base = builtins.get(str(spec["base"])) if "base" in spec else None
+        if "base" in spec and base is None:
+            raise ValueError(f"--stage_file {path}: stage {key!r} has base {spec['base']!r}, not a built-in stage")
+        fields = {"key": str(key), "name": str(key), "script": path, "loads": "",
+                  "trains": spec.get("trains", base.trains if base else "as its flags say"),
+                  "defaults": {**(base.defaults if base else {}), **(spec.get("defaults") or {})},
+                  "demo_defaults": {**(base.demo_defaults if base else _DEMO_COMMON), **(spec.get("demo_defaults") or {})}}
+        if base:
+            fields.update(demo_data=base.demo_data, inputs=base.inputs)
+        presets.append(StagePreset(**fields))
+    return presets
+
+
+def get_preset(stage: str, stage_file: str | None = None) -> StagePreset:
+    """Look a stage up by key or alias, among the built-ins and ``stage_file``'s stages.
 
     Raises:
         ValueError: unknown stage, listing the known ones.
     """
-    key = _ALIASES.get(stage, stage)
-    if key not in PRESETS:
-        known = ", ".join(f"{k}/{p.name}" for k, p in PRESETS.items())
+    presets = list(BUILTIN_PRESETS) + (load_stage_file(stage_file) if stage_file else [])
+    table = _index(presets)
+    if stage not in table:
+        known = ", ".join(p.key if p.key == p.name else f"{p.key}/{p.name}" for p in presets)
         raise ValueError(f"--stage {stage!r} is not a known stage; known: {known}")
-    return PRESETS[key]
+    return table[stage]
 
 
 def apply_stage(config, embedded_default: bool) -> StagePreset:
-    """Fill ``config`` from the stage preset where the user gave no value; return the preset."""
-    preset = get_preset(config.stage)
+    """Fill ``config`` from the stage preset where the user gave no value; return the preset.
+
+    Raises:
+        ValueError: unknown stage or a preset field that is not a config field.
+    """
+    preset = get_preset(config.stage, config.stage_file)
     config.stage = preset.key
     values = dict(preset.defaults)
-    sources = {name: f"stage {preset.key} preset ({preset.script})" for name in values}
+    sources = {name: f"stage {preset.key} preset ({os.path.basename(preset.script)})" for name in values}
     if embedded_default:
         for name, value in preset.demo_defaults.items():
             values[name] = value.format(stage=preset.key) if isinstance(value, str) else value
             sources[name] = "embedded-default demo setting"
+        for flag, (earlier, file_name) in preset.inputs.items():
+            path = os.path.join(_DEMO_COMMON["output_dir"].format(stage=earlier), file_name)
+            if os.path.exists(path):
+                values[flag] = path
+                sources[flag] = f"stage {earlier} demo output"
     for name, value in values.items():
         if not config.is_explicit(name):
             config.set(name, value, sources[name])
@@ -103,3 +201,24 @@ def describe_sources(config) -> str:
     for name, source in sorted(config.field_sources.items()):
         by_source.setdefault(source, []).append(f"{name}={config.get(name)!r}")
     return "\n".join(f"{source}: {', '.join(values)}" for source, values in sorted(by_source.items()))
+
+
+def stage_notes(config, preset: StagePreset) -> list[str]:
+    """Reminders about what the stage expects from an earlier one and did not get."""
+    notes = []
+    for flag, (earlier, file_name) in preset.inputs.items():
+        if not config.get(flag) and flag.startswith("pretrain_"):
+            notes.append(f"stage {preset.key} usually starts from stage {earlier}'s {file_name} "
+                         f"(--{flag}); none given, so that module starts from its initial weights")
+    if preset.loads and not config.get("model_name_or_path") and "--model_name_or_path" in preset.loads:
+        notes.append(f"stage {preset.key} usually starts from {preset.loads}")
+    return notes
+
+
+def preset_summary() -> str:
+    """One line per built-in stage: key, alias, what it trains, the VITA script."""
+    return "\n".join(f"{p.key:>4} / {p.name:<19} trains {p.trains} ({p.script})" for p in BUILTIN_PRESETS)
+
+
+__all__ = ["BUILTIN_PRESETS", "StagePreset", "apply_stage", "describe_sources", "get_preset", "load_stage_file",
+           "preset_summary", "stage_notes"]

@@ -167,13 +167,14 @@ def test_truncation_exactly_at_block_end_keeps_the_block(embed):
 
 
 def test_num_truncated_rows_counts_every_long_row(embed):
+    # rows 0 and 1 expand to 6 positions (> 5); row 2 stays at 3
     ids = [[1, IMG, 2], [3, IMG, 4], [5, 6, 7]]
-    labels = ids_labels = [[1, IGN, 2], [3, IGN, 4], [5, 6, 7]]
+    labels = [[1, IGN, 2], [3, IGN, 4], [5, 6, 7]]
     mask = [[1, 1, 1]] * 3
-    out = _merge(embed, ids, ids_labels, mask, _blocks(4, 4), max_length=5)
+    out = _merge(embed, ids, labels, mask, _blocks(4, 4), max_length=5)
     assert out.num_truncated_rows == 2
-    assert out.inputs_embeds.shape[1] <= 5
-    assert labels[2] == out.labels[2, :3].tolist()
+    assert out.attention_mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
+    assert out.labels.tolist() == [[1] + [IGN] * 4, [3] + [IGN] * 4, [5, 6, 7, IGN, IGN]]
 
 
 def test_count_mismatch_raises_naming_the_sample(embed):

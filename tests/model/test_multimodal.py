@@ -176,12 +176,6 @@ def test_encode_audio_cuts_each_clip_to_its_token_count(tiny_vita, tiny_dims):
     assert torch.isfinite(out.loss)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: VitaModel.encode_audio feeds the audio adapter the encoder's states at batch-padding "
-    "positions; VITA's CNNSubsampling zeroes them (masked_fill_(~mask_pad, 0)) first, so a clip's "
-    "last tokens depend on the other clips in the batch",
-)
 def test_audio_embeddings_do_not_depend_on_batch_padding(tiny_vita, tiny_dims):
     tiny_vita.eval()
     torch.manual_seed(5)

@@ -17,10 +17,15 @@ AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
 def atomic_torch_save(obj, path: str) -> None:
     """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_stage_artifacts(model: nn.Module, output_dir: str, trainable_units: set[str], is_main: bool) -> dict[str, str]:

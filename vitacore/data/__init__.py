@@ -1,10 +1,10 @@
 """Data: VITA JSON records, templates, media, tokenization, collation, synthetic demo data."""
 
-from vitacore.data.build import DataBundle, build_data
+from vitacore.data.build import DataBundle, SyntheticSelection, build_data
 from vitacore.data.conversation import ChatTemplate, get_template, tokenize_conversation
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
 
 __all__ = [
-    "ChatTemplate", "Collator", "DataBundle", "VitaJsonDataset", "build_data", "get_template", "load_records",
+    "ChatTemplate", "Collator", "DataBundle", "SyntheticSelection", "VitaJsonDataset", "build_data", "get_template", "load_records",
     "tokenize_conversation",
 ]

@@ -11,9 +11,14 @@ from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
 from vitacore.data.media import AudioTransform, ImageTransform
 from vitacore.model.default import ensure_default_assets
 
-# Which synthetic subsets each stage trains on (the embedded demo only).
-SYNTHETIC_TRAIN_SUBSETS = {"1": ("image",)}
-SYNTHETIC_EVAL_SUBSET = "eval_image"
+
+
+@dataclass(frozen=True)
+class SyntheticSelection:
+    """Which subsets of the embedded synthetic data a stage trains and evaluates on."""
+
+    train: tuple = ("image",)
+    eval: str = "eval_image"
 
 
 @dataclass
@@ -31,8 +36,8 @@ def _dataset(paths: list[str], media_root: str, bundle, template, image_transfor
                            source=", ".join(paths))
 
 
-def build_data(config, bundle, stage_key: str) -> DataBundle:
-    """Datasets for ``config``; the embedded default uses the synthetic subsets of ``stage_key``.
+def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelection()) -> DataBundle:
+    """Datasets for ``config``; without ``--dataset_use``, the synthetic subsets in ``selection``.
 
     Raises:
         ValueError: ``--dataset_use`` given (the dataset registry is not available yet).
@@ -40,6 +45,10 @@ def build_data(config, bundle, stage_key: str) -> DataBundle:
     if config.data.dataset_use:
         raise ValueError(f"--dataset_use {config.data.dataset_use!r}: dataset registries are not supported yet; "
                          "omit it to train on the embedded synthetic data")
+    head = getattr(bundle.model, "state_head", None)
+    if head is not None and any(p.requires_grad for p in head.parameters()):
+        raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
+                         "which this data pipeline does not produce yet; set it to False")
     template = get_template(config.model.version)
     tower = bundle.model.vision_tower
     spec = tower.image_spec
@@ -47,10 +56,9 @@ def build_data(config, bundle, stage_key: str) -> DataBundle:
                                      pad_to_square=config.data.image_aspect_ratio == "pad")
     audio_transform = AudioTransform()
     assets = bundle.default_assets or ensure_default_assets()
-    subsets = SYNTHETIC_TRAIN_SUBSETS.get(stage_key, ("image",))
-    train = _dataset([assets.subset(s) for s in subsets], assets.data_root, bundle, template,
+    train = _dataset([assets.subset(s) for s in selection.train], assets.data_root, bundle, template,
                      image_transform, audio_transform)
-    eval_paths = [config.data.eval_data_path] if config.data.eval_data_path else [assets.subset(SYNTHETIC_EVAL_SUBSET)]
+    eval_paths = [config.data.eval_data_path] if config.data.eval_data_path else [assets.subset(selection.eval)]
     eval_root = os.path.dirname(eval_paths[0]) if config.data.eval_data_path else assets.data_root
     eval_set = _dataset(eval_paths, eval_root, bundle, template, image_transform, audio_transform)
     return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
@@ -48,12 +48,28 @@ def load_video_frames(path: str, max_frames: int = 16) -> list[Image.Image]:
     """Frames of an animated image file (GIF/WebP), evenly subsampled to at most ``max_frames``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path!r} does not exist")
-    with Image.open(path) as clip:
-        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
+    try:
+        with Image.open(path) as clip:
+            frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path} is not a readable video (expected an animated GIF/WebP): {err}") from None
     if len(frames) > max_frames:
         step = len(frames) / max_frames
         frames = [frames[int(i * step)] for i in range(max_frames)]
     return frames
+
+
+def _expand_videos(conversations: list[dict], frame_counts: list[int]) -> list[dict]:
+    """Replace the k-th ``<video>`` (in reading order) with one ``<image>`` per frame of video k."""
+    counts = iter(frame_counts)
+    expanded = []
+    for turn in conversations:
+        pieces = turn["value"].split(DEFAULT_VIDEO_TOKEN)
+        value = pieces[0]
+        for piece in pieces[1:]:
+            value += DEFAULT_IMAGE_TOKEN * next(counts, 0) + piece
+        expanded.append({**turn, "value": value})
+    return expanded
 
 
 @dataclass
@@ -116,15 +132,14 @@ class VitaJsonDataset(Dataset):
         for rel in image_paths:
             images.append(self.image_transform(load_image(self._path(rel))))
             modality = "image"
-        num_frames = 0
+        frame_counts = []
         for rel in video_paths:
             frames = load_video_frames(self._path(rel))
             images.extend(self.image_transform(frame) for frame in frames)
-            num_frames = len(frames)
+            frame_counts.append(len(frames))
             modality = "video"
-        if num_frames:
-            for turn in conversations:
-                turn["value"] = turn["value"].replace(DEFAULT_VIDEO_TOKEN, DEFAULT_IMAGE_TOKEN * num_frames)
+        if frame_counts:
+            conversations = _expand_videos(conversations, frame_counts)
         audios, audio_lengths = [], []
         for rel in _as_list(record.get("audio")):
             if self.audio_transform is None:

@@ -45,6 +45,7 @@ class SyntheticSizes:
     num_text: int = 120
     num_neg: int = 60
     num_eval_image: int = 120
+    num_eval_audio: int = 60
     image_size: int = 64
     num_video_frames: int = 4
 
@@ -121,11 +122,21 @@ def _image_records(writer, rng, count, prefix):
     return records
 
 
+def _audio_records(writer, rng, count, prefix):
+    records = []
+    for i in range(count):
+        pitch = rng.choice(list(TONES))
+        rel = writer.audio(rng, f"{prefix}{i:05d}", tone(rng, pitch))
+        records.append({"id": f"{prefix}{i:05d}", "audio": [rel],
+                        "conversations": _conv(f"<audio>\n{AUDIO_QUESTION}", f"a {pitch} tone")})
+    return records
+
+
 def generate(root: str, seed: int = 0, sizes: SyntheticSizes = SyntheticSizes()) -> dict[str, str]:
     """Write media and JSON files under ``root``; return ``{subset name: json path}``.
 
-    Subsets: ``image``, ``video``, ``audio``, ``text``, ``neg`` (training) and ``eval_image``
-    (held out: drawn with another seed). Same ``seed`` and sizes give identical files.
+    Subsets: ``image``, ``video``, ``audio``, ``text``, ``neg`` (training) and ``eval_image``,
+    ``eval_audio`` (held out: drawn with other seeds). Same ``seed`` and sizes give identical files.
     """
     for sub in ("images", "videos", "audio"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -140,12 +151,7 @@ def generate(root: str, seed: int = 0, sizes: SyntheticSizes = SyntheticSizes())
         subsets["video"].append({"id": f"vid{i:05d}", "video": rel,
                                  "conversations": _conv(f"<video>\n{VIDEO_QUESTION}", f"a {colour} {shape} moving {direction}")})
 
-    subsets["audio"] = []
-    for i in range(sizes.num_audio):
-        pitch = rng.choice(list(TONES))
-        rel = writer.audio(rng, f"aud{i:05d}", tone(rng, pitch))
-        subsets["audio"].append({"id": f"aud{i:05d}", "audio": [rel],
-                                 "conversations": _conv(f"<audio>\n{AUDIO_QUESTION}", f"a {pitch} tone")})
+    subsets["audio"] = _audio_records(writer, rng, sizes.num_audio, "aud")
 
     subsets["text"] = []
     for i in range(sizes.num_text):
@@ -163,6 +169,7 @@ def generate(root: str, seed: int = 0, sizes: SyntheticSizes = SyntheticSizes())
                                "inserted_id": 3, "end_tag": True, "conversations": conversations})
 
     subsets["eval_image"] = _image_records(writer, random.Random(seed + 10_000), sizes.num_eval_image, "evimg")
+    subsets["eval_audio"] = _audio_records(writer, random.Random(seed + 20_000), sizes.num_eval_audio, "evaud")
 
     paths = {}
     for name, records in subsets.items():

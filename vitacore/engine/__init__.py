@@ -3,10 +3,9 @@
 from vitacore.engine.distributed import DistInfo, init_distributed
 from vitacore.engine.ds_config import builtin_config, complete_config
 from vitacore.engine.loop import NonFiniteLossError, Trainer, TrainResult
-from vitacore.engine.param_groups import build_param_groups
 from vitacore.engine.schedule import lr_multiplier
 
 __all__ = [
-    "DistInfo", "NonFiniteLossError", "Trainer", "TrainResult", "build_param_groups", "builtin_config",
+    "DistInfo", "NonFiniteLossError", "Trainer", "TrainResult", "builtin_config",
     "complete_config", "init_distributed", "lr_multiplier",
 ]

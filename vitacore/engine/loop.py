@@ -34,6 +34,26 @@ class TrainResult:
     rows: list = field(default_factory=list)
 
 
+class _Window:
+    """Sums over the micro-batches since the last logged row."""
+
+    def __init__(self):
+        self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
+
+    def add(self, loss: float, batch: dict) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += batch["input_ids"].shape[0]
+
+    def row(self, step: int, epoch: float, lr, grad_norm, world_size: int) -> dict:
+        elapsed = max(1e-9, time.time() - self.started)
+        return {"step": step, "epoch": epoch, "loss": self.loss / max(1, self.micro), "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": self.tokens * world_size / elapsed,
+                "samples_per_s": self.samples * world_size / elapsed}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -140,70 +160,69 @@ class Trainer:
                 total += float(param.grad.detach().float().pow(2).sum())
         return math.sqrt(total)
 
+    def _micro_batches(self):
+        """Yield ``(epoch, index in epoch, closes an accumulation group, batch)`` until the run ends.
+
+        An epoch whose micro-batch count is not a multiple of ``--gradient_accumulation_steps``
+        ends with a short group, which still makes an optimizer step (as the HF Trainer does), so
+        every epoch sees each sample once and loop steps stay optimizer steps.
+        """
+        accumulation = self.args.gradient_accumulation_steps
+        num_batches = len(self.loader)
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            for index, batch in enumerate(self.loader):
+                closes = (index + 1) % accumulation == 0 or index + 1 == num_batches
+                yield epoch, index, closes, batch
+            epoch += 1
+
     def fit(self) -> TrainResult:
         """Train to ``total_steps`` optimizer steps, evaluating as configured; return a summary."""
         args, engine = self.args, self.engine
         engine.train()
         started = time.time()
-        step, epoch, micro = 0, 0, 0
-        window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.time()}
-        first_loss = last_loss = None
+        step, epoch, index = 0, 0, -1
+        self._window = _Window()
         bar = tqdm(total=self.total_steps, desc=f"stage {self.config.stage}", disable=not self.dist.is_main,
                    dynamic_ncols=True)
-        grad_norm = None
-        while step < self.total_steps:
-            self.sampler.set_epoch(epoch)
-            for batch in self.loader:
-                batch = _to_device(batch, self.dist.device)
-                output = engine(**batch)
-                loss = output["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at optimizer step {step + 1} (micro-batch {micro + 1}, samples "
-                        f"{batch.get('sample_ids')}); lower --learning_rate or check the data")
-                engine.backward(loss)
-                micro += 1
-                window["loss"] += loss.item()
-                window["micro"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["samples"] += batch["input_ids"].shape[0]
-                if engine.is_gradient_accumulation_boundary():
-                    grad_norm = self._grad_norm_before_step()
-                engine.step()
-                if micro % args.gradient_accumulation_steps:
-                    continue
-                step += 1
-                bar.update(1)
-                if grad_norm is None:
-                    grad_norm = engine.get_global_grad_norm()
-                if step % args.logging_steps == 0 or step == self.total_steps:
-                    mean_loss = window["loss"] / window["micro"]
-                    first_loss = mean_loss if first_loss is None else first_loss
-                    last_loss = mean_loss
-                    elapsed = max(1e-9, time.time() - window["t0"])
-                    row = {"step": step, "epoch": self._epoch_progress(epoch, micro),
-                           "loss": mean_loss, "lr": format_lr(self._group_lrs()),
-                           "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "tokens_per_s": window["tokens"] * self.dist.world_size / elapsed,
-                           "samples_per_s": window["samples"] * self.dist.world_size / elapsed}
-                    self.metrics.write(row)
-                    self.on_log(row)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.time()}
-                grad_norm = None
-                if self._should_eval(step, end_of_epoch=False):
-                    self.evaluate(step, self._epoch_progress(epoch, micro))
-                if step >= self.total_steps:
-                    break
-            else:
-                epoch += 1
-                micro = 0
-                if self._should_eval(step, end_of_epoch=True):
-                    self.evaluate(step, epoch)
+        for epoch, index, closes, batch in self._micro_batches():
+            # vitacore owns the accumulation boundary, so short groups at an epoch's end still step.
+            engine.set_gradient_accumulation_boundary(closes)
+            batch = _to_device(batch, self.dist.device)
+            loss = engine(**batch)["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch}, micro-batch {index + 1}, "
+                    f"samples {batch.get('sample_ids')}); lower --learning_rate or check the data")
+            engine.backward(loss)
+            self._window.add(loss.item(), batch)
+            grad_norm = self._grad_norm_before_step() if closes else None
+            engine.step()
+            if not closes:
                 continue
-            break
+            step += 1
+            bar.update(1)
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            epoch_progress = self._epoch_progress(epoch, index + 1)
+            if step % args.logging_steps == 0 or step == self.total_steps:
+                row = self._window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm,
+                                       self.dist.world_size)
+                self.metrics.write(row)
+                self.on_log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                self._window = _Window()
+            if step >= self.total_steps:
+                break
+            end_of_epoch = index + 1 == len(self.loader)
+            if self._should_eval(step, end_of_epoch):
+                self.evaluate(step, epoch_progress)
         bar.close()
-        final_eval = self.evaluate(step, self._epoch_progress(epoch, micro)) if self.eval_dataset is not None else {}
+        final_eval = self.evaluate(step, self._epoch_progress(epoch, index + 1)) if self.eval_dataset is not None else {}
+        train_rows = [r for r in self.metrics.rows if "loss" in r]
+        first_loss = train_rows[0]["loss"] if train_rows else None
+        last_loss = train_rows[-1]["loss"] if train_rows else None
         return TrainResult(step, time.time() - started, first_loss, last_loss, final_eval, self.metrics.rows)
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:
@@ -214,9 +233,8 @@ class Trainer:
             return False
         if self.args.eval_strategy == "epoch":
             return end_of_epoch
-        if self.args.eval_strategy == "steps" and not end_of_epoch:
-            every = self.args.eval_steps or self.args.logging_steps
-            return step % every == 0
+        if self.args.eval_strategy == "steps":
+            return step % (self.args.eval_steps or self.args.logging_steps) == 0
         return False
 
     @torch.no_grad()

@@ -1,26 +1,50 @@
-"""Freeze policies: which units train, resolved from parameter names alone."""
+"""Freeze policies: which units train, resolved from parameter names alone.
+
+Priority, highest first (documented in the README):
+
+1. ``frozen_regex``: a matching parameter is frozen, whatever else says.
+2. ``trainable_regex``: a matching parameter trains.
+3. the unit's mode: ``full`` trains every parameter of the unit; ``frozen`` none; ``lora`` trains
+   only LoRA adapter weights inside the unit (its base weights stay frozen).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
 from vitacore.freeze.units import UNITS, assign_units
 
 MODES = ("frozen", "full", "lora")
+LORA_MARKER = "lora_"
+
+# What a user must do to give the model a unit it lacks.
+_MISSING_UNIT_HINTS = {
+    "vision_tower": "give --vision_tower",
+    "mm_projector": "give --vision_tower (the projector is built with it)",
+    "audio_encoder": "give --audio_encoder",
+    "audio_adapter": "give --audio_encoder (the adapter is built with it)",
+    "audio_prompt": "set --audio_prompt_finetune True --audio_prompt_num N",
+    "state_head": "use --model_type qwen2p5_fo_instruct, which has the state head",
+}
 
 
 @dataclass(frozen=True)
 class FreezePolicy:
-    """Unit -> mode. Units not named are frozen.
+    """Unit -> mode, plus optional regex overrides. Units not named are frozen.
 
     Attributes:
         modes: ``{unit: "frozen" | "full" | "lora"}``.
+        trainable_regex: parameters whose name matches (``re.search``) also train.
+        frozen_regex: parameters whose name matches are frozen (wins over everything).
     """
 
     modes: Mapping[str, str] = field(default_factory=dict)
+    trainable_regex: Optional[str] = None
+    frozen_regex: Optional[str] = None
 
     def __post_init__(self):
         for unit, mode in self.modes.items():
@@ -36,32 +60,6 @@ class FreezePolicy:
         """Units in ``full`` or ``lora`` mode."""
         return [unit for unit in UNITS if self.mode(unit) != "frozen"]
 
-    def resolve(self, parameter_names: Iterable[str], unit_prefixes: Mapping[str, Sequence[str]]) -> dict[str, bool]:
-        """Pure function of names: ``{name: trainable}`` (``lora`` units train only their adapters,
-        which do not exist before LoRA wrapping, so their base weights resolve frozen)."""
-        assignment = assign_units(parameter_names, unit_prefixes)
-        return {name: self.mode(unit) == "full" for name, unit in assignment.items()}
-
-    def apply(self, model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]]) -> dict[str, bool]:
-        """Set ``requires_grad`` on every parameter exactly, and record frozen units on the model
-        (``model.eval_units``) so they stay in eval mode while training: a frozen encoder's dropout
-        and norm statistics must not move.
-
-        Raises:
-            ValueError: the policy leaves nothing trainable.
-        """
-        trainable = self.resolve([n for n, _ in model.named_parameters()], unit_prefixes)
-        if not any(trainable.values()):
-            trained = [u for u, m in self.modes.items() if m != "frozen"] or ["none"]
-            raise ValueError(
-                f"the freeze policy leaves no trainable parameter (training units: {', '.join(trained)}; "
-                "are they present in this model?); check --stage and the tune_*/freeze_* flags")
-        for name, param in model.named_parameters():
-            param.requires_grad_(trainable[name])
-        if hasattr(model, "eval_units"):
-            model.eval_units = self.eval_units()
-        return trainable
-
     def eval_units(self) -> tuple[str, ...]:
         """Frozen units kept in eval mode while training.
 
@@ -70,6 +68,68 @@ class FreezePolicy:
         still flow through it to the projector and gradient checkpointing only runs in train mode.
         """
         return tuple(u for u in UNITS if u != "llm" and self.mode(u) == "frozen")
+
+    def resolve(self, parameter_names: Iterable[str], unit_prefixes: Mapping[str, Sequence[str]]) -> dict[str, bool]:
+        """``{name: trainable}``: a pure function of the names (no model, no DeepSpeed).
+
+        Raises:
+            ValueError: a name in no unit, or a regex that matches no parameter.
+        """
+        names = list(parameter_names)
+        assignment = assign_units(names, unit_prefixes)
+        trainable = {}
+        for name, unit in assignment.items():
+            mode = self.mode(unit)
+            trainable[name] = mode == "full" or (mode == "lora" and LORA_MARKER in name)
+        for flag, pattern, value in (("--trainable_regex", self.trainable_regex, True),
+                                     ("--frozen_regex", self.frozen_regex, False)):
+            if not pattern:
+                continue
+            matched = [n for n in names if re.search(pattern, n)]
+            if not matched:
+                raise ValueError(f"{flag} {pattern!r} matches no parameter; names look like {names[0]!r}")
+            for name in matched:
+                trainable[name] = value
+        return trainable
+
+    def check_model(self, model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]]) -> None:
+        """Refuse units asked to train that the model lacks, and ``lora`` for units without Linear layers.
+
+        Raises:
+            ValueError: naming the unit and what to do.
+        """
+        present = set(assign_units([n for n, _ in model.named_parameters()], unit_prefixes).values())
+        for unit in self.trained_units():
+            if unit not in present:
+                raise ValueError(f"unit {unit!r} is set to {self.mode(unit)} but this model has no {unit}; "
+                                 f"{_MISSING_UNIT_HINTS.get(unit, 'remove it from the policy')}")
+            if self.mode(unit) == "lora":
+                prefixes = tuple(unit_prefixes[unit])
+                has_linear = any(isinstance(module, nn.Linear) for name, module in model.named_modules()
+                                 if f"{name}.".startswith(prefixes))
+                if not has_linear:
+                    raise ValueError(f"unit {unit!r} is set to lora but has no Linear layer to adapt; "
+                                     "use full or frozen for it")
+
+    def apply(self, model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]]) -> dict[str, bool]:
+        """Set ``requires_grad`` on every parameter exactly; record :meth:`eval_units` on the model
+        (``model.eval_units``) so those units stay in eval mode while training.
+
+        Raises:
+            ValueError: a unit the model lacks, or a policy that leaves nothing trainable.
+        """
+        self.check_model(model, unit_prefixes)
+        trainable = self.resolve([n for n, _ in model.named_parameters()], unit_prefixes)
+        if not any(trainable.values()):
+            trained = self.trained_units() or ["none"]
+            raise ValueError(
+                f"the freeze policy leaves no trainable parameter (training units: {', '.join(trained)}); "
+                "check --stage, the tune_*/freeze_* flags and --frozen_regex")
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
+        if hasattr(model, "eval_units"):
+            model.eval_units = self.eval_units()
+        return trainable
 
 
 def unit_summary(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], policy: FreezePolicy) -> dict:

@@ -25,7 +25,7 @@ def build_report(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], p
         group_names = group.get("param_names", [])
         groups.append({
             "name": group.get("name"),
-            "lr": group["lr"],
+            "lr": group.get("initial_lr", group["lr"]),  # the base LR, before any schedule multiplier
             "weight_decay": group["weight_decay"],
             "units": sorted({unit_of[n] for n in group_names}),
             "num_params": sum(getattr(params[n], "ds_numel", params[n].numel()) for n in group_names),

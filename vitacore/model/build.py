@@ -83,6 +83,12 @@ def build_model(config, log=print) -> ModelBundle:
         load_adapter_file(m.pretrain_audio_mlp_adapter, audio_adapter, "audio_encoder.adpter.",
                           "--pretrain_audio_mlp_adapter")
 
+    audio_prompt = None
+    if m.audio_prompt_finetune or m.audio_prompt_num:
+        audio_prompt = torch.nn.Embedding(m.audio_prompt_num, hidden).to(dtype)
+    # VITA's fo model: a 3-class user-state head on the last hidden state.
+    state_head = torch.nn.Linear(hidden, 3).to(dtype) if m.model_type == "qwen2p5_fo_instruct" else None
+
     mm_config = {
         "mm_vision_tower": vision_tower.source,
         "mm_audio_encoder": getattr(audio_encoder, "source", m.audio_encoder),
@@ -92,7 +98,9 @@ def build_model(config, log=print) -> ModelBundle:
         "image_aspect_ratio": config.data.image_aspect_ratio,
         "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": t.model_max_length,
+        "audio_prompt_finetune": m.audio_prompt_finetune,
+        "audio_prompt_num": m.audio_prompt_num,
     }
-    model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter,
+    model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter, audio_prompt, state_head,
                       model_max_length=t.model_max_length, padding_side="right", mm_config=mm_config)
     return ModelBundle(model, tokenizer, assets)

@@ -27,7 +27,7 @@ from vitacore.data.conversation import get_template, tokenize_conversation
 from vitacore.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
-DEFAULT_VERSION = "default-v1"
+DEFAULT_VERSION = "default-v2"
 READY_MARKER = "READY.json"
 WARMUP_STEPS = 300
 WARMUP_BATCH = 32

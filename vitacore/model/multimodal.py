@@ -30,6 +30,8 @@ class VitaModel(nn.Module):
         mm_projector: maps vision features to the LLM width, or None.
         audio_encoder: encodes fbank features, or None.
         audio_adapter: maps audio encoder states to the LLM width, or None.
+        audio_prompt: learnable embeddings put before every audio block (VITA's prompt embeddings).
+        state_head: 3-class head on the last hidden state (VITA's user-state predictor), or None.
         model_max_length: longest sequence after media expansion.
         padding_side: side to re-pad merged rows on.
         mm_config: multimodal config fields saved in exports (``mm_projector_type``, ...).
@@ -42,6 +44,8 @@ class VitaModel(nn.Module):
         mm_projector: Optional[nn.Module] = None,
         audio_encoder: Optional[nn.Module] = None,
         audio_adapter: Optional[nn.Module] = None,
+        audio_prompt: Optional[nn.Embedding] = None,
+        state_head: Optional[nn.Module] = None,
         model_max_length: int = 2048,
         padding_side: str = "right",
         mm_config: Optional[dict] = None,
@@ -52,6 +56,8 @@ class VitaModel(nn.Module):
         self.mm_projector = mm_projector
         self.audio_encoder = audio_encoder
         self.audio_adapter = audio_adapter
+        self.audio_prompt = audio_prompt
+        self.state_head = state_head
         self.model_max_length = model_max_length
         self.padding_side = padding_side
         self.mm_config = dict(mm_config or {})
@@ -71,6 +77,8 @@ class VitaModel(nn.Module):
             "mm_projector": self.mm_projector,
             "audio_encoder": self.audio_encoder,
             "audio_adapter": self.audio_adapter,
+            "audio_prompt": self.audio_prompt,
+            "state_head": self.state_head,
         }
         return {name: module for name, module in units.items() if module is not None}
 
@@ -95,9 +103,14 @@ class VitaModel(nn.Module):
     def encode_audio(self, audios: torch.Tensor, audio_lengths: torch.Tensor, audio_token_lengths: torch.Tensor) -> list[torch.Tensor]:
         """Audio encoder + adapter: one ``(tokens, hidden)`` block per clip, cut to its token count."""
         with torch.set_grad_enabled(self._grad_enabled_for(self.audio_encoder)):
-            states, _ = self.audio_encoder(audios, audio_lengths)
-        embeds = self.audio_adapter(states)
-        return [embeds[i, : int(n)] for i, n in enumerate(audio_token_lengths.tolist())]
+            states, out_lengths = self.audio_encoder(audios, audio_lengths)
+        # Zero the padding so the adapter's strided conv never mixes it into a shorter clip's tokens.
+        valid = torch.arange(states.shape[1], device=states.device)[None, :] < out_lengths[:, None]
+        embeds = self.audio_adapter(states * valid[..., None].to(states.dtype))
+        blocks = [embeds[i, : int(n)] for i, n in enumerate(audio_token_lengths.tolist())]
+        if self.audio_prompt is not None:
+            blocks = [torch.cat([self.audio_prompt.weight.to(block.dtype), block]) for block in blocks]
+        return blocks
 
     def forward(
         self,

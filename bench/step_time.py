@@ -1,0 +1,211 @@
+"""Step time of ``vitacore.Trainer`` (DeepSpeed ZeRO-0) against a plain PyTorch loop, side by side.
+
+One process builds the embedded default model twice from the same seed, applies the stage-1 freeze
+policy to both (only the vision projector trains), and then alternates, for ``--rounds`` rounds:
+
+  (a) ``vitacore.Trainer(...).fit()`` for ``--warmup + --steps`` optimizer steps, and
+  (b) a hand-written loop: ``torch.optim.AdamW`` on the same parameter groups, the same
+      ``LambdaLR`` multiplier, the same sampler / batch size / collator, ``loss.backward()``,
+      ``clip_grad_norm_``, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad()``.
+
+Both sides are timed the same way: a post-hook on the optimizer stamps the clock after every
+optimizer step, and the time per step is (stamp[warmup + steps] - stamp[warmup]) / steps. That span
+holds everything a step costs in each loop (data loading, collation, forward, backward, clipping,
+the update, logging bookkeeping) and nothing that happens once (engine set-up, the first step).
+The order alternates between rounds so neither side always runs on a warmer machine.
+
+    python bench/step_time.py [--steps 1000] [--rounds 3] [--batch_size 8] [--warmup 10] [--threads 0]
+
+The first run builds the embedded default into $VITACORE_CACHE (about 30 s, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+
+import vitacore  # noqa: E402
+from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="timed optimizer steps per round and side")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both sides once")
+    parser.add_argument("--batch_size", type=int, default=8, help="per-device micro-batch")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before the timed ones")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 1:
+        parser.error("--steps, --rounds, --batch_size and --warmup must be >= 1")
+    return args
+
+
+def make_config(args, output_dir: str):
+    config = vitacore.RunConfig()
+    stage = vitacore.apply_stage(config, embedded_default=True)
+    t = config.training
+    t.output_dir = output_dir
+    t.per_device_train_batch_size = args.batch_size
+    t.gradient_accumulation_steps = 1
+    t.max_steps = args.warmup + args.steps
+    t.logging_steps = 10**9  # only the final step writes a metrics row
+    t.eval_strategy = "no"
+    t.save_strategy = "no"
+    vitacore.validate(config)
+    return config, stage
+
+
+def build(config):
+    """The embedded default with the stage's freeze policy and its parameter groups, set up as
+    ``examples/train_stage.py`` does; returns (bundle, groups, policy)."""
+    t = config.training
+    bundle = vitacore.build_model(config, log=lambda *a, **k: None)
+    policy = vitacore.policy_from_config(config)
+    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
+    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
+                                         vitacore.parse_unit_lr(t.unit_lr or ""))
+    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    return bundle, groups, policy
+
+
+def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:
+    """(mean seconds per timed step over the whole span, median of the single-step durations).
+
+    The mean is the throughput figure; the median shrugs off bursts of load from other processes.
+    """
+    if len(stamps) < warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} optimizer steps, saw {len(stamps)}")
+    timed = stamps[warmup - 1:warmup + steps]
+    durations = [b - a for a, b in zip(timed, timed[1:])]
+    return (timed[-1] - timed[0]) / steps, statistics.median(durations)
+
+
+def run_vitacore(config, model, groups, data, dist, args) -> tuple[tuple[float, float], int]:
+    """``Trainer.fit()`` for warmup + steps optimizer steps; returns (s/step, text tokens in timed steps)."""
+    trainer = vitacore.Trainer(config, model, groups, data.train, data.collator, dist)
+    stamps: list[float] = []
+    trainer.engine.optimizer.register_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
+    tokens: list[int] = []
+    model_hook = model.register_forward_pre_hook(
+        lambda m, a, kw: tokens.append(int(kw["attention_mask"].sum())) if m.training else None, with_kwargs=True)
+    try:
+        result = trainer.fit()
+    finally:
+        model_hook.remove()
+    assert result.num_steps == args.warmup + args.steps
+    return per_step_seconds(stamps, args.warmup, args.steps), sum(tokens[args.warmup:args.warmup + args.steps])
+
+
+def run_raw(config, model, groups, data, args) -> tuple[tuple[float, float], int]:
+    """The same steps as a plain PyTorch loop; returns (s/step, text tokens in timed steps)."""
+    t = config.training
+    total = args.warmup + args.steps
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    multiplier = lr_multiplier(t.lr_scheduler_type, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=t.seed, drop_last=False)
+    loader = DataLoader(data.train, batch_size=t.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=data.collator, num_workers=t.dataloader_num_workers)
+    stamps: list[float] = []
+    tokens: list[int] = []
+    model.train()
+    step, epoch = 0, 0
+    while step < total:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            output = model(**batch)
+            loss = output["loss"]
+            loss.backward()
+            loss_value = loss.item()
+            if not torch.isfinite(torch.tensor(loss_value)):
+                raise RuntimeError(f"non-finite loss at step {step + 1}")
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stamps.append(time.perf_counter())
+            tokens.append(int(batch["attention_mask"].sum()))
+            step += 1
+            if step >= total:
+                break
+        epoch += 1
+    return per_step_seconds(stamps, args.warmup, args.steps), sum(tokens[args.warmup:total])
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    out = tempfile.mkdtemp(prefix="vitacore-bench-")
+    config, stage = make_config(args, out)
+    dist = vitacore.init_distributed()
+    print(f"building the embedded default twice (cache: {os.environ.get('VITACORE_CACHE', '~/.cache/vitacore')}) ...",
+          flush=True)
+    bundle_a, groups_a, policy = build(config)
+    bundle_b, groups_b, _ = build(config)
+    same = all(torch.equal(p, q) for p, q in zip(bundle_a.model.parameters(), bundle_b.model.parameters()))
+    if not same:
+        raise RuntimeError("the two builds differ; the comparison would not be like for like")
+    data = vitacore.build_data(config, bundle_a, stage.demo_data)
+    trainable = sum(p.numel() for g in groups_a for p in g["params"])
+    total = sum(p.numel() for p in bundle_a.model.parameters())
+    print(f"model: the embedded default, {total:,} parameters, {trainable:,} trainable (stage {stage.key}: "
+          f"{', '.join(policy.trained_units())}); fp32 on {dist.device.type}, "
+          f"{torch.get_num_threads()} torch threads; {len(data.train)} training samples")
+    print(f"each side: {args.warmup} warm-up + {args.steps} timed optimizer steps, micro-batch {args.batch_size}, "
+          f"no accumulation, clipping {config.training.max_grad_norm}, {args.rounds} rounds\n")
+
+    means = {"vitacore": [], "raw": []}
+    medians = {"vitacore": [], "raw": []}
+    rates = {"vitacore": [], "raw": []}
+    for round_index in range(args.rounds):
+        order = ("vitacore", "raw") if round_index % 2 == 0 else ("raw", "vitacore")
+        for side in order:
+            if side == "vitacore":
+                config.training.output_dir = os.path.join(out, f"round{round_index}")
+                (mean, median), n_tokens = run_vitacore(config, bundle_a.model, groups_a, data, dist, args)
+            else:
+                (mean, median), n_tokens = run_raw(config, bundle_b.model, groups_b, data, args)
+            means[side].append(mean)
+            medians[side].append(median)
+            rates[side].append(n_tokens / (mean * args.steps))
+        print(f"round {round_index + 1} ({' then '.join(order)}): vitacore {means['vitacore'][-1] * 1e3:7.2f} ms/step   "
+              f"raw {means['raw'][-1] * 1e3:7.2f} ms/step   ratio {means['vitacore'][-1] / means['raw'][-1]:.3f}",
+              flush=True)
+
+    ratios = [a / b for a, b in zip(means["vitacore"], means["raw"])]
+    step_ratios = [a / b for a, b in zip(medians["vitacore"], medians["raw"])]
+    print()
+    print(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>8s} {'max':>8s} {'median single step':>19s} "
+          f"{'text tokens/s':>14s}")
+    for side in ("vitacore", "raw"):
+        values = means[side]
+        print(f"{side:10s} {statistics.median(values) * 1e3:27.2f} {min(values) * 1e3:8.2f} {max(values) * 1e3:8.2f} "
+              f"{statistics.median(medians[side]) * 1e3:19.2f} {statistics.median(rates[side]):14,.0f}")
+    print(f"\nper-round ratios vitacore/raw (mean step time): {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"per-round ratios vitacore/raw (median single step): {', '.join(f'{r:.3f}' for r in step_ratios)}")
+    print("note: a tiny model on CPU is overhead-dominated (Python, DeepSpeed bookkeeping, the data pipeline);"
+          " these ratios say nothing about large-model throughput.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f})")
+    print(f"ratio vitacore/raw step time: {statistics.median(ratios):.2f} (median of {args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

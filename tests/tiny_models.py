@@ -1,0 +1,42 @@
+"""Tiny random parts composed into a VitaModel, shared by tests of several packages."""
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
+from vitacore.model.multimodal import VitaModel
+from vitacore.model.projector import build_projector
+from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, ImageSpec, VisionTower
+
+TINY = {
+    "vocab_size": 64,
+    "llm_hidden": 32,
+    "vision_hidden": 16,
+    "image_size": 32,
+    "patch_size": 16,
+    "mel": 16,
+    "audio_hidden": 8,
+}
+
+
+def build_tiny_vita(seed: int = 0, model_max_length: int = 128, padding_side: str = "right",
+                    audio_prompt_num: int = 0, state_head: bool = False) -> VitaModel:
+    """All seven units when asked (``audio_prompt_num`` > 0, ``state_head``); random weights from ``seed``."""
+    torch.manual_seed(seed)
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=TINY["vocab_size"], hidden_size=TINY["llm_hidden"], intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    ))
+    siglip = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=TINY["vision_hidden"], intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=TINY["image_size"], patch_size=TINY["patch_size"], attention_dropout=0.1,
+    ))
+    tower = VisionTower(siglip, -2, False, ImageSpec(TINY["image_size"], SIGLIP_MEAN, SIGLIP_STD), "tiny")
+    projector = build_projector("mlp2x_gelu", TINY["vision_hidden"], TINY["llm_hidden"])
+    encoder = AudioEncoder(AudioEncoderConfig(num_mel_bins=TINY["mel"], hidden_size=TINY["audio_hidden"],
+                                              num_layers=1, num_heads=2, ffn_size=16, dropout=0.1))
+    adapter = AudioAdapter(TINY["audio_hidden"], TINY["llm_hidden"])
+    prompt = torch.nn.Embedding(audio_prompt_num, TINY["llm_hidden"]) if audio_prompt_num else None
+    head = torch.nn.Linear(TINY["llm_hidden"], 3) if state_head else None
+    return VitaModel(llm, tower, projector, encoder, adapter, prompt, head, model_max_length=model_max_length,
+                     padding_side=padding_side, mm_config={"mm_projector_type": "mlp2x_gelu"})
