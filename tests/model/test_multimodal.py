@@ -1,6 +1,5 @@
 """Tests for vitacore.model.multimodal.VitaModel composed from tiny random parts."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

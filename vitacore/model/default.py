@@ -24,7 +24,7 @@ import torch
 
 from vitacore.data import synthetic
 from vitacore.data.conversation import get_template, tokenize_conversation
-from vitacore.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
 DEFAULT_VERSION = "default-v2"

@@ -1,0 +1,120 @@
+"""Value rules for the run config: ranges, choices and combinations, each error naming the flag."""
+
+import re
+from typing import Dict, List, Sequence
+
+from vitacore import _flags
+from vitacore._flags import ConfigError
+
+_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+_STRATEGIES = ("epoch", "no", "steps")
+_REPORTERS = ("all", "none", "tensorboard")
+_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+_PROJECTOR = re.compile(r"^mlp([1-9]\d*)x_gelu$")
+
+
+def rule_errors(cfg) -> List[str]:
+    """Every range / choice / combination problem of ``cfg``, each naming the flag."""
+    m, d, t = cfg.model, cfg.data, cfg.training
+    errors: List[str] = []
+    check = _flags.rule(errors)
+
+    def at_least(name: str, low: int) -> None:
+        value = cfg.get(name)
+        check(value >= low, f"--{name} {value} must be >= {low}")
+
+    def unit(name: str) -> None:
+        value = cfg.get(name)
+        check(0 <= value < 1, f"--{name} {value} must be in [0, 1)")
+
+    def one_of(name: str, allowed: Sequence[str]) -> None:
+        value = cfg.get(name)
+        check(value in allowed, f"--{name} {value!r} is not one of: {', '.join(allowed)}")
+
+    check(not (t.bf16 and t.fp16), "--bf16 True and --fp16 True both set; choose one precision")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps", "lora_r"):
+        at_least(name, 1)
+    for name in ("warmup_steps", "dataloader_num_workers"):
+        at_least(name, 0)
+    at_least("model_max_length", 16)
+    check(t.learning_rate > 0, f"--learning_rate {t.learning_rate} must be > 0")
+    check(t.num_train_epochs > 0, f"--num_train_epochs {t.num_train_epochs} must be > 0")
+    check(t.max_steps == -1 or t.max_steps > 0,
+          f"--max_steps {t.max_steps} must be > 0, or -1 to train for --num_train_epochs")
+    check(t.weight_decay >= 0, f"--weight_decay {t.weight_decay} must be >= 0")
+    check(t.max_grad_norm >= 0, f"--max_grad_norm {t.max_grad_norm} must be >= 0 (0: no clipping)")
+    for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
+        unit(name)
+    one_of("lr_scheduler_type", _SCHEDULERS)
+    one_of("save_strategy", _STRATEGIES)
+    one_of("eval_strategy", _STRATEGIES)
+    one_of("quant_type", ("fp4", "nf4"))
+    one_of("lora_bias", ("all", "lora_only", "none"))
+    one_of("optim", _OPTIMIZERS)
+    check(t.bits in (4, 8, 16), f"--bits {t.bits} is not one of: 4, 8, 16")
+    if t.save_strategy == "steps":
+        check(t.save_steps >= 1, f"--save_steps {t.save_steps} must be >= 1 with "
+                                 "--save_strategy steps (or use --save_strategy no/epoch)")
+    for name in ("eval_steps", "save_total_limit"):
+        value = cfg.get(name)
+        check(value is None or value >= 1, f"--{name} {value} must be >= 1 (or None)")
+    check(d.image_aspect_ratio in (None, "square", "pad"),
+          f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, None")
+    projector = m.mm_projector_type
+    check(projector in ("linear", "identity") or bool(_PROJECTOR.match(projector)),
+          f"--mm_projector_type {projector!r} is not one of: linear, identity, "
+          "mlp2x_gelu (or mlpNx_gelu with N >= 1)")
+    reporters = [r.strip() for r in t.report_to.split(",")]
+    check(all(r in _REPORTERS for r in reporters),
+          f"--report_to {t.report_to!r} is not one of: {', '.join(_REPORTERS)} "
+          "(or a comma-separated list of them)")
+    if m.audio_prompt_finetune:
+        check(m.audio_prompt_num is not None and m.audio_prompt_num >= 1,
+              f"--audio_prompt_finetune True needs --audio_prompt_num >= 1 "
+              f"(got {m.audio_prompt_num})")
+    check(not (m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter),
+          "--tune_mm_mlp_adapter True contradicts --freeze_mm_mlp_adapter True; set one to False")
+    check(cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")
+    for name in ("mm_projector_lr", "vision_tower_lr"):
+        value = cfg.get(name)
+        check(value is None or value > 0, f"--{name} {value} must be > 0 (or None)")
+    if t.unit_lr:
+        try:
+            parse_unit_lr(t.unit_lr)
+        except ValueError as err:
+            errors.append(str(err))
+    for name in ("trainable_regex", "frozen_regex"):
+        pattern = cfg.get(name)
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                errors.append(f"--{name} {pattern!r} is not a valid regular expression: {err}")
+    return errors
+
+
+def parse_unit_lr(text: str) -> Dict[str, float]:
+    """Parse ``--unit_lr`` (``unit=lr,unit=lr``) into ``{unit: lr}``.
+
+    Raises:
+        ConfigError: malformed entry, unknown unit or non-positive rate.
+    """
+    from vitacore.freeze.units import UNITS
+
+    rates: Dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        unit, sep, value = entry.partition("=")
+        unit = unit.strip()
+        if not sep:
+            raise ConfigError(f"--unit_lr entry {entry!r} must look like unit=lr, e.g. audio_adapter=1e-4")
+        if unit not in UNITS:
+            raise ConfigError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(UNITS)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ConfigError(f"--unit_lr {unit}={value!r}: not a number") from None
+        if rate <= 0:
+            raise ConfigError(f"--unit_lr {unit}={rate} must be > 0")
+        rates[unit] = rate
+    return rates
