@@ -14,7 +14,7 @@ holds everything a step costs in each loop (data loading, collation, forward, ba
 the update, logging bookkeeping) and nothing that happens once (engine set-up, the first step).
 The order alternates between rounds so neither side always runs on a warmer machine.
 
-    python bench/step_time.py [--steps 1000] [--rounds 3] [--batch_size 8] [--warmup 10] [--threads 0]
+    python bench/step_time.py [--steps 800] [--rounds 3] [--batch_size 8] [--warmup 10] [--threads 0]
 
 The first run builds the embedded default into $VITACORE_CACHE (about 30 s, once).
 """
@@ -39,7 +39,7 @@ from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E4
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1000, help="timed optimizer steps per round and side")
+    parser.add_argument("--steps", type=int, default=800, help="timed optimizer steps per round and side")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both sides once")
     parser.add_argument("--batch_size", type=int, default=8, help="per-device micro-batch")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before the timed ones")
@@ -120,6 +120,7 @@ def run_raw(config, model, groups, data, args) -> tuple[tuple[float, float], int
     loader = DataLoader(data.train, batch_size=t.per_device_train_batch_size, sampler=sampler,
                         collate_fn=data.collator, num_workers=t.dataloader_num_workers)
     stamps: list[float] = []
+    optimizer.register_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
     tokens: list[int] = []
     model.train()
     step, epoch = 0, 0
@@ -137,7 +138,6 @@ def run_raw(config, model, groups, data, args) -> tuple[tuple[float, float], int
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
             tokens.append(int(batch["attention_mask"].sum()))
             step += 1
             if step >= total:
@@ -184,8 +184,9 @@ def main(argv=None) -> int:
             means[side].append(mean)
             medians[side].append(median)
             rates[side].append(n_tokens / (mean * args.steps))
-        print(f"round {round_index + 1} ({' then '.join(order)}): vitacore {means['vitacore'][-1] * 1e3:7.2f} ms/step   "
-              f"raw {means['raw'][-1] * 1e3:7.2f} ms/step   ratio {means['vitacore'][-1] / means['raw'][-1]:.3f}",
+        print(f"round {round_index + 1} ({' then '.join(order)}): "
+              f"vitacore {means['vitacore'][-1] * 1e3:7.2f} ms/step   raw {means['raw'][-1] * 1e3:7.2f} ms/step   "
+              f"ratio {means['vitacore'][-1] / means['raw'][-1]:.3f}",
               flush=True)
 
     ratios = [a / b for a, b in zip(means["vitacore"], means["raw"])]
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
     print("note: a tiny model on CPU is overhead-dominated (Python, DeepSpeed bookkeeping, the data pipeline);"
           " these ratios say nothing about large-model throughput.")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f})")
+    print(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, "
+          f"1-min load average at the end {load:.1f})")
     print(f"ratio vitacore/raw step time: {statistics.median(ratios):.2f} (median of {args.rounds} rounds)")
     return 0
 
