@@ -44,7 +44,9 @@ def train(argv=None) -> int:
     for note in vitacore.stage_notes(config, stage):
         say(f"note: {note}")
 
-    bundle = vitacore.build_model(config, log=say)
+    ds_config, ds_notes = vitacore.resolve_deepspeed_config(args, dist.world_size,
+                                                            vitacore.llm_hidden_size(config, log=say))
+    bundle = vitacore.build_model(config, log=say, deepspeed_config=ds_config)
     policy = vitacore.policy_from_config(config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
     rates = vitacore.unit_learning_rates(args.learning_rate, args.mm_projector_lr, args.vision_tower_lr,
@@ -62,13 +64,16 @@ def train(argv=None) -> int:
         return 0
 
     data = vitacore.build_data(config, bundle, stage.demo_data)
-    trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist, eval_dataset=data.eval)
-    for note in trainer.notes:
+    trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
+                               eval_dataset=data.eval, deepspeed_config=ds_config)
+    for note in ds_notes + trainer.notes:
         say(f"note: {note}")
     result = trainer.fit()
     artifacts = vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(policy.trained_units()),
                                               dist.is_main)
 
+    if result.stopped_by:
+        say(f"\nstopped by {result.stopped_by} after step {result.num_steps}; artifacts saved")
     say(f"\ndone: {result.num_steps} steps in {result.seconds:.1f}s (total {time.time() - started:.1f}s)")
     if result.first_loss is not None:
         say(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")

@@ -18,11 +18,11 @@ from vitacore.config import (
     parse_unit_lr, validate,
 )
 from vitacore.data.build import DataBundle, SyntheticSelection, build_data
-from vitacore.engine import DistInfo, Trainer, TrainResult, init_distributed
+from vitacore.engine import DistInfo, Trainer, TrainResult, init_distributed, resolve_deepspeed_config
 from vitacore.freeze import (
     FreezePolicy, build_param_groups, build_report, format_report, policy_from_config, unit_learning_rates,
 )
-from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, uses_embedded_default
+from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, llm_hidden_size, uses_embedded_default
 from vitacore.stages import StagePreset, apply_stage, describe_sources, get_preset, stage_notes
 
 __version__ = "0.1.0"
@@ -31,6 +31,6 @@ __all__ = [
     "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle",
     "RunConfig", "StagePreset", "SyntheticSelection", "Trainer", "TrainResult", "TrainingArguments", "UNIT_PREFIXES", "VitaModel",
     "apply_stage", "build_data", "describe_sources", "build_model", "build_param_groups", "build_report", "format_report",
-    "get_preset", "init_distributed", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "parse_args",
+    "get_preset", "init_distributed", "llm_hidden_size", "resolve_deepspeed_config", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "parse_args",
     "save_stage_artifacts", "uses_embedded_default", "validate",
 ]

@@ -124,6 +124,7 @@ class TrainingArguments:
     report_to: str = _f("none", "none, tensorboard, all or a comma list", literal=True)
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (path or name)")
     seed: int = _f(42, "random seed")
+    skip_nonfinite_steps: int = _f(0, "skip up to N micro-batches whose loss is NaN/inf (0: stop at the first)")
     resume_from_checkpoint: Optional[str] = _f(
         None, "checkpoint path, or True/False (kept verbatim)", literal=True)
     local_rank: int = _f(-1, "set by the distributed launcher")

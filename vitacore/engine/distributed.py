@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,6 +43,8 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     import deepspeed
 
+    # DeepSpeed still calls the old collective names; the warnings say nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*")
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))

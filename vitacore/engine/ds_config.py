@@ -88,3 +88,28 @@ def complete_config(raw: dict, *, training, world_size: int, hidden_size: int, t
             zero[key] = value
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+def resolve_deepspeed_config(training, world_size: int, hidden_size: int) -> tuple[dict, list[str]]:
+    """The run's complete DeepSpeed config (``--deepspeed`` file or built-in) and notes for the log.
+
+    A ``scheduler`` block is dropped: DeepSpeed's warmup schedulers give every param group one LR,
+    which would erase per-unit learning rates; vitacore's ``--lr_scheduler_type`` schedule runs instead.
+    """
+    if training.deepspeed:
+        raw, source = load_user_config(training.deepspeed), f"--deepspeed {training.deepspeed}"
+    else:
+        raw, source = builtin_config(world_size), "built-in DeepSpeed config"
+    notes = []
+    if "scheduler" in raw:
+        raw = {k: v for k, v in raw.items() if k != "scheduler"}
+        notes.append(f"{source}: its scheduler block is ignored so per-unit learning rates survive; "
+                     f"--lr_scheduler_type {training.lr_scheduler_type} is used")
+    config = complete_config(raw, training=training, world_size=world_size, hidden_size=hidden_size,
+                             total_steps=0, warmup_steps=0, source=source)
+    return config, notes
+
+
+def zero_stage(config: dict) -> int:
+    """The ZeRO stage a config asks for (0 when absent)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -12,10 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from vitacore.constants import IGNORE_INDEX
 from vitacore.engine.distributed import DistInfo
-from vitacore.engine.ds_config import builtin_config, complete_config, load_user_config
-from vitacore.engine.metrics import MetricsLog, answer_accuracy, format_lr
+from vitacore.engine.ds_config import resolve_deepspeed_config, zero_stage
+from vitacore.engine.metrics import MetricsLog, TensorBoardLog, answer_accuracy, format_lr
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
+from vitacore.engine.signals import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,13 +35,19 @@ class TrainResult:
     last_loss: Optional[float]
     final_eval: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    stopped_by: Optional[str] = None
+    num_skipped_steps: int = 0
 
 
 class _Window:
     """Sums over the micro-batches since the last logged row."""
 
-    def __init__(self):
+    def __init__(self, per_step: bool):
+        # per_step: losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
+        # otherwise as per-micro-batch means, averaged over micro-batches.
+        self.per_step = per_step
         self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
+        self.steps = 0
 
     def add(self, loss: float, batch: dict) -> None:
         self.loss += loss
@@ -46,12 +55,20 @@ class _Window:
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += batch["input_ids"].shape[0]
 
-    def row(self, step: int, epoch: float, lr, grad_norm, world_size: int) -> dict:
+    def row(self, step: int, epoch: float, lr, grad_norm, dist: DistInfo) -> dict:
+        """The metrics row; loss, tokens and samples are summed over ranks."""
         elapsed = max(1e-9, time.time() - self.started)
-        return {"step": step, "epoch": epoch, "loss": self.loss / max(1, self.micro), "lr": lr,
+        sums = torch.tensor([self.loss, self.micro, self.tokens, self.samples], dtype=torch.float64)
+        if dist.world_size > 1:
+            sums = sums.to(dist.device)
+            torch.distributed.all_reduce(sums)
+            sums = sums.cpu()
+        loss, micro, tokens, samples = sums.tolist()
+        # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
+        mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
+        return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": self.tokens * world_size / elapsed,
-                "samples_per_s": self.samples * world_size / elapsed}
+                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -68,11 +85,13 @@ class Trainer:
         train_dataset / eval_dataset: datasets of samples; ``collate_fn`` batches them.
         dist: the process's place in the job.
         on_log: called with every metrics row (for printing).
+        deepspeed_config: the complete DeepSpeed config the model was built for (ZeRO-3 builds need
+            it before the model exists); resolved from ``--deepspeed`` here when None.
     """
 
     def __init__(self, config, model: torch.nn.Module, param_groups: list[dict], train_dataset: Dataset,
                  collate_fn: Callable, dist: DistInfo, eval_dataset: Optional[Dataset] = None,
-                 on_log: Optional[Callable[[dict], None]] = None):
+                 on_log: Optional[Callable[[dict], None]] = None, deepspeed_config: Optional[dict] = None):
         self.config = config
         self.args = config.training
         self.model = model
@@ -86,6 +105,17 @@ class Trainer:
         self.metrics = MetricsLog(self.args.output_dir, enabled=dist.is_main)
         self._check_precision()
         self.notes = self._apply_runtime_flags()
+        if deepspeed_config is None:
+            hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
+            deepspeed_config, ds_notes = resolve_deepspeed_config(self.args, dist.world_size, hidden)
+            self.notes += ds_notes
+        self.ds_config = deepspeed_config
+        self._accepts_num_items = "num_items_in_batch" in inspect.signature(model.forward).parameters
+        if hasattr(model, "run_all_encoders"):
+            # Several ranks: every encoder runs every step (on a dummy input if need be), so no rank
+            # waits in a collective for a module another rank skipped.
+            model.run_all_encoders = dist.world_size > 1 or zero_stage(deepspeed_config) == 3
+        self.tensorboard = TensorBoardLog.create(self.args, dist.is_main, self.notes)
 
         self.sampler = DistributedSampler(train_dataset, num_replicas=dist.world_size, rank=dist.rank,
                                           shuffle=True, seed=self.args.seed, drop_last=False)
@@ -127,14 +157,6 @@ class Trainer:
     def _initialize(self):
         import deepspeed
 
-        hidden = getattr(self.model.config, "hidden_size", 1024)
-        if self.args.deepspeed:
-            raw, source = load_user_config(self.args.deepspeed), f"--deepspeed {self.args.deepspeed}"
-        else:
-            raw, source = builtin_config(self.dist.world_size), "built-in DeepSpeed config"
-        self.ds_config = complete_config(raw, training=self.args, world_size=self.dist.world_size,
-                                         hidden_size=hidden, total_steps=self.total_steps,
-                                         warmup_steps=self.warmup_steps, source=source)
         multiplier = lr_multiplier(self.args.lr_scheduler_type, self.warmup_steps, self.total_steps)
         kwargs = {"model": self.model.to(self.dist.device), "config": self.ds_config, "dist_init_required": False}
         if "optimizer" in self.ds_config:
@@ -143,6 +165,7 @@ class Trainer:
             kwargs["optimizer"] = torch.optim.AdamW(
                 self.param_groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay)
+        # A callable, so DeepSpeed hands it the (possibly wrapped) optimizer; per-group LRs survive.
         kwargs["lr_scheduler"] = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         engine, _, _, _ = deepspeed.initialize(**kwargs)
         return engine
@@ -161,69 +184,126 @@ class Trainer:
         return math.sqrt(total)
 
     def _micro_batches(self):
-        """Yield ``(epoch, index in epoch, closes an accumulation group, batch)`` until the run ends.
+        """Yield ``(epoch, index in epoch, closes a group, batch, loss divisor)`` until the run ends.
 
-        An epoch whose micro-batch count is not a multiple of ``--gradient_accumulation_steps``
-        ends with a short group, which still makes an optimizer step (as the HF Trainer does), so
-        every epoch sees each sample once and loop steps stay optimizer steps.
+        Micro-batches are read one accumulation group ahead. An epoch whose micro-batch count is not
+        a multiple of ``--gradient_accumulation_steps`` ends with a short group, which still makes an
+        optimizer step (as the HF Trainer does). The divisor makes every supervised token of the
+        group weigh the same across micro-batches and ranks (see :meth:`_loss_divisor`).
         """
         accumulation = self.args.gradient_accumulation_steps
-        num_batches = len(self.loader)
         epoch = 0
         while True:
             self.sampler.set_epoch(epoch)
-            for index, batch in enumerate(self.loader):
-                closes = (index + 1) % accumulation == 0 or index + 1 == num_batches
-                yield epoch, index, closes, batch
+            group, start = [], 0
+            batches = iter(self.loader)
+            for index in range(len(self.loader)):
+                group.append(next(batches))
+                if len(group) == accumulation or index + 1 == len(self.loader):
+                    divisor = self._loss_divisor(group)
+                    for offset, batch in enumerate(group):
+                        yield epoch, start + offset, offset + 1 == len(group), batch, divisor
+                    start, group = index + 1, []
             epoch += 1
 
+    def _loss_divisor(self, group: list[dict]) -> Optional[torch.Tensor]:
+        """Supervised tokens of the group over all ranks / (ranks x accumulation steps).
+
+        DeepSpeed averages gradients over ranks and divides each micro-batch's by the accumulation
+        steps; dividing a token *sum* by this makes the step's gradient the mean over every token of
+        the global batch, so 1 process x 8 samples and 2 processes x 4 give the same update.
+        """
+        if not self._accepts_num_items:
+            return None
+        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+        total = torch.tensor([float(count)], device=self.dist.device)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(total)
+        scale = self.dist.world_size * self.args.gradient_accumulation_steps
+        return (total / scale).clamp(min=1.0 / scale).squeeze(0)
+
     def fit(self) -> TrainResult:
-        """Train to ``total_steps`` optimizer steps, evaluating as configured; return a summary."""
+        """Train to ``total_steps`` optimizer steps, evaluating as configured; return a summary.
+
+        SIGTERM / SIGINT finish the current optimizer step, then the run returns with
+        ``stopped_by`` set (the caller saves). A non-finite loss raises :class:`NonFiniteLossError`
+        naming the step, or skips that micro-batch while ``--skip_nonfinite_steps`` allows.
+        """
+        bar = tqdm(total=self.total_steps, desc=f"stage {self.config.stage}", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        try:
+            with StopRequest() as stop:
+                return self._run(bar, stop)
+        finally:
+            bar.close()
+            self.tensorboard.close()
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.dist.device)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return not flag.item()
+
+    def _run(self, bar, stop: StopRequest) -> TrainResult:
         args, engine = self.args, self.engine
         engine.train()
         started = time.time()
-        step, epoch, index = 0, 0, -1
-        self._window = _Window()
-        bar = tqdm(total=self.total_steps, desc=f"stage {self.config.stage}", disable=not self.dist.is_main,
-                   dynamic_ncols=True)
-        for epoch, index, closes, batch in self._micro_batches():
+        step, epoch, index, skipped, stopped_by = 0, 0, -1, 0, None
+        window = _Window(self._accepts_num_items)
+        for epoch, index, closes, batch, divisor in self._micro_batches():
             # vitacore owns the accumulation boundary, so short groups at an epoch's end still step.
             engine.set_gradient_accumulation_boundary(closes)
             batch = _to_device(batch, self.dist.device)
+            if divisor is not None:
+                batch["num_items_in_batch"] = divisor
             loss = engine(**batch)["loss"]
-            if not torch.isfinite(loss):
+            if self._loss_is_finite(loss):
+                engine.backward(loss)
+                # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
+                share = loss.item() / args.gradient_accumulation_steps if divisor is not None else loss.item()
+                window.add(share, batch)
+            elif skipped < args.skip_nonfinite_steps:
+                skipped += 1  # every rank skips this micro-batch's backward together
+            else:
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch}, micro-batch {index + 1}, "
-                    f"samples {batch.get('sample_ids')}); lower --learning_rate or check the data")
-            engine.backward(loss)
-            self._window.add(loss.item(), batch)
+                    f"samples {batch.get('sample_ids')}); lower --learning_rate, check the data, or allow "
+                    f"skips with --skip_nonfinite_steps N")
             grad_norm = self._grad_norm_before_step() if closes else None
             engine.step()
             if not closes:
                 continue
             step += 1
             bar.update(1)
+            window.steps += 1
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
             epoch_progress = self._epoch_progress(epoch, index + 1)
             if step % args.logging_steps == 0 or step == self.total_steps:
-                row = self._window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm,
-                                       self.dist.world_size)
-                self.metrics.write(row)
-                self.on_log(row)
+                row = window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
+                self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                self._window = _Window()
+                window = _Window(self._accepts_num_items)
+            if stop.agreed(self.dist.world_size, self.dist.device):
+                stopped_by = stop.signal_name
+                self._log({"step": step, "epoch": epoch_progress, "event": "stopped", "signal": stopped_by})
+                break
             if step >= self.total_steps:
                 break
-            end_of_epoch = index + 1 == len(self.loader)
-            if self._should_eval(step, end_of_epoch):
+            if self._should_eval(step, end_of_epoch=index + 1 == len(self.loader)):
                 self.evaluate(step, epoch_progress)
-        bar.close()
-        final_eval = self.evaluate(step, self._epoch_progress(epoch, index + 1)) if self.eval_dataset is not None else {}
+        final_eval = {}
+        if self.eval_dataset is not None and stopped_by is None:
+            final_eval = self.evaluate(step, self._epoch_progress(epoch, index + 1))
         train_rows = [r for r in self.metrics.rows if "loss" in r]
-        first_loss = train_rows[0]["loss"] if train_rows else None
-        last_loss = train_rows[-1]["loss"] if train_rows else None
-        return TrainResult(step, time.time() - started, first_loss, last_loss, final_eval, self.metrics.rows)
+        return TrainResult(step, time.time() - started, train_rows[0]["loss"] if train_rows else None,
+                           train_rows[-1]["loss"] if train_rows else None, final_eval, self.metrics.rows,
+                           stopped_by, skipped)
+
+    def _log(self, row: dict) -> None:
+        self.metrics.write(row)
+        self.tensorboard.write(row)
+        self.on_log(row)
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:
         return round(epoch + micro / max(1, len(self.loader)), 4)
@@ -261,6 +341,5 @@ class Trainer:
         row = {"step": step, "epoch": epoch, "eval_loss": loss_sum / max(1.0, supervised),
                "eval_accuracy": correct / max(1.0, supervised), "eval_exact_match": exact / max(1.0, rows),
                "eval_samples": int(rows)}
-        self.metrics.write(row)
-        self.on_log(row)
+        self._log(row)
         return row

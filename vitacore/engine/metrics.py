@@ -33,6 +33,40 @@ class MetricsLog:
             fh.flush()
 
 
+class TensorBoardLog:
+    """Scalars of every metrics row to TensorBoard (``--report_to tensorboard``), main rank only."""
+
+    def __init__(self, writer=None):
+        self.writer = writer
+
+    @classmethod
+    def create(cls, training, is_main: bool, notes: list) -> "TensorBoardLog":
+        wanted = {r.strip() for r in training.report_to.split(",")} & {"tensorboard", "all"}
+        if not wanted or not is_main:
+            return cls()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            notes.append("--report_to tensorboard ignored: the tensorboard package is not installed "
+                         "(pip install tensorboard)")
+            return cls()
+        return cls(SummaryWriter(os.path.join(training.output_dir, "runs")))
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key == "lr" and isinstance(value, dict):
+                for group, lr in value.items():
+                    self.writer.add_scalar(f"lr/{group}", lr, row["step"])
+            elif isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
     """Teacher-forced argmax accuracy on supervised tokens.
 

@@ -1,7 +1,8 @@
 """The multimodal model: composition around any causal LM, towers, projectors, audio, defaults."""
 
-from vitacore.model.build import ModelBundle, build_model, uses_embedded_default
+from vitacore.model.build import ModelBundle, build_model, llm_hidden_size, uses_embedded_default
 from vitacore.model.multimodal import UNIT_PREFIXES, VitaModel
 from vitacore.model.projector import build_projector
 
-__all__ = ["ModelBundle", "UNIT_PREFIXES", "VitaModel", "build_model", "build_projector", "uses_embedded_default"]
+__all__ = ["ModelBundle", "UNIT_PREFIXES", "VitaModel", "build_model", "build_projector", "llm_hidden_size",
+           "uses_embedded_default"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,33 @@ from vitacore.model.default import DefaultAssets, ensure_default_assets
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
 from vitacore.model.vision import load_vision_tower
+
+
+@contextlib.contextmanager
+def _zero3_construction(deepspeed_config: Optional[dict]):
+    """While active, transformers builds models inside ``deepspeed.zero.Init`` (partitioned).
+
+    ``HfDeepSpeedConfig`` is a weak global: it must be held in a variable for the whole build, or
+    every rank silently loads the full model.
+    """
+    if deepspeed_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(deepspeed_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa")
+    llm.config.use_cache = False
+    return llm, load_vision_tower(tower_path, torch_dtype=dtype)
 
 
 @dataclass
@@ -51,26 +79,44 @@ def load_tokenizer_for(path: str, model_max_length: int):
     return tokenizer
 
 
-def build_model(config, log=print) -> ModelBundle:
+def _default_assets_if_needed(config, log=print) -> Optional[DefaultAssets]:
+    m = config.model
+    if m.model_name_or_path and m.vision_tower and m.audio_encoder:
+        return None
+    return ensure_default_assets(log=log)
+
+
+def llm_hidden_size(config, log=print) -> int:
+    """The LLM's hidden size, read from its config without loading weights (sizes DeepSpeed buckets)."""
+    from transformers import AutoConfig
+
+    path = config.model.model_name_or_path or _default_assets_if_needed(config, log).llm
+    return AutoConfig.from_pretrained(path).hidden_size
+
+
+def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> ModelBundle:
     """Compose LLM + vision tower + projector + audio encoder + adapter for ``config``.
 
     Paths not given fall back to the embedded default's parts (built and cached on first use).
     Adapter weights (``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter``) are loaded
-    here, before any engine partitions the modules.
-    """
-    from transformers import AutoModelForCausalLM
+    here, before any engine partitions the modules (DeepSpeed broadcasts rank 0's values then).
 
+    Args:
+        config: the run config.
+        log: where progress messages go.
+        deepspeed_config: the complete DeepSpeed config; with ZeRO-3 the transformers models are
+            built partitioned (each rank holds only its shard from the start).
+    """
     m, t = config.model, config.training
-    needs_default = not (m.model_name_or_path and m.vision_tower and m.audio_encoder)
-    assets = ensure_default_assets(log=log) if needs_default else None
+    assets = _default_assets_if_needed(config, log)
     llm_path = m.model_name_or_path or assets.llm
     dtype = compute_dtype(t)
     tokenizer = load_tokenizer_for(llm_path, t.model_max_length)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa")
-    llm.config.use_cache = False
+    zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    with _zero3_construction(deepspeed_config if zero3 else None):
+        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype)
     hidden = llm.config.hidden_size
 
-    vision_tower = load_vision_tower(m.vision_tower or assets.vision_tower, torch_dtype=dtype)
     # New modules get their initial values from the run's seed, so reruns start identically.
     torch.manual_seed(t.seed)
     projector = build_projector(m.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)

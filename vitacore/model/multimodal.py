@@ -63,6 +63,9 @@ class VitaModel(nn.Module):
         self.mm_config = dict(mm_config or {})
         # Units whose modules stay in eval mode while training (set by the freeze policy).
         self.eval_units: tuple[str, ...] = ()
+        # Set by the engine with several ranks / ZeRO-3: encoders run on a tiny dummy input when a
+        # micro-batch has no image (or audio), so every rank enters the same collectives.
+        self.run_all_encoders = False
 
     @property
     def config(self):
@@ -122,16 +125,23 @@ class VitaModel(nn.Module):
         audio_lengths: Optional[torch.Tensor] = None,
         audio_token_lengths: Optional[torch.Tensor] = None,
         sample_ids: Optional[Sequence[str]] = None,
+        num_items_in_batch: Optional[torch.Tensor] = None,
         **_unused,
     ):
         """Run the LLM on text with media spliced in; returns the LLM's output (``loss``, ``logits``)
-        with the merged ``labels`` attached for metrics."""
+        with the merged ``labels`` attached for metrics.
+
+        ``num_items_in_batch`` turns the loss into a token sum divided by it (the engine passes the
+        supervised-token count of the whole accumulation group over all ranks, scaled so every token
+        weighs the same however the batch is split); None gives the per-micro-batch mean.
+        """
         image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
         audio_blocks = (
             self.encode_audio(audios, audio_lengths, audio_token_lengths)
             if audios is not None and audios.shape[0]
             else []
         )
+        unused = self._dummy_encoder_outputs(bool(image_blocks), bool(audio_blocks), input_ids.device)
         merged = merge_media_embeddings(
             input_ids, labels, attention_mask, self.llm.get_input_embeddings(),
             image_blocks, audio_blocks, self.model_max_length, self.padding_side, sample_ids,
@@ -142,6 +152,27 @@ class VitaModel(nn.Module):
             position_ids=merged.position_ids,
             labels=merged.labels,
             use_cache=False,
+            **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
         )
+        if unused is not None and output.get("loss") is not None:
+            # Zero-weighted, so the dummy passes change nothing but still take part in backward.
+            output["loss"] = output["loss"] + 0.0 * unused
         output["merged_labels"] = merged.labels
         return output
+
+    def _dummy_encoder_outputs(self, has_images: bool, has_audio: bool, device) -> Optional[torch.Tensor]:
+        """Run encoders the micro-batch did not use on one tiny input; return their summed outputs."""
+        if not self.run_all_encoders:
+            return None
+        total = None
+        if not has_images and self.vision_tower is not None and self.mm_projector is not None:
+            size = self.vision_tower.image_spec.image_size
+            total = sum(block.sum() for block in self.encode_images(torch.zeros(1, 3, size, size, device=device)))
+        if not has_audio and self.audio_encoder is not None and self.audio_adapter is not None:
+            frames = 16  # the shortest clip the subsampling convolutions accept comfortably
+            mel = getattr(getattr(self.audio_encoder, "config", None), "num_mel_bins", 80)
+            blocks = self.encode_audio(torch.zeros(1, frames, mel, device=device),
+                                       torch.tensor([frames], device=device), torch.tensor([1], device=device))
+            audio_total = sum(block.sum() for block in blocks)
+            total = audio_total if total is None else total + audio_total
+        return total
