@@ -76,12 +76,22 @@ def test_unit_prefixes_cover_the_model(meta_model, names):
 
 
 # ---- policies ----------------------------------------------------------------
-def test_policy_rejects_unknown_unit():
+def test_policy_rejects_a_unit_the_model_does_not_declare():
+    policy = FreezePolicy({"projector": "full"})  # constructing is fine: units belong to the model
     with pytest.raises(ValueError) as err:
-        FreezePolicy({"projector": "full"})
+        policy.resolve(["mm_projector.0.weight"], UNIT_PREFIXES)
     message = str(err.value)
     assert "'projector'" in message
     assert all(unit in message for unit in UNITS)
+
+
+def test_policy_over_a_custom_models_own_units():
+    prefixes = {"encoder": ("encoder.",), "head": ("head.",)}
+    policy = FreezePolicy({"head": "full"})
+    result = policy.resolve(["encoder.w", "encoder.b", "head.w"], prefixes)
+    assert result == {"encoder.w": False, "encoder.b": False, "head.w": True}
+    assert policy.trained_units() == ["head"]
+    assert policy.eval_units(tuple(prefixes)) == ("encoder",)
 
 
 def test_policy_rejects_unknown_mode():

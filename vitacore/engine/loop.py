@@ -42,18 +42,19 @@ class TrainResult:
 class _Window:
     """Sums over the micro-batches since the last logged row."""
 
-    def __init__(self, per_step: bool):
-        # per_step: losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
-        # otherwise as per-micro-batch means, averaged over micro-batches.
-        self.per_step = per_step
+    def __init__(self):
         self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
         self.steps = 0
+        # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
+        # otherwise they are per-micro-batch means, averaged over micro-batches.
+        self.per_step = False
 
-    def add(self, loss: float, batch: dict) -> None:
+    def add(self, loss: float, batch: dict, share_of_step: bool) -> None:
+        self.per_step = share_of_step
         self.loss += loss
         self.micro += 1
-        self.tokens += int(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        self.samples += _batch_size(batch)
 
     def row(self, step: int, epoch: float, lr, grad_norm, dist: DistInfo) -> dict:
         """The metrics row; loss, tokens and samples are summed over ranks."""
@@ -69,6 +70,14 @@ class _Window:
         return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
+
+
+def _batch_size(batch: dict) -> int:
+    """Rows in a batch: ``input_ids``' first dimension, else the first tensor's."""
+    tensor = batch.get("input_ids")
+    if tensor is None:
+        tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return 0 if tensor is None or tensor.dim() == 0 else tensor.shape[0]
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -215,6 +224,8 @@ class Trainer:
         """
         if not self._accepts_num_items:
             return None
+        if any("labels" not in b for b in group):
+            return None
         count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
         total = torch.tensor([float(count)], device=self.dist.device)
         if self.dist.world_size > 1:
@@ -249,7 +260,7 @@ class Trainer:
         engine.train()
         started = time.time()
         step, epoch, index, skipped, stopped_by = 0, 0, -1, 0, None
-        window = _Window(self._accepts_num_items)
+        window = _Window()
         for epoch, index, closes, batch, divisor in self._micro_batches():
             # vitacore owns the accumulation boundary, so short groups at an epoch's end still step.
             engine.set_gradient_accumulation_boundary(closes)
@@ -261,7 +272,7 @@ class Trainer:
                 engine.backward(loss)
                 # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
                 share = loss.item() / args.gradient_accumulation_steps if divisor is not None else loss.item()
-                window.add(share, batch)
+                window.add(share, batch, share_of_step=divisor is not None)
             elif skipped < args.skip_nonfinite_steps:
                 skipped += 1  # every rank skips this micro-batch's backward together
             else:
@@ -283,7 +294,7 @@ class Trainer:
                 row = window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
                 self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                window = _Window(self._accepts_num_items)
+                window = _Window()
             if stop.agreed(self.dist.world_size, self.dist.device):
                 stopped_by = stop.signal_name
                 self._log({"step": step, "epoch": epoch_progress, "event": "stopped", "signal": stopped_by})

@@ -80,7 +80,8 @@ def build_param_groups(model: nn.Module, unit_prefixes: Mapping[str, Sequence[st
         })
         group["params"].append(param)
         group["param_names"].append(name)
-    ordered = [groups[key] for key in sorted(groups, key=lambda k: (UNITS.index(k[0]), not k[1]))]
+    order = list(unit_prefixes)
+    ordered = [groups[key] for key in sorted(groups, key=lambda k: (order.index(k[0]), not k[1]))]
     _check_coverage(ordered, [n for n, _ in params])
     return ordered
 

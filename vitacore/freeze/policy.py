@@ -47,9 +47,9 @@ class FreezePolicy:
     frozen_regex: Optional[str] = None
 
     def __post_init__(self):
+        # Unit names are checked against the model's units when the policy meets a model; any
+        # model may declare its own units (a custom script's ``encoder`` / ``head``).
         for unit, mode in self.modes.items():
-            if unit not in UNITS:
-                raise ValueError(f"freeze policy names unknown unit {unit!r}; units: {', '.join(UNITS)}")
             if mode not in MODES:
                 raise ValueError(f"freeze policy gives unit {unit!r} mode {mode!r}; modes: {', '.join(MODES)}")
 
@@ -57,17 +57,28 @@ class FreezePolicy:
         return self.modes.get(unit, "frozen")
 
     def trained_units(self) -> list[str]:
-        """Units in ``full`` or ``lora`` mode."""
-        return [unit for unit in UNITS if self.mode(unit) != "frozen"]
+        """Units in ``full`` or ``lora`` mode (vitacore's units in their canonical order first)."""
+        ordered = [u for u in UNITS if u in self.modes] + [u for u in self.modes if u not in UNITS]
+        return [unit for unit in ordered if self.mode(unit) != "frozen"]
 
-    def eval_units(self) -> tuple[str, ...]:
+    def check_units(self, unit_prefixes: Mapping[str, Sequence[str]]) -> None:
+        """Refuse units the model does not declare.
+
+        Raises:
+            ValueError: naming the unit and the declared ones.
+        """
+        for unit in self.modes:
+            if unit not in unit_prefixes:
+                raise ValueError(f"freeze policy names unknown unit {unit!r}; units: {', '.join(unit_prefixes)}")
+
+    def eval_units(self, units: Sequence[str] = UNITS) -> tuple[str, ...]:
         """Frozen units kept in eval mode while training.
 
         Frozen encoders, projectors and heads stay in eval mode so their dropout and norm statistics
         never move. A frozen LLM is the exception: it follows the engine's mode, because gradients
         still flow through it to the projector and gradient checkpointing only runs in train mode.
         """
-        return tuple(u for u in UNITS if u != "llm" and self.mode(u) == "frozen")
+        return tuple(u for u in units if u != "llm" and self.mode(u) == "frozen")
 
     def resolve(self, parameter_names: Iterable[str], unit_prefixes: Mapping[str, Sequence[str]]) -> dict[str, bool]:
         """``{name: trainable}``: a pure function of the names (no model, no DeepSpeed).
@@ -75,6 +86,7 @@ class FreezePolicy:
         Raises:
             ValueError: a name in no unit, or a regex that matches no parameter.
         """
+        self.check_units(unit_prefixes)
         names = list(parameter_names)
         assignment = assign_units(names, unit_prefixes)
         trainable = {}
@@ -98,6 +110,7 @@ class FreezePolicy:
         Raises:
             ValueError: naming the unit and what to do.
         """
+        self.check_units(unit_prefixes)
         present = set(assign_units([n for n, _ in model.named_parameters()], unit_prefixes).values())
         for unit in self.trained_units():
             if unit not in present:
@@ -128,7 +141,7 @@ class FreezePolicy:
         for name, param in model.named_parameters():
             param.requires_grad_(trainable[name])
         if hasattr(model, "eval_units"):
-            model.eval_units = self.eval_units()
+            model.eval_units = self.eval_units(tuple(unit_prefixes))
         return trainable
 
 
