@@ -18,4 +18,14 @@ else
 fi
 # torch now satisfies vitacore's range, so this step never replaces it.
 "$PYTHON" -m pip install --quiet -e ".[dev]"
+
+# The deepspeed launcher needs numactl on CPU machines; install it where we may (root with apt).
+if ! command -v numactl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -qq numactl >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq numactl >/dev/null 2>&1; } \
+            || echo "install.sh: could not install numactl (only the deepspeed launcher on CPU needs it)"
+    else
+        echo "install.sh: numactl not found; the deepspeed launcher needs it on CPU (apt-get install numactl)"
+    fi
+fi
 echo "install.sh: vitacore installed"

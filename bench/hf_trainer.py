@@ -1,0 +1,325 @@
+"""Step time of ``vitacore.Trainer`` against the Hugging Face ``transformers.Trainer``, both on ZeRO-3.
+
+Both sides get the same work: the embedded default model at stage 1 (built fresh for each side and
+round, from the same seed, partitioned at construction), the same freeze policy and parameter
+groups, ``torch.optim.AdamW`` over those groups, the same ``LambdaLR`` multiplier, the same completed
+DeepSpeed config (``configs/zero3.json`` with its ``"auto"`` values filled by
+``vitacore.resolve_deepspeed_config``), the same dataset and collator, micro-batch and accumulation,
+and the same number of optimizer steps. Only the loop differs:
+
+  (a) ``vitacore.Trainer(...).fit()``;
+  (b) ``transformers.Trainer(...).train()``, with ``create_optimizer`` / ``create_scheduler``
+      overridden to return the AdamW over vitacore's groups and the same ``LambdaLR``.
+
+Timing: both loops drive a ``deepspeed.DeepSpeedEngine``; the script wraps that class's
+``_take_model_step`` (the optimizer update at an accumulation boundary; once per optimizer step on
+either side) to stamp the clock when it returns. The time per step is
+(stamp[warmup + steps] - stamp[warmup]) / steps: everything a step costs in each loop (data loading,
+collation, forward, backward, the ZeRO-3 gathers and reductions, the update, logging bookkeeping),
+and nothing that happens once (model build, engine set-up, the first steps). The order of the two
+sides alternates between rounds.
+
+    python bench/hf_trainer.py [--steps 100] [--warmup 10] [--rounds 3] [--nproc 1]
+    python bench/hf_trainer.py --nproc 2     # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
+
+Run directly under ``torchrun --nproc_per_node 2 bench/hf_trainer.py --nproc 2`` it does not relaunch
+(set ``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1`` yourself then). The first run ever builds the embedded
+default into $VITACORE_CACHE (about 30 s, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO3 = os.path.join(REPO, "configs", "zero3.json")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps per round and side (default: 100 with 1 process, 60 with 2)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps before the timed ones")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both sides once")
+    parser.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="processes (2: relaunch under torchrun)")
+    parser.add_argument("--batch_size", type=int, default=8, help="per-process micro-batch")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 100 if args.nproc == 1 else 60
+    if min(args.steps, args.rounds, args.batch_size, args.accumulation) < 1 or args.warmup < 1:
+        parser.error("--steps, --rounds, --batch_size, --accumulation and --warmup must be >= 1")
+    return args
+
+
+def relaunch(argv: list[str]) -> int:
+    """Run this script again under ``torchrun --nproc_per_node 2`` (CPU, gloo, one thread per process)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.abspath(__file__), *argv]
+    print("relaunching: DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------
+# After this point the script runs in every process of the job.
+
+import torch  # noqa: E402
+
+import vitacore  # noqa: E402
+from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
+
+STAMPS: list[float] = []
+
+
+def install_step_stamp() -> None:
+    """Stamp the clock whenever any DeepSpeed engine finishes an optimizer update (both loops use one)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._take_model_step
+    if getattr(original, "_bench_stamped", False):
+        return
+
+    def stamped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        STAMPS.append(time.perf_counter())
+        return result
+
+    stamped._bench_stamped = True
+    DeepSpeedEngine._take_model_step = stamped
+
+
+def quiet(*args, **kwargs) -> None:
+    pass
+
+
+def make_config(args, output_dir: str):
+    """Stage 1 of the embedded default on ZeRO-3, with the benchmark's batch and step counts."""
+    config = vitacore.RunConfig()
+    stage = vitacore.apply_stage(config, embedded_default=True)
+    t = config.training
+    t.output_dir = output_dir
+    t.deepspeed = ZERO3
+    t.per_device_train_batch_size = args.batch_size
+    t.gradient_accumulation_steps = args.accumulation
+    t.max_steps = args.warmup + args.steps
+    t.logging_steps = 10**9  # vitacore: only the final step writes a metrics row
+    t.eval_strategy = "no"
+    t.save_strategy = "no"
+    vitacore.validate(config)
+    return config, stage
+
+
+def build(config, stage, ds_config: dict | None):
+    """The embedded default with the stage's policy, its param groups and data, as
+    ``examples/train_stage.py`` sets them up. ``ds_config`` None: rely on a live ``HfDeepSpeedConfig``
+    (the HF ``TrainingArguments``) for the ZeRO-3 construction, as HF users do."""
+    t = config.training
+    bundle = vitacore.build_model(config, log=quiet, deepspeed_config=ds_config)
+    policy = vitacore.policy_from_config(config)
+    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
+    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
+                                         vitacore.parse_unit_lr(t.unit_lr or ""))
+    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    data = vitacore.build_data(config, bundle, stage.demo_data)
+    return bundle, groups, policy, data
+
+
+def trainable(model, groups) -> tuple[int, frozenset]:
+    """(trainable parameter count, names), before any engine exists; ZeRO-3 counts ``ds_numel``.
+
+    Taken before training: DeepSpeed rewrites the optimizer's ``params`` lists in place.
+    """
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if {id(p) for _, p in named} != in_groups:
+        raise RuntimeError("the param groups do not hold exactly the trainable parameters")
+    return sum(getattr(p, "ds_numel", p.numel()) for _, p in named), frozenset(n for n, _ in named)
+
+
+def is_partitioned(model) -> bool:
+    return all(hasattr(p, "ds_id") for p in model.llm.parameters())
+
+
+def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:
+    """(mean seconds per timed step over the whole span, median single-step duration)."""
+    if len(stamps) < warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} optimizer steps, saw {len(stamps)}")
+    timed = stamps[warmup - 1:warmup + steps]
+    durations = [b - a for a, b in zip(timed, timed[1:])]
+    return (timed[-1] - timed[0]) / steps, statistics.median(durations)
+
+
+def engine_settings(engine) -> dict:
+    """The config DeepSpeed ended up with (for the like-for-like check)."""
+    return dict(engine.config) if isinstance(getattr(engine, "config", None), dict) else dict(engine._config._param_dict)
+
+
+def run_vitacore(args, dist, out: str) -> dict:
+    config, stage = make_config(args, out)
+    t = config.training
+    ds_config, _ = vitacore.resolve_deepspeed_config(t, dist.world_size, vitacore.llm_hidden_size(config, log=quiet))
+    bundle, groups, policy, data = build(config, stage, ds_config)
+    count, names = trainable(bundle.model, groups)
+    trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
+                               deepspeed_config=ds_config)
+    STAMPS.clear()
+    result = trainer.fit()
+    stamps = list(STAMPS)
+    assert result.num_steps == args.warmup + args.steps, result.num_steps
+    return {"timing": per_step_seconds(stamps, args.warmup, args.steps), "loss": result.last_loss,
+            "trainable": count, "names": names, "partitioned": is_partitioned(bundle.model),
+            "units": policy.trained_units(), "samples": len(data.train),
+            "settings": engine_settings(trainer.engine),
+            "optimizer": type(trainer.engine.optimizer.optimizer).__name__}
+
+
+def run_hf(args, dist, out: str) -> dict:
+    import transformers
+
+    config, stage = make_config(args, out)
+    t = config.training
+    ds_config, _ = vitacore.resolve_deepspeed_config(t, dist.world_size, vitacore.llm_hidden_size(config, log=quiet))
+    total = t.max_steps
+    multiplier = lr_multiplier(t.lr_scheduler_type, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), total)
+
+    # Created BEFORE the model: its HfDeepSpeedConfig is what makes from_pretrained build partitioned.
+    hf_args = transformers.TrainingArguments(
+        output_dir=out, deepspeed=ds_config, use_cpu=dist.device.type == "cpu",
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=total,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type=t.lr_scheduler_type, logging_steps=10**9, save_strategy="no", eval_strategy="no",
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed, bf16=t.bf16, fp16=t.fp16,
+    )
+    bundle, groups, policy, data = build(config, stage, None)
+    model = bundle.model
+    count, names = trainable(model, groups)
+    # vitacore's Trainer turns this on under ZeRO-3 (every encoder runs every step, so no rank waits in a
+    # collective for a module another skipped); the HF Trainer does not know the flag: same model, same work.
+    model.run_all_encoders = True
+
+    class GroupsTrainer(transformers.Trainer):
+        """The HF Trainer with vitacore's param groups and schedule (DeepSpeed ignores ``optimizers=``)."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, multiplier)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    trainer = GroupsTrainer(model=model, args=hf_args, train_dataset=data.train, data_collator=data.collator)
+    STAMPS.clear()
+    output = trainer.train()
+    stamps = list(STAMPS)
+    assert trainer.state.global_step == total, trainer.state.global_step
+    engine = trainer.model_wrapped
+    return {"timing": per_step_seconds(stamps, args.warmup, args.steps), "loss": output.training_loss,
+            "trainable": count, "names": names, "partitioned": is_partitioned(model),
+            "units": policy.trained_units(), "samples": len(data.train),
+            "settings": engine_settings(engine), "optimizer": type(engine.optimizer.optimizer).__name__}
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two (nested) DeepSpeed configs."""
+    diffs = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            diffs += config_differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            diffs.append(f"{prefix}{key}: vitacore {x!r}, HF {y!r}")
+    return diffs
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    if args.nproc == 2 and not launched:
+        return relaunch(argv)
+    started = time.time()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    dist = vitacore.init_distributed()
+    if dist.world_size != args.nproc:
+        raise SystemExit(f"--nproc {args.nproc} but the job has {dist.world_size} process(es)")
+    say = print if dist.is_main else quiet
+    install_step_stamp()
+    out = tempfile.mkdtemp(prefix="vitacore-bench-hf-")
+    say(f"vitacore vs transformers.Trainer {transformers.__version__}: ZeRO-3 ({os.path.relpath(ZERO3, REPO)}, "
+        f"'auto' filled by vitacore.resolve_deepspeed_config), {dist.world_size} process(es) on {dist.device.type}, "
+        f"{torch.get_num_threads()} torch thread(s) each; embedded default at stage 1, fp32", flush=True)
+    say(f"each side: {args.warmup} warm-up + {args.steps} timed optimizer steps, micro-batch {args.batch_size}, "
+        f"accumulation {args.accumulation}, {args.rounds} rounds; a fresh model per side and round\n", flush=True)
+
+    means = {"vitacore": [], "HF": []}
+    medians = {"vitacore": [], "HF": []}
+    last: dict[str, dict] = {}
+    try:
+        for round_index in range(args.rounds):
+            order = ("vitacore", "HF") if round_index % 2 == 0 else ("HF", "vitacore")
+            for side in order:
+                run = run_vitacore if side == "vitacore" else run_hf
+                result = run(args, dist, os.path.join(out, f"{side}-{round_index}"))
+                (mean, median) = result["timing"]
+                means[side].append(mean)
+                medians[side].append(median)
+                last[side] = result
+                torch.distributed.barrier()
+            say(f"round {round_index + 1} ({' then '.join(order)}): "
+                f"vitacore {means['vitacore'][-1] * 1e3:8.2f} ms/step   HF {means['HF'][-1] * 1e3:8.2f} ms/step   "
+                f"ratio {means['vitacore'][-1] / means['HF'][-1]:.3f}", flush=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+    v, h = last["vitacore"], last["HF"]
+    say()
+    same = v["trainable"] == h["trainable"] and v["names"] == h["names"]
+    say(f"trainable parameters: vitacore {v['trainable']:,} in {len(v['names'])} tensors ({', '.join(v['units'])}), "
+        f"HF {h['trainable']:,} in {len(h['names'])} tensors ({', '.join(h['units'])}) -> "
+        f"{'same parameters' if same else 'DIFFERENT'}")
+    say(f"LLM built partitioned (ZeRO-3 construction): vitacore {v['partitioned']}, HF {h['partitioned']}; "
+        f"inner optimizer: vitacore {v['optimizer']}, HF {h['optimizer']}; {v['samples']} training samples")
+    diffs = config_differences(v["settings"], h["settings"])
+    say("DeepSpeed engine configs: " + ("identical" if not diffs else "differ in " + "; ".join(diffs)))
+    say(f"mean training loss over the {args.warmup + args.steps} steps of the last round (sanity check; each loop's "
+        f"own figure, need not match exactly): vitacore {v['loss']:.6f}, HF {h['loss']:.6f}\n")
+    say(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>9s} {'max':>9s} {'median single step':>19s}")
+    for side in ("vitacore", "HF"):
+        values = means[side]
+        say(f"{side:10s} {statistics.median(values) * 1e3:27.2f} {min(values) * 1e3:9.2f} {max(values) * 1e3:9.2f} "
+            f"{statistics.median(medians[side]) * 1e3:19.2f}")
+    ratios = [a / b for a, b in zip(means["vitacore"], means["HF"])]
+    step_ratios = [a / b for a, b in zip(medians["vitacore"], medians["HF"])]
+    say(f"\nper-round ratios vitacore/HF (mean step time): {', '.join(f'{r:.3f}' for r in ratios)}")
+    say(f"per-round ratios vitacore/HF (median single step): {', '.join(f'{r:.3f}' for r in step_ratios)}")
+    say("note: the tiny default on CPU is overhead-dominated (Python, DeepSpeed ZeRO-3 hooks and gathers, the data"
+        " pipeline); these ratios say nothing about large-model throughput.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    say(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f})")
+    say(f"ratio vitacore/HF Trainer step time (ZeRO-3, {dist.world_size} process{'es' if dist.world_size > 1 else ''}): "
+        f"{statistics.median(ratios):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

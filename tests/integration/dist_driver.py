@@ -1,0 +1,70 @@
+"""A driver for the multi-process tests: trains through the public API, then dumps what ranks saw.
+
+Run under torchrun (or plain python for one process):
+    dist_driver.py OUT_JSON [--alternate_modalities] [train_stage.py flags...]
+Writes OUT_JSON.rank<R>: the logged losses, and for ZeRO-3 the local shard sizes of the parameters.
+"""
+
+import json
+import sys
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import vitacore
+from vitacore.data.dataset import VitaJsonDataset
+
+
+class AlternatingModalities(torch.utils.data.Dataset):
+    """Item i carries an image when i % 4 is 0 or 3, else text only: with batch 1 and no shuffling,
+    rank 0 sees image, text, image, ... and rank 1 text, image, text, ... (never the same at once)."""
+
+    def __init__(self, base: VitaJsonDataset, texts: VitaJsonDataset, length: int):
+        self.base, self.texts, self.length = base, texts, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.base[index] if index % 4 in (0, 3) else self.texts[index]
+
+
+def main(argv):
+    out_path, argv = argv[0], argv[1:]
+    alternate = "--alternate_modalities" in argv
+    argv = [a for a in argv if a != "--alternate_modalities"]
+    config = vitacore.parse_args(argv)
+    stage = vitacore.apply_stage(config, embedded_default=True)
+    args = config.training
+    dist = vitacore.init_distributed()
+    ds_config, _ = vitacore.resolve_deepspeed_config(args, dist.world_size, vitacore.llm_hidden_size(config))
+    bundle = vitacore.build_model(config, log=lambda *a: None, deepspeed_config=ds_config)
+    policy = vitacore.policy_from_config(config)
+    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
+    rates = vitacore.unit_learning_rates(args.learning_rate, args.mm_projector_lr, args.vision_tower_lr)
+    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, args.learning_rate,
+                                         args.weight_decay, rates)
+    data = vitacore.build_data(config, bundle, stage.demo_data)
+    train = data.train
+    if alternate:
+        texts = vitacore.build_data(config, bundle, vitacore.SyntheticSelection(("text",), "eval_image")).train
+        train = AlternatingModalities(data.train, texts, 4 * dist.world_size * args.max_steps)
+    trainer = vitacore.Trainer(config, bundle.model, groups, train, data.collator, dist,
+                               deepspeed_config=ds_config)
+    if alternate:  # fixed order, so the modality pattern per rank is the one described above
+        trainer.sampler = DistributedSampler(train, dist.world_size, dist.rank, shuffle=False)
+        trainer.loader = DataLoader(train, batch_size=args.per_device_train_batch_size, sampler=trainer.sampler,
+                                    collate_fn=data.collator)
+    shards = {name: int(p.ds_tensor.numel()) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_tensor")}
+    full = {name: int(p.ds_numel) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_numel")}
+    local = {name: int(p.numel()) for name, p in bundle.model.named_parameters()}
+    result = trainer.fit()
+    vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(policy.trained_units()), dist.is_main)
+    losses = [row["loss"] for row in result.rows if "loss" in row]
+    with open(f"{out_path}.rank{dist.rank}", "w") as fh:
+        json.dump({"losses": losses, "shards": shards, "full": full, "local": local, "steps": result.num_steps,
+                   "world_size": dist.world_size, "stopped_by": result.stopped_by}, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
