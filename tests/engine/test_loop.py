@@ -435,7 +435,7 @@ def test_gradient_checkpointing_recomputes_frozen_layers(dist, tmp_path):
     transformers 5 checkpoints the layer's ``forward`` (not ``__call__``), so hooks on the layer itself
     fire once either way; a pre-hook on a child module (its MLP) sees the recomputation.
     """
-    updated, calls = {}, {}
+    updated, calls, losses = {}, {}, {}
     for checkpointing in (False, True):
         model = make_model()
         for name, param in model.named_parameters():
@@ -443,18 +443,21 @@ def test_gradient_checkpointing_recomputes_frozen_layers(dist, tmp_path):
         layer = model.llm.model.layers[0]
         counter = []
         layer.mlp.register_forward_pre_hook(lambda module, args: counter.append(1))
-        cfg = make_config(tmp_path / str(checkpointing), max_steps=1, gradient_accumulation_steps=2,
-                          gradient_checkpointing=checkpointing)
-        trainer = make_trainer(dist, cfg, model, pair_samples(4))
+        cfg = make_config(tmp_path / str(checkpointing), max_steps=3, gradient_accumulation_steps=2,
+                          gradient_checkpointing=checkpointing, logging_steps=1)
+        trainer = make_trainer(dist, cfg, model, pair_samples(12))
         assert layer.gradient_checkpointing is checkpointing
         result = trainer.fit()
-        assert result.num_steps == 1 and math.isfinite(result.last_loss)
+        assert result.num_steps == 3 and math.isfinite(result.last_loss)
+        losses[checkpointing] = [row["loss"] for row in result.rows if "loss" in row]
         assert model.llm.training  # the engine put the (frozen) LLM in train mode
         calls[checkpointing] = len(counter)
         updated[checkpointing] = params_of(model)
 
-    assert calls[False] == 2  # once per micro-batch
-    assert calls[True] == 4  # forward + recomputation in backward, per micro-batch
+    assert calls[False] == 2 * 3  # once per micro-batch, 2 micro-batches per step, 3 steps
+    assert calls[True] == 4 * 3  # forward + recomputation in backward, per micro-batch
+    assert len(losses[True]) == 3
+    assert all(abs(a - b) < 1e-5 for a, b in zip(losses[True], losses[False])), losses
     # Same maths either way, and the trainable embedding really moved.
     assert_params_close(updated[True], updated[False])
     initial = make_model().llm.model.embed_tokens.weight.detach()

@@ -19,6 +19,7 @@ from vitacore.engine.ds_config import resolve_deepspeed_config, zero_stage
 from vitacore.engine.metrics import MetricsLog, TensorBoardLog, answer_accuracy, format_lr
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
 from vitacore.engine.signals import StopRequest
+from vitacore.model.flops import mfu
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,6 +46,7 @@ class _Window:
     def __init__(self):
         self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
         self.steps = 0
+        self.flops = 0.0
         # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
         # otherwise they are per-micro-batch means, averaged over micro-batches.
         self.per_step = False
@@ -59,17 +61,26 @@ class _Window:
     def row(self, step: int, epoch: float, lr, grad_norm, dist: DistInfo) -> dict:
         """The metrics row; loss, tokens and samples are summed over ranks."""
         elapsed = max(1e-9, time.time() - self.started)
-        sums = torch.tensor([self.loss, self.micro, self.tokens, self.samples], dtype=torch.float64)
+        sums = torch.tensor([self.loss, self.micro, self.tokens, self.samples, self.flops], dtype=torch.float64)
         if dist.world_size > 1:
             sums = sums.to(dist.device)
             torch.distributed.all_reduce(sums)
             sums = sums.cpu()
-        loss, micro, tokens, samples = sums.tolist()
+        loss, micro, tokens, samples, flops = sums.tolist()
         # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
         mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
         return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
+                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+                **self._utilization(flops, elapsed, dist)}
+
+    def _utilization(self, flops: float, elapsed: float, dist: DistInfo) -> dict:
+        """``tflops_per_s`` and ``mfu`` on GPUs (encoders counted; see vitacore.model.flops)."""
+        if not flops or dist.device.type != "cuda":
+            return {}
+        steps = max(1, self.steps)
+        value = mfu(flops / steps, elapsed / steps, dist.world_size, torch.cuda.get_device_name(dist.device))
+        return {"tflops_per_s": flops / elapsed / 1e12, "mfu": value}
 
 
 def _batch_size(batch: dict) -> int:
@@ -125,6 +136,8 @@ class Trainer:
             # waits in a collective for a module another rank skipped.
             model.run_all_encoders = dist.world_size > 1 or zero_stage(deepspeed_config) == 3
         self.tensorboard = TensorBoardLog.create(self.args, dist.is_main, self.notes)
+        if hasattr(model, "count_flops") and dist.device.type == "cuda":
+            model.count_flops = True  # adds tflops_per_s and mfu to the metrics rows
 
         self.sampler = DistributedSampler(train_dataset, num_replicas=dist.world_size, rank=dist.rank,
                                           shuffle=True, seed=self.args.seed, drop_last=False)
@@ -270,6 +283,7 @@ class Trainer:
             loss = engine(**batch)["loss"]
             if self._loss_is_finite(loss):
                 engine.backward(loss)
+                window.flops += getattr(self.model, "last_flops", 0.0)
                 # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
                 share = loss.item() / args.gradient_accumulation_steps if divisor is not None else loss.item()
                 window.add(share, batch, share_of_step=divisor is not None)

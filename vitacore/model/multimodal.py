@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from vitacore.model.flops import ModuleCost, attention_flops, step_flops
 from vitacore.model.merge import merge_media_embeddings
 
 # Each freeze unit is the set of parameters under these attribute prefixes.
@@ -66,6 +67,9 @@ class VitaModel(nn.Module):
         # Set by the engine with several ranks / ZeRO-3: encoders run on a tiny dummy input when a
         # micro-batch has no image (or audio), so every rank enters the same collectives.
         self.run_all_encoders = False
+        # Set by the engine on GPUs: each forward records its training FLOPs (for MFU).
+        self.count_flops = False
+        self.last_flops = 0.0
 
     @property
     def config(self):
@@ -154,11 +158,43 @@ class VitaModel(nn.Module):
             use_cache=False,
             **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
         )
+        if self.count_flops:
+            self.last_flops = self._training_flops(merged, images, audio_blocks)
         if unused is not None and output.get("loss") is not None:
             # Zero-weighted, so the dummy passes change nothing but still take part in backward.
             output["loss"] = output["loss"] + 0.0 * unused
         output["merged_labels"] = merged.labels
         return output
+
+    def _training_flops(self, merged, images, audio_blocks) -> float:
+        """Forward + backward (+ recomputation) FLOPs of this micro-batch, encoders included."""
+        def weights(module):
+            if module is None:
+                return 0, False
+            params = [(n, p) for n, p in module.named_parameters() if "embed" not in n]
+            return sum(getattr(p, "ds_numel", p.numel()) for _, p in params), any(p.requires_grad for _, p in params)
+
+        lengths = merged.attention_mask.sum(dim=1).tolist()
+        cfg = self.llm.config
+        llm_weights, llm_trains = weights(self.llm)
+        tower_weights, tower_trains = weights(self.vision_tower)
+        projector_weights, projector_trains = weights(self.mm_projector)
+        media_trains = tower_trains or projector_trains or any(
+            weights(m)[1] for m in (self.audio_encoder, self.audio_adapter, self.audio_prompt))
+        recompute = bool(getattr(self.llm, "is_gradient_checkpointing", False))
+        num_images = 0 if images is None else images.shape[0]
+        image_tokens = num_images * getattr(self.vision_tower, "num_tokens_per_image", 0)
+        costs = [
+            ModuleCost(llm_weights, int(sum(lengths)), llm_trains, media_trains, recompute,
+                       attention_flops(cfg.num_hidden_layers, cfg.hidden_size, lengths)),
+            ModuleCost(projector_weights, image_tokens, projector_trains),
+            ModuleCost(tower_weights, image_tokens, tower_trains, False),
+        ]
+        audio_tokens = sum(block.shape[0] for block in audio_blocks)
+        for module in (self.audio_encoder, self.audio_adapter):
+            count, trains = weights(module)
+            costs.append(ModuleCost(count, audio_tokens, trains))
+        return step_flops(costs)
 
     def _dummy_encoder_outputs(self, has_images: bool, has_audio: bool, device) -> Optional[torch.Tensor]:
         """Run encoders the micro-batch did not use on one tiny input; return their summed outputs."""
