@@ -54,6 +54,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="per-process micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     args = parser.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and not any(a == "--nproc" or a.startswith("--nproc=") for a in (argv or sys.argv[1:])):
+        args.nproc = int(os.environ["WORLD_SIZE"])  # launched by torchrun (or relaunched without the flag)
     if args.steps is None:
         args.steps = 100 if args.nproc == 1 else 60
     if min(args.steps, args.rounds, args.batch_size, args.accumulation) < 1 or args.warmup < 1:
@@ -62,8 +64,21 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def relaunch(argv: list[str]) -> int:
-    """Run this script again under ``torchrun --nproc_per_node 2`` (CPU, gloo, one thread per process)."""
+    """Run this script again under ``torchrun --nproc_per_node 2`` (CPU, gloo, one thread per process).
+
+    ``--nproc`` is left out of the child's flags: torchrun's own parser rejects it as an ambiguous
+    abbreviation of ``--nproc-per-node``; the child reads the process count from ``WORLD_SIZE``.
+    """
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    argv = kept
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.abspath(__file__), *argv]
     print("relaunching: DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 " + " ".join(command[1:]), flush=True)
