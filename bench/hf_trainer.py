@@ -30,6 +30,9 @@ default into $VITACORE_CACHE (about 30 s, once).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import io
 import os
 import shutil
 import statistics
@@ -94,6 +97,20 @@ import vitacore  # noqa: E402
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
 
 STAMPS: list[float] = []
+GC_PAUSES: list[tuple[float, float]] = []  # (start, end) of every cyclic-GC pass, generation 2 included
+_gc_started = [0.0]
+
+
+def _gc_callback(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((_gc_started[0], time.perf_counter()))
+
+
+def gc_seconds_between(start: float, end: float) -> float:
+    """Seconds the cyclic garbage collector ran inside [start, end]."""
+    return sum(b - a for a, b in GC_PAUSES if a >= start and b <= end)
 
 
 def install_step_stamp() -> None:
@@ -165,13 +182,15 @@ def is_partitioned(model) -> bool:
     return all(hasattr(p, "ds_id") for p in model.llm.parameters())
 
 
-def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:
-    """(mean seconds per timed step over the whole span, median single-step duration)."""
+def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float, float]:
+    """(mean seconds per timed step over the whole span, median single-step duration, cyclic-GC seconds
+    per timed step)."""
     if len(stamps) < warmup + steps:
         raise RuntimeError(f"expected {warmup + steps} optimizer steps, saw {len(stamps)}")
     timed = stamps[warmup - 1:warmup + steps]
     durations = [b - a for a, b in zip(timed, timed[1:])]
-    return (timed[-1] - timed[0]) / steps, statistics.median(durations)
+    return ((timed[-1] - timed[0]) / steps, statistics.median(durations),
+            gc_seconds_between(timed[0], timed[-1]) / steps)
 
 
 def engine_settings(engine) -> dict:
@@ -188,6 +207,7 @@ def run_vitacore(args, dist, out: str) -> dict:
     trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
                                deepspeed_config=ds_config)
     STAMPS.clear()
+    GC_PAUSES.clear()
     result = trainer.fit()
     stamps = list(STAMPS)
     assert result.num_steps == args.warmup + args.steps, result.num_steps
@@ -242,7 +262,9 @@ def run_hf(args, dist, out: str) -> dict:
 
     trainer = GroupsTrainer(model=model, args=hf_args, train_dataset=data.train, data_collator=data.collator)
     STAMPS.clear()
-    output = trainer.train()
+    GC_PAUSES.clear()
+    with contextlib.redirect_stdout(io.StringIO()):  # the HF Trainer prints its end-of-training metrics dict
+        output = trainer.train()
     stamps = list(STAMPS)
     assert trainer.state.global_step == total, trainer.state.global_step
     engine = trainer.model_wrapped
@@ -279,6 +301,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--nproc {args.nproc} but the job has {dist.world_size} process(es)")
     say = print if dist.is_main else quiet
     install_step_stamp()
+    gc.callbacks.append(_gc_callback)
     out = tempfile.mkdtemp(prefix="vitacore-bench-hf-")
     say(f"vitacore vs transformers.Trainer {transformers.__version__}: ZeRO-3 ({os.path.relpath(ZERO3, REPO)}, "
         f"'auto' filled by vitacore.resolve_deepspeed_config), {dist.world_size} process(es) on {dist.device.type}, "
@@ -288,16 +311,21 @@ def main(argv=None) -> int:
 
     means = {"vitacore": [], "HF": []}
     medians = {"vitacore": [], "HF": []}
+    gc_times = {"vitacore": [], "HF": []}
     last: dict[str, dict] = {}
     try:
         for round_index in range(args.rounds):
             order = ("vitacore", "HF") if round_index % 2 == 0 else ("HF", "vitacore")
             for side in order:
                 run = run_vitacore if side == "vitacore" else run_hf
+                # The previous side's model and engine are garbage (in reference cycles): collect them now,
+                # not during the next side's timed steps.
+                gc.collect()
                 result = run(args, dist, os.path.join(out, f"{side}-{round_index}"))
-                (mean, median) = result["timing"]
+                mean, median, gc_time = result["timing"]
                 means[side].append(mean)
                 medians[side].append(median)
+                gc_times[side].append(gc_time)
                 last[side] = result
                 torch.distributed.barrier()
             say(f"round {round_index + 1} ({' then '.join(order)}): "
@@ -318,11 +346,12 @@ def main(argv=None) -> int:
     say("DeepSpeed engine configs: " + ("identical" if not diffs else "differ in " + "; ".join(diffs)))
     say(f"mean training loss over the {args.warmup + args.steps} steps of the last round (sanity check; each loop's "
         f"own figure, need not match exactly): vitacore {v['loss']:.6f}, HF {h['loss']:.6f}\n")
-    say(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>9s} {'max':>9s} {'median single step':>19s}")
+    say(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>9s} {'max':>9s} {'median single step':>19s} "
+        f"{'GC ms/step':>11s}")
     for side in ("vitacore", "HF"):
         values = means[side]
         say(f"{side:10s} {statistics.median(values) * 1e3:27.2f} {min(values) * 1e3:9.2f} {max(values) * 1e3:9.2f} "
-            f"{statistics.median(medians[side]) * 1e3:19.2f}")
+            f"{statistics.median(medians[side]) * 1e3:19.2f} {statistics.median(gc_times[side]) * 1e3:11.2f}")
     ratios = [a / b for a, b in zip(means["vitacore"], means["HF"])]
     step_ratios = [a / b for a, b in zip(medians["vitacore"], medians["HF"])]
     say(f"\nper-round ratios vitacore/HF (mean step time): {', '.join(f'{r:.3f}' for r in ratios)}")

@@ -14,9 +14,8 @@ import vitacore
 from vitacore.checkpoint import atomic_torch_save, gathered_state
 
 DIM, WIDTH, CLASSES = 16, 64, 16
-# FreezePolicy accepts only vitacore's built-in unit names, so our units borrow two of them.
-UNITS = {"llm": ("encoder.",), "state_head": ("head.",)}  # llm = our encoder, state_head = our head
-POLICY = vitacore.FreezePolicy({"llm": "frozen", "state_head": "full"})
+UNITS = {"encoder": ("encoder.",), "head": ("head.",)}  # this model's freeze units: name prefixes
+POLICY = vitacore.FreezePolicy({"encoder": "frozen", "head": "full"})
 
 
 class Classifier(nn.Module):
@@ -25,7 +24,7 @@ class Classifier(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(DIM, WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH), nn.GELU())
         self.head = nn.Linear(WIDTH, CLASSES)
 
-    def forward(self, features, labels, **_):  # **_: the keys the Trainer needs for its counters
+    def forward(self, features, labels):
         logits = self.head(self.encoder(features))
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
@@ -38,9 +37,7 @@ def points(size, seed):
 
 
 def collate(items):
-    ones = torch.ones(len(items), 1, dtype=torch.long)  # the Trainer counts tokens and samples from these
-    return {"features": torch.stack([x for x, _ in items]), "labels": torch.stack([y for _, y in items]),
-            "input_ids": ones, "attention_mask": ones}
+    return {"features": torch.stack([x for x, _ in items]), "labels": torch.stack([y for _, y in items])}
 
 
 def build_model(seed):  # the same initial weights on every rank and for a given seed

@@ -1,7 +1,7 @@
 """Value rules for the run config: ranges, choices and combinations, each error naming the flag."""
 
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from vitacore import _flags
 from vitacore._flags import ConfigError
@@ -94,22 +94,27 @@ def rule_errors(cfg) -> List[str]:
     return errors
 
 
-def parse_unit_lr(text: str) -> Dict[str, float]:
+def parse_unit_lr(text: str, units: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Parse ``--unit_lr`` (``unit=lr,unit=lr``) into ``{unit: lr}``.
+
+    Args:
+        text: the flag's value.
+        units: the model's unit names to check against (None: vitacore's seven units).
 
     Raises:
         ConfigError: malformed entry, unknown unit or non-positive rate.
     """
     from vitacore.freeze.units import UNITS
 
+    units = list(units) if units is not None else list(UNITS)
     rates: Dict[str, float] = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         unit, sep, value = entry.partition("=")
         unit = unit.strip()
         if not sep:
             raise ConfigError(f"--unit_lr entry {entry!r} must look like unit=lr, e.g. audio_adapter=1e-4")
-        if unit not in UNITS:
-            raise ConfigError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(UNITS)}")
+        if unit not in units:
+            raise ConfigError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(units)}")
         try:
             rate = float(value)
         except ValueError:

@@ -55,13 +55,14 @@ class _Window:
         self.per_step = share_of_step
         self.loss += loss
         self.micro += 1
-        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        self.tokens = None if self.tokens is None or "attention_mask" not in batch else (
+            self.tokens + int(batch["attention_mask"].sum()))
         self.samples += _batch_size(batch)
 
     def row(self, step: int, epoch: float, lr, grad_norm, dist: DistInfo) -> dict:
         """The metrics row; loss, tokens and samples are summed over ranks."""
         elapsed = max(1e-9, time.time() - self.started)
-        sums = torch.tensor([self.loss, self.micro, self.tokens, self.samples, self.flops], dtype=torch.float64)
+        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops], dtype=torch.float64)
         if dist.world_size > 1:
             sums = sums.to(dist.device)
             torch.distributed.all_reduce(sums)
@@ -71,7 +72,7 @@ class _Window:
         mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
         return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+                "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
                 **self._utilization(flops, elapsed, dist)}
 
     def _utilization(self, flops: float, elapsed: float, dist: DistInfo) -> dict:
@@ -131,6 +132,7 @@ class Trainer:
             self.notes += ds_notes
         self.ds_config = deepspeed_config
         self._accepts_num_items = "num_items_in_batch" in inspect.signature(model.forward).parameters
+        self._token_model = hasattr(model, "llm")
         if hasattr(model, "run_all_encoders"):
             # Several ranks: every encoder runs every step (on a dummy input if need be), so no rank
             # waits in a collective for a module another rank skipped.
@@ -354,7 +356,11 @@ class Trainer:
         for batch in loader:
             batch = _to_device(batch, self.dist.device)
             output = self.engine(**batch)
-            correct, supervised, exact, rows = answer_accuracy(output["logits"], output["merged_labels"])
+            if "merged_labels" in output and "logits" in output:
+                correct, supervised, exact, rows = answer_accuracy(output["logits"], output["merged_labels"])
+            else:  # not a token model: a loss weighted by rows, no accuracy
+                rows = _batch_size(batch)
+                correct, supervised, exact = 0, rows, 0
             totals += torch.tensor([float(output["loss"]) * supervised, supervised, correct, exact, rows, 1.0],
                                    dtype=torch.float64)
         if self.dist.world_size > 1:
@@ -363,8 +369,8 @@ class Trainer:
             totals = totals.cpu()
         self.engine.train()
         loss_sum, supervised, correct, exact, rows, _ = totals.tolist()
-        row = {"step": step, "epoch": epoch, "eval_loss": loss_sum / max(1.0, supervised),
-               "eval_accuracy": correct / max(1.0, supervised), "eval_exact_match": exact / max(1.0, rows),
-               "eval_samples": int(rows)}
+        row = {"step": step, "epoch": epoch, "eval_loss": loss_sum / max(1.0, supervised), "eval_samples": int(rows)}
+        if correct or exact or self._token_model:
+            row.update(eval_accuracy=correct / max(1.0, supervised), eval_exact_match=exact / max(1.0, rows))
         self._log(row)
         return row

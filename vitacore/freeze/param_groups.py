@@ -36,8 +36,9 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 def unit_learning_rates(learning_rate: float, mm_projector_lr: Optional[float] = None,
                         vision_tower_lr: Optional[float] = None,
-                        unit_lr: Optional[Mapping[str, float]] = None) -> dict[str, float]:
-    """The learning rate of every unit under the rules above."""
+                        unit_lr: Optional[Mapping[str, float]] = None,
+                        units: Sequence[str] = UNITS) -> dict[str, float]:
+    """The learning rate of every unit under the rules above (``units``: the model's unit names)."""
     rates = {}
     if mm_projector_lr is not None:
         rates["mm_projector"] = mm_projector_lr
@@ -45,7 +46,7 @@ def unit_learning_rates(learning_rate: float, mm_projector_lr: Optional[float] =
     if tower is not None:
         rates["vision_tower"] = tower
     rates.update(unit_lr or {})
-    return {unit: rates.get(unit, learning_rate) for unit in UNITS}
+    return {unit: rates.get(unit, learning_rate) for unit in units}
 
 
 def build_param_groups(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], learning_rate: float,
