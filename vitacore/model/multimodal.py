@@ -181,8 +181,9 @@ class VitaModel(nn.Module):
         projector_weights, projector_trains = weights(self.mm_projector)
         media_trains = tower_trains or projector_trains or any(
             weights(m)[1] for m in (self.audio_encoder, self.audio_adapter, self.audio_prompt))
-        recompute = bool(getattr(self.llm, "is_activation_checkpointing",  # transformers >= 5
-                                 getattr(self.llm, "is_gradient_checkpointing", False)))
+        flag = "is_activation_checkpointing" if hasattr(type(self.llm), "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"  # transformers >= 5 renamed it
+        recompute = bool(getattr(self.llm, flag, False))
         num_images = 0 if images is None else images.shape[0]
         image_tokens = num_images * getattr(self.vision_tower, "num_tokens_per_image", 0)
         costs = [
