@@ -201,11 +201,10 @@ class Trainer:
     def _grad_norm_before_step(self) -> Optional[float]:
         if self.engine.zero_optimization_stage() > 0:
             return None
-        total = 0.0
-        for param in self.engine.module.parameters():
-            if param.grad is not None:
-                total += float(param.grad.detach().float().pow(2).sum())
-        return math.sqrt(total)
+        grads = [p.grad.detach() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _micro_batches(self):
         """Yield ``(epoch, index in epoch, closes a group, batch, loss divisor)`` until the run ends.
@@ -265,9 +264,11 @@ class Trainer:
             self.tensorboard.close()
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.dist.device)
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = bool(torch.isfinite(loss))
+        if self.dist.world_size == 1:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return not flag.item()
 
     def _run(self, bar, stop: StopRequest) -> TrainResult:

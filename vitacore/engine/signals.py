@@ -40,9 +40,10 @@ class StopRequest:
 
     def agreed(self, world_size: int, device: torch.device) -> bool:
         """True on every rank once any rank got a signal (ranks must stop at the same step)."""
+        if world_size == 1:
+            return self.signal_name is not None
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        if world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self.signal_name is None:
             self.signal_name = "peer rank"
         return bool(flag.item())
