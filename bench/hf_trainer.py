@@ -19,7 +19,7 @@ collation, forward, backward, the ZeRO-3 gathers and reductions, the update, log
 and nothing that happens once (model build, engine set-up, the first steps). The order of the two
 sides alternates between rounds.
 
-    python bench/hf_trainer.py [--steps 100] [--warmup 10] [--rounds 3] [--nproc 1]
+    python bench/hf_trainer.py [--steps 150] [--warmup 10] [--rounds 5] [--nproc 1]
     python bench/hf_trainer.py --nproc 2     # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
 
 Run directly under ``torchrun --nproc_per_node 2 bench/hf_trainer.py --nproc 2`` it does not relaunch
@@ -50,9 +50,9 @@ ZERO3 = os.path.join(REPO, "configs", "zero3.json")
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed optimizer steps per round and side (default: 100 with 1 process, 60 with 2)")
+                        help="timed optimizer steps per round and side (default: 150 with 1 process, 100 with 2)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps before the timed ones")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both sides once")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs both sides once")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="processes (2: relaunch under torchrun)")
     parser.add_argument("--batch_size", type=int, default=8, help="per-process micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
@@ -60,7 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     if "WORLD_SIZE" in os.environ and not any(a == "--nproc" or a.startswith("--nproc=") for a in (argv or sys.argv[1:])):
         args.nproc = int(os.environ["WORLD_SIZE"])  # launched by torchrun (or relaunched without the flag)
     if args.steps is None:
-        args.steps = 100 if args.nproc == 1 else 60
+        args.steps = 150 if args.nproc == 1 else 100
     if min(args.steps, args.rounds, args.batch_size, args.accumulation) < 1 or args.warmup < 1:
         parser.error("--steps, --rounds, --batch_size, --accumulation and --warmup must be >= 1")
     return args
@@ -178,7 +178,9 @@ def trainable(model, groups) -> tuple[int, frozenset]:
     return sum(getattr(p, "ds_numel", p.numel()) for _, p in named), frozenset(n for n, _ in named)
 
 
-def is_partitioned(model) -> bool:
+def built_partitioned(model) -> bool:
+    """True when the LLM came out of the build already partitioned (ZeRO-3 construction); call it before
+    any engine exists (``deepspeed.initialize`` partitions whatever it is given)."""
     return all(hasattr(p, "ds_id") for p in model.llm.parameters())
 
 
@@ -204,6 +206,7 @@ def run_vitacore(args, dist, out: str) -> dict:
     ds_config, _ = vitacore.resolve_deepspeed_config(t, dist.world_size, vitacore.llm_hidden_size(config, log=quiet))
     bundle, groups, policy, data = build(config, stage, ds_config)
     count, names = trainable(bundle.model, groups)
+    partitioned = built_partitioned(bundle.model)
     trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
                                deepspeed_config=ds_config)
     STAMPS.clear()
@@ -212,7 +215,7 @@ def run_vitacore(args, dist, out: str) -> dict:
     stamps = list(STAMPS)
     assert result.num_steps == args.warmup + args.steps, result.num_steps
     return {"timing": per_step_seconds(stamps, args.warmup, args.steps), "loss": result.last_loss,
-            "trainable": count, "names": names, "partitioned": is_partitioned(bundle.model),
+            "trainable": count, "names": names, "partitioned": partitioned,
             "units": policy.trained_units(), "samples": len(data.train),
             "settings": engine_settings(trainer.engine),
             "optimizer": type(trainer.engine.optimizer.optimizer).__name__}
@@ -241,6 +244,7 @@ def run_hf(args, dist, out: str) -> dict:
     bundle, groups, policy, data = build(config, stage, None)
     model = bundle.model
     count, names = trainable(model, groups)
+    partitioned = built_partitioned(model)
     # vitacore's Trainer turns this on under ZeRO-3 (every encoder runs every step, so no rank waits in a
     # collective for a module another skipped); the HF Trainer does not know the flag: same model, same work.
     model.run_all_encoders = True
@@ -269,7 +273,7 @@ def run_hf(args, dist, out: str) -> dict:
     assert trainer.state.global_step == total, trainer.state.global_step
     engine = trainer.model_wrapped
     return {"timing": per_step_seconds(stamps, args.warmup, args.steps), "loss": output.training_loss,
-            "trainable": count, "names": names, "partitioned": is_partitioned(model),
+            "trainable": count, "names": names, "partitioned": partitioned,
             "units": policy.trained_units(), "samples": len(data.train),
             "settings": engine_settings(engine), "optimizer": type(engine.optimizer.optimizer).__name__}
 
@@ -344,8 +348,9 @@ def main(argv=None) -> int:
         f"inner optimizer: vitacore {v['optimizer']}, HF {h['optimizer']}; {v['samples']} training samples")
     diffs = config_differences(v["settings"], h["settings"])
     say("DeepSpeed engine configs: " + ("identical" if not diffs else "differ in " + "; ".join(diffs)))
-    say(f"mean training loss over the {args.warmup + args.steps} steps of the last round (sanity check; each loop's "
-        f"own figure, need not match exactly): vitacore {v['loss']:.6f}, HF {h['loss']:.6f}\n")
+    whose = "" if dist.world_size == 1 else "; HF's is rank 0's own, and the ranks' batches are split differently"
+    say(f"mean training loss over the {args.warmup + args.steps} steps of the last round, each loop's own figure "
+        f"(sanity check, need not match exactly{whose}): vitacore {v['loss']:.6f}, HF {h['loss']:.6f}\n")
     say(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>9s} {'max':>9s} {'median single step':>19s} "
         f"{'GC ms/step':>11s}")
     for side in ("vitacore", "HF"):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from vitacore.constants import IGNORE_INDEX
 from vitacore.engine.distributed import DistInfo
-from vitacore.engine.ds_config import resolve_deepspeed_config, zero_stage
+from vitacore.engine.ds_config import resolve_deepspeed_config
 from vitacore.engine.metrics import MetricsLog, TensorBoardLog, answer_accuracy, format_lr
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
 from vitacore.engine.signals import StopRequest
@@ -135,8 +135,8 @@ class Trainer:
         self._token_model = hasattr(model, "llm")
         if hasattr(model, "run_all_encoders"):
             # Several ranks: every encoder runs every step (on a dummy input if need be), so no rank
-            # waits in a collective for a module another rank skipped.
-            model.run_all_encoders = dist.world_size > 1 or zero_stage(deepspeed_config) == 3
+            # waits in a collective for a module another rank skipped. One process has no one to wait.
+            model.run_all_encoders = dist.world_size > 1
         self.tensorboard = TensorBoardLog.create(self.args, dist.is_main, self.notes)
         if hasattr(model, "count_flops") and dist.device.type == "cuda":
             model.count_flops = True  # adds tflops_per_s and mfu to the metrics rows

@@ -28,12 +28,15 @@ def _zero3_construction(deepspeed_config: Optional[dict]):
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
 
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref  # e.g. a live TrainingArguments(deepspeed=...)
     keep_alive = HfDeepSpeedConfig(deepspeed_config)
     try:
         yield
     finally:
         del keep_alive
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
 
 
 def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype):

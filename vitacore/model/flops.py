@@ -8,14 +8,19 @@ Per module with ``N`` weights (embeddings excluded) that processes ``T`` tokens:
 - ``+2·N·T`` recomputation when gradient checkpointing is on and a backward runs through it.
 
 Attention scores add ``4·layers·hidden·T²`` per sequence forward (QKᵀ and AV), scaled the same way.
+MFU counts model FLOPs only (no recomputation), as in the PaLM paper; recomputation makes it HFU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Dense bf16 peak TFLOP/s by device-name fragment (first match wins).
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment; first match wins, so
+# the more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
+    ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10", 125.0),
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def step_flops(costs) -> float:
 def peak_flops(device_name: str) -> float | None:
     """Dense bf16 peak FLOP/s of a GPU by name, or None when unknown."""
     for fragment, tflops in PEAK_TFLOPS:
-        if fragment in device_name:
+        if fragment.lower() in device_name.lower():
             return tflops * 1e12
     return None
 

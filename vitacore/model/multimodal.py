@@ -167,30 +167,34 @@ class VitaModel(nn.Module):
         return output
 
     def _training_flops(self, merged, images, audio_blocks) -> float:
-        """Forward + backward (+ recomputation) FLOPs of this micro-batch, encoders included."""
-        def weights(module):
+        """Forward + backward model FLOPs of this micro-batch, encoders included (no recomputation)."""
+        def weights(module, skip_embeddings=True):
             if module is None:
                 return 0, False
-            params = [(n, p) for n, p in module.named_parameters() if "embed" not in n]
+            params = [(n, p) for n, p in module.named_parameters() if not (skip_embeddings and "embed" in n)]
             return sum(getattr(p, "ds_numel", p.numel()) for _, p in params), any(p.requires_grad for _, p in params)
 
         lengths = merged.attention_mask.sum(dim=1).tolist()
         cfg = self.llm.config
         llm_weights, llm_trains = weights(self.llm)
-        tower_weights, tower_trains = weights(self.vision_tower)
+        if getattr(cfg, "tie_word_embeddings", False):  # the logits projection reuses the embeddings
+            head = self.llm.get_output_embeddings().weight
+            llm_weights += getattr(head, "ds_numel", head.numel())
+        tower_weights, tower_trains = weights(self.vision_tower, skip_embeddings=False)
         projector_weights, projector_trains = weights(self.mm_projector)
         media_trains = tower_trains or projector_trains or any(
             weights(m)[1] for m in (self.audio_encoder, self.audio_adapter, self.audio_prompt))
-        flag = "is_activation_checkpointing" if hasattr(type(self.llm), "is_activation_checkpointing") \
-            else "is_gradient_checkpointing"  # transformers >= 5 renamed it
-        recompute = bool(getattr(self.llm, flag, False))
         num_images = 0 if images is None else images.shape[0]
-        image_tokens = num_images * getattr(self.vision_tower, "num_tokens_per_image", 0)
+        per_image = getattr(self.vision_tower, "num_tokens_per_image", 0)
+        tower_cfg = getattr(getattr(self.vision_tower, "encoder", None), "config", None)
+        tower_attention = 0.0
+        if tower_cfg is not None and num_images:
+            tower_attention = attention_flops(tower_cfg.num_hidden_layers, tower_cfg.hidden_size, [per_image] * num_images)
         costs = [
-            ModuleCost(llm_weights, int(sum(lengths)), llm_trains, media_trains, recompute,
-                       attention_flops(cfg.num_hidden_layers, cfg.hidden_size, lengths)),
-            ModuleCost(projector_weights, image_tokens, projector_trains),
-            ModuleCost(tower_weights, image_tokens, tower_trains, False),
+            ModuleCost(llm_weights, int(sum(lengths)), llm_trains, media_trains,
+                       attention_flops=attention_flops(cfg.num_hidden_layers, cfg.hidden_size, lengths)),
+            ModuleCost(projector_weights, num_images * per_image, projector_trains),
+            ModuleCost(tower_weights, num_images * per_image, tower_trains, attention_flops=tower_attention),
         ]
         audio_tokens = sum(block.shape[0] for block in audio_blocks)
         for module in (self.audio_encoder, self.audio_adapter):

@@ -1,0 +1,522 @@
+"""Tokens/s and model FLOPs utilization (MFU) of a stage-3-like vitacore run on one CUDA GPU.
+
+Builds a RANDOM Qwen2.5-0.5B-sized LLM (``Qwen2Config``: hidden 896, 24 layers, 14 heads, 2 KV heads,
+intermediate 4864, vocab 151936, tied embeddings) and a RANDOM SigLIP-so400m-sized vision tower
+(``SiglipVisionConfig``: hidden 1152, 27 layers, 16 heads, intermediate 4304, image 384, patch 14 -> 729
+patches), composes them with ``vitacore.model.multimodal.VitaModel``, an ``mlp2x_gelu`` projector and
+the small default audio encoder + adapter, and trains them the way stage 3 does: LLM, projector and
+vision tower trainable (audio frozen), bf16, ZeRO-3 (the shipped ``configs/zero3.json`` completed by
+``vitacore.resolve_deepspeed_config``), activation checkpointing on the LLM's decoder layers, through
+``vitacore.Trainer`` on synthetic batches (default: micro-batch 4, each sample 1024 text tokens + 1
+image of 729 tokens = 1753 LLM positions). Nothing is downloaded or installed.
+
+The models are built directly (no checkpoint on disk) while a ``transformers.integrations.HfDeepSpeedConfig``
+is held alive, exactly as ``vitacore.build_model`` does it, so the LLM and the tower are born partitioned.
+With ``--model_name_or_path``, ``--vision_tower`` and ``--audio_encoder`` (local folders) the script
+instead goes through ``vitacore.build_model`` with those paths (the LLM folder needs its tokenizer).
+
+It times ``--steps`` optimizer steps after ``--warmup`` untimed ones (clock stamped, after a CUDA
+synchronize, when DeepSpeed finishes each optimizer update) and prints tokens/s, samples/s, the
+achieved TFLOP/s per GPU and the MFU against a small table of bf16 dense peaks. The FLOP count is
+:func:`training_flops` (importable, pure Python, unit-tested on CPU); the formula is printed.
+
+    python bench/gpu_mfu.py                          # one GPU; well under 5 minutes on an H100/H200
+    python bench/gpu_mfu.py --micro_batch 8 --steps 30
+    python bench/gpu_mfu.py --cpu_smoke              # no GPU: tiny sizes on CPU, checks the plumbing only
+
+Without a CUDA GPU (and without ``--cpu_smoke``) it prints why and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO3 = os.path.join(REPO, "configs", "zero3.json")
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The bf16 dense peak for a device name (vitacore's table), or None when unknown."""
+    from vitacore.model.flops import peak_flops
+
+    peak = peak_flops(device_name)
+    return None if peak is None else peak / 1e12
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOP counting: pure Python, no torch.
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of the model, for FLOP counting. All counts are per sample.
+
+    Attributes:
+        name: label for the breakdown.
+        weights: matmul weights applied to every token of the part (a ``Linear``'s in x out; biases,
+            norms and embedding lookups are not matmuls and are left out).
+        tokens: tokens per sample that go through the part.
+        weight_grads: the weights train, so backward computes their gradients (+2 x weights x tokens).
+        input_grads: gradients flow through the part to something trained before it (+2 x weights x tokens).
+        recomputed: activation checkpointing runs its forward again during backward (+2 x weights x tokens).
+        attn_layers / attn_width / attn_seq: attention layers in the part, query width (heads x head_dim)
+            and the length attention runs over; the score and value matmuls cost 4 x width x seq^2 per
+            layer forward, twice that backward, and the forward again when recomputed.
+    """
+
+    name: str
+    weights: int
+    tokens: int
+    weight_grads: bool
+    input_grads: bool
+    recomputed: bool = False
+    attn_layers: int = 0
+    attn_width: int = 0
+    attn_seq: int = 0
+
+    @property
+    def backward(self) -> bool:
+        return self.weight_grads or self.input_grads
+
+
+def part_flops(part: Part) -> int:
+    """FLOPs one sample costs in ``part`` for one training step (forward, backward, recomputation)."""
+    matmul = 2 + 2 * part.weight_grads + 2 * part.input_grads + 2 * part.recomputed
+    attention = 4 + 8 * part.backward + 4 * part.recomputed
+    return (matmul * part.weights * part.tokens
+            + attention * part.attn_layers * part.attn_width * part.attn_seq * part.attn_seq)
+
+
+def model_flops(part: Part) -> int:
+    """Like :func:`part_flops` without the recomputation (the "model FLOPs" of the PaLM MFU definition)."""
+    return part_flops(Part(part.name, part.weights, part.tokens, part.weight_grads, part.input_grads, False,
+                           part.attn_layers, part.attn_width, part.attn_seq))
+
+
+def training_flops(parts: Sequence[Part], samples: int, recompute: bool = True) -> int:
+    """FLOPs of one optimizer step over ``samples`` samples (``recompute`` False: without recomputation)."""
+    count = part_flops if recompute else model_flops
+    return samples * sum(count(p) for p in parts)
+
+
+def decoder_layer_weights(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> int:
+    """Matmul weights of one Llama/Qwen2-style decoder layer: q, k, v, o and the gated MLP."""
+    return (hidden * heads * head_dim            # q_proj
+            + 2 * hidden * kv_heads * head_dim   # k_proj, v_proj (grouped-query attention)
+            + heads * head_dim * hidden          # o_proj
+            + 3 * hidden * intermediate)         # gate_proj, up_proj, down_proj
+
+
+def encoder_layer_weights(hidden: int, intermediate: int) -> int:
+    """Matmul weights of one ViT/SigLIP encoder layer: q, k, v, o and the two-layer MLP."""
+    return 4 * hidden * hidden + 2 * hidden * intermediate
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the FLOP count needs to know about the model and the batch."""
+
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    llm_kv_heads: int
+    llm_head_dim: int
+    llm_intermediate: int
+    vocab: int
+    tower_hidden: int
+    tower_layers: int
+    tower_intermediate: int
+    patch_size: int
+    channels: int
+    patches: int            # patch tokens per image the tower runs over (its attention length)
+    image_tokens: int       # feature tokens per image that reach the LLM
+    tower_head: bool        # SigLIP's attention-pooling head (runs forward; its output is unused)
+    select_layer: int       # hidden_states index the features come from (-2: the last layer runs forward only)
+    text_tokens: int        # text tokens per sample (the image placeholder excluded)
+    images_per_sample: int = 1
+
+
+def stage3_parts(s: Shapes, checkpointing: bool, train_tower: bool = True) -> list[Part]:
+    """The parts of a VITA/LLaVA-style model trained as stage 3 (LLM + projector + tower).
+
+    The LLM sees ``text_tokens + images x image_tokens`` positions and computes logits at every one
+    (the tied / untied output projection is a matmul either way). Activation checkpointing (vitacore
+    enables it on the LLM only) recomputes each decoder layer's forward. The tower's layers after
+    ``select_layer`` (and SigLIP's pooling head) run forward only: nothing downstream uses them.
+    """
+    seq = s.text_tokens + s.images_per_sample * s.image_tokens
+    layer = decoder_layer_weights(s.llm_hidden, s.llm_heads, s.llm_kv_heads, s.llm_head_dim, s.llm_intermediate)
+    width = s.llm_heads * s.llm_head_dim
+    used = s.tower_layers + 1 + s.select_layer if s.select_layer < 0 else s.select_layer  # layers on the grad path
+    unused = s.tower_layers - used
+    tokens = s.images_per_sample * s.patches
+    enc = encoder_layer_weights(s.tower_hidden, s.tower_intermediate)
+    parts = [
+        Part("llm decoder layers", s.llm_layers * layer, seq, True, True, checkpointing,
+             s.llm_layers, width, seq),
+        Part("llm output projection (logits)", s.vocab * s.llm_hidden, seq, True, True),
+        Part("mm_projector", s.tower_hidden * s.llm_hidden + s.llm_hidden * s.llm_hidden,
+             s.images_per_sample * s.image_tokens, True, train_tower),
+        Part("vision tower layers (trained)", used * enc, tokens, train_tower, train_tower, False,
+             used, s.tower_hidden, s.patches),
+        Part("vision patch embedding", s.channels * s.patch_size * s.patch_size * s.tower_hidden, tokens,
+             train_tower, False),
+    ]
+    if unused:
+        parts.append(Part("vision tower layers after select_layer (forward only)", unused * enc, tokens, False,
+                          False, False, unused, s.tower_hidden, s.patches))
+    if s.tower_head:
+        # Its key/value projections run over every patch; its 1-token query, output and MLP are ignored.
+        parts.append(Part("vision pooling head (forward only)", 2 * s.tower_hidden * s.tower_hidden, tokens,
+                          False, False))
+    return parts
+
+
+FORMULA = """FLOPs per sample and step = sum over parts of
+    (2 + 2*[weights train] + 2*[gradient flows through] + 2*[recomputed]) * N * tokens        (matmuls)
+  + (4 + 8*[backward runs] + 4*[recomputed]) * layers * width * seq^2                         (attention)
+  N: matmul weights of the part (biases, norms, embedding lookups left out); width: heads*head_dim.
+  Fully trained parts: 6*N*tokens (forward 2N, backward 4N) + 12*layers*width*seq^2 per sample; the
+  LLM's checkpointed decoder layers add 2*N*tokens + 4*layers*width*seq^2. Attention is counted in
+  full (no causal halving, as in the PaLM MFU). The frozen audio encoder's dummy pass is ignored (tiny).
+  MFU = model FLOPs (no recomputation) / time / peak; HFU also counts the recomputation."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run (CUDA; or --cpu_smoke).
+
+@dataclass(frozen=True)
+class Sizes:
+    llm: dict
+    tower: dict
+
+
+FULL = Sizes(
+    llm=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+             intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, hidden_act="silu"),
+    tower=dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
+               image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+)
+TINY = Sizes(
+    llm=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=1000, max_position_embeddings=4096, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, hidden_act="silu"),
+    tower=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+               image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--micro_batch", type=int, default=4, help="per-GPU micro-batch (samples)")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--text_tokens", type=int, default=1024, help="text tokens per sample (plus one image)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--no_gradient_checkpointing", action="store_true",
+                        help="turn activation checkpointing off (on by default, as in VITA's stage 3)")
+    parser.add_argument("--deepspeed", default=ZERO3, help="DeepSpeed JSON (default: the shipped configs/zero3.json)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="bf16 dense peak per GPU, for a device the built-in table does not know")
+    parser.add_argument("--model_name_or_path", default=None, help="a local LLM folder instead of the random one")
+    parser.add_argument("--vision_tower", default=None, help="a local vision tower folder instead of the random one")
+    parser.add_argument("--audio_encoder", default=None, help="a vitacore audio encoder folder")
+    parser.add_argument("--cpu_smoke", action="store_true",
+                        help="no GPU needed: tiny sizes, fp32, CPU; checks the script runs (figures mean nothing)")
+    args = parser.parse_args(argv)
+    if min(args.micro_batch, args.accumulation, args.text_tokens, args.warmup, args.steps) < 1:
+        parser.error("--micro_batch, --accumulation, --text_tokens, --warmup and --steps must be >= 1")
+    paths = (args.model_name_or_path, args.vision_tower)
+    if any(paths) and not all(paths):
+        parser.error("give both --model_name_or_path and --vision_tower, or neither (random models)")
+    if args.cpu_smoke and args.text_tokens == 1024:
+        args.text_tokens = 32
+    return args
+
+
+def make_config(args, seq_len: int):
+    """Stage 3's preset (LLM + projector + tower train, audio frozen) with this run's sizes."""
+    import vitacore
+
+    config = vitacore.RunConfig()
+    config.stage = "3"
+    if args.model_name_or_path:
+        config.set("model_name_or_path", args.model_name_or_path, "flag")
+        config.set("vision_tower", args.vision_tower, "flag")
+        if args.audio_encoder:
+            config.set("audio_encoder", args.audio_encoder, "flag")
+    vitacore.apply_stage(config, embedded_default=False)
+    t = config.training
+    t.output_dir = tempfile.mkdtemp(prefix="vitacore-gpu-mfu-")
+    t.deepspeed = args.deepspeed
+    t.bf16 = not args.cpu_smoke
+    t.per_device_train_batch_size = args.micro_batch
+    t.gradient_accumulation_steps = args.accumulation
+    t.max_steps = args.warmup + args.steps
+    t.model_max_length = seq_len
+    t.gradient_checkpointing = not args.no_gradient_checkpointing
+    t.logging_steps = 10**9
+    t.save_strategy = "no"
+    t.eval_strategy = "no"
+    t.report_to = "none"
+    vitacore.validate(config)
+    return config
+
+
+def build_random(config, sizes: Sizes, ds_config: dict):
+    """LLM + tower built partitioned under ZeRO-3 (as ``vitacore.build_model`` does), plus the rest."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
+    from vitacore.model.build import compute_dtype
+    from vitacore.model.multimodal import VitaModel
+    from vitacore.model.projector import build_projector
+    from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, ImageSpec, VisionTower
+
+    dtype = compute_dtype(config.training)
+    torch.manual_seed(config.training.seed)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    # A weak global: it must stay referenced for the whole construction, or the models load unpartitioned.
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    try:
+        llm = AutoModelForCausalLM.from_config(Qwen2Config(**sizes.llm), dtype=dtype, attn_implementation="sdpa")
+        encoder = SiglipVisionModel._from_config(SiglipVisionConfig(**sizes.tower), dtype=dtype,
+                                                 attn_implementation="sdpa")
+    finally:
+        del keep_alive
+    llm.config.use_cache = False
+    spec = ImageSpec(sizes.tower["image_size"], SIGLIP_MEAN, SIGLIP_STD)
+    tower = VisionTower(encoder, select_layer=-2, drop_cls=False, image_spec=spec, source="random")
+    hidden = llm.config.hidden_size
+    projector = build_projector(config.model.mm_projector_type, tower.hidden_size, hidden).to(dtype)
+    audio_encoder = AudioEncoder(AudioEncoderConfig()).to(dtype)
+    audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
+    mm_config = {"mm_vision_tower": "random", "mm_projector_type": config.model.mm_projector_type,
+                 "mm_hidden_size": tower.hidden_size}
+    return VitaModel(llm, tower, projector, audio_encoder, audio_adapter, None, None,
+                     model_max_length=config.training.model_max_length, padding_side="right", mm_config=mm_config)
+
+
+def shapes_of(model, text_tokens: int) -> Shapes:
+    """The FLOP-relevant shapes of a built ``VitaModel`` (Llama/Qwen2-style LLM, SigLIP/CLIP-style tower)."""
+    lc = model.llm.config
+    tower = model.vision_tower
+    vc = tower.encoder.config
+    heads = lc.num_attention_heads
+    patches = (vc.image_size // vc.patch_size) ** 2
+    return Shapes(
+        llm_hidden=lc.hidden_size, llm_layers=lc.num_hidden_layers, llm_heads=heads,
+        llm_kv_heads=getattr(lc, "num_key_value_heads", None) or heads,
+        llm_head_dim=getattr(lc, "head_dim", None) or lc.hidden_size // heads,
+        llm_intermediate=lc.intermediate_size, vocab=lc.vocab_size,
+        tower_hidden=vc.hidden_size, tower_layers=vc.num_hidden_layers, tower_intermediate=vc.intermediate_size,
+        patch_size=vc.patch_size, channels=getattr(vc, "num_channels", 3),
+        patches=patches + (1 if tower.drop_cls else 0), image_tokens=tower.num_tokens_per_image,
+        tower_head=bool(getattr(vc, "vision_use_head", False)) and vc.model_type.startswith("siglip"),
+        select_layer=tower.select_layer, text_tokens=text_tokens)
+
+
+class SyntheticSamples:
+    """Fixed-length random samples: ``<bos-like token> <image> text...``, every text token supervised.
+
+    Images come from a small pool made once, so the loader's cost stays negligible next to a step.
+    """
+
+    def __init__(self, count: int, text_tokens: int, vocab: int, image_size: int, seed: int):
+        import torch
+
+        from vitacore.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+        g = torch.Generator().manual_seed(seed)
+        self.count, self.text_tokens, self.vocab, self.seed = count, text_tokens, vocab, seed
+        self.images = torch.rand(8, 3, image_size, image_size, generator=g) * 2 - 1
+        self.image_id, self.ignore = IMAGE_TOKEN_INDEX, IGNORE_INDEX
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed + 1 + index)
+        ids = torch.randint(0, self.vocab, (self.text_tokens + 1,), generator=g)
+        ids[1] = self.image_id
+        labels = ids.clone()
+        labels[:2] = self.ignore
+        return {"input_ids": ids, "labels": labels, "image": self.images[index % len(self.images)],
+                "sample_id": f"synthetic-{index}"}
+
+
+def collate(samples: list[dict]) -> dict:
+    import torch
+
+    input_ids = torch.stack([s["input_ids"] for s in samples])
+    return {"input_ids": input_ids, "labels": torch.stack([s["labels"] for s in samples]),
+            "attention_mask": torch.ones_like(input_ids), "images": torch.stack([s["image"] for s in samples]),
+            "sample_ids": [s["sample_id"] for s in samples]}
+
+
+def install_step_stamp(stamps: list[float], cuda: bool) -> None:
+    """Stamp the clock (after a CUDA synchronize) whenever DeepSpeed finishes an optimizer update."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._take_model_step
+
+    def stamped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return result
+
+    DeepSpeedEngine._take_model_step = stamped
+
+
+def fmt_flops(value: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3f} {unit}"
+    return f"{value:.0f} FLOP"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print("bench/gpu_mfu.py needs a CUDA GPU (torch.cuda.is_available() is False here); nothing was run.\n"
+              "Run it on a machine with an NVIDIA GPU, or add --cpu_smoke to check the script on CPU with "
+              "tiny sizes (its figures mean nothing).", file=sys.stderr)
+        return 2
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    started = time.time()
+    import transformers
+
+    import vitacore
+
+    transformers.logging.set_verbosity_error()
+    dist = vitacore.init_distributed()
+    say = print if dist.is_main else (lambda *a, **k: None)
+    sizes = TINY if args.cpu_smoke else FULL
+    if args.model_name_or_path:
+        tower_config = transformers.AutoConfig.from_pretrained(args.vision_tower)
+        tower_config = getattr(tower_config, "vision_config", tower_config)
+        image_tokens = (tower_config.image_size // tower_config.patch_size) ** 2
+    else:
+        image_tokens = (sizes.tower["image_size"] // sizes.tower["patch_size"]) ** 2
+    seq_len = args.text_tokens + image_tokens
+    config = make_config(args, seq_len)
+    t = config.training
+    hidden = vitacore.llm_hidden_size(config, log=say) if args.model_name_or_path else sizes.llm["hidden_size"]
+    ds_config, notes = vitacore.resolve_deepspeed_config(t, dist.world_size, hidden)
+
+    what = ("the given checkpoints" if args.model_name_or_path else "random models (tiny --cpu_smoke sizes)"
+            if args.cpu_smoke else "random models (Qwen2.5-0.5B-sized LLM, SigLIP-so400m-sized tower)")
+    say(f"building {what} ...", flush=True)
+    build_started = time.time()
+    if args.model_name_or_path:
+        model = vitacore.build_model(config, log=say, deepspeed_config=ds_config).model
+    else:
+        model = build_random(config, sizes, ds_config)
+    build_seconds = time.time() - build_started
+    shapes = shapes_of(model, args.text_tokens)
+    seq = shapes.text_tokens + shapes.image_tokens
+    if seq > t.model_max_length:
+        raise SystemExit(f"{seq} LLM positions per sample exceed model_max_length {t.model_max_length}")
+    partitioned = all(hasattr(p, "ds_id") for p in model.llm.parameters())
+
+    policy = vitacore.policy_from_config(config)
+    policy.apply(model, vitacore.UNIT_PREFIXES)
+    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
+                                         vitacore.parse_unit_lr(t.unit_lr or ""))
+    groups = vitacore.build_param_groups(model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    units = {name: sum(numel(p) for p in module.parameters()) for name, module in model.unit_modules().items()}
+    trainable = sum(numel(p) for g in groups for p in g["params"])
+
+    samples_per_step = args.micro_batch * args.accumulation * dist.world_size
+    total_steps = args.warmup + args.steps
+    dataset = SyntheticSamples(samples_per_step * total_steps, args.text_tokens, shapes.vocab,
+                               model.vision_tower.image_spec.image_size, t.seed)
+    trainer = vitacore.Trainer(config, model, groups, dataset, collate, dist, deepspeed_config=ds_config)
+    stamps: list[float] = []
+    install_step_stamp(stamps, cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.fit()
+    if len(stamps) < total_steps:
+        raise SystemExit(f"expected {total_steps} optimizer steps, saw {len(stamps)}")
+    timed = stamps[args.warmup - 1:total_steps]
+    durations = [b - a for a, b in zip(timed, timed[1:])]
+    step_s = (timed[-1] - timed[0]) / args.steps
+    median_s = statistics.median(durations)
+
+    parts = stage3_parts(shapes, checkpointing=t.gradient_checkpointing)
+    hardware = training_flops(parts, samples_per_step, recompute=True)
+    model_only = training_flops(parts, samples_per_step, recompute=False)
+    per_gpu_hw = hardware / step_s / dist.world_size
+    per_gpu_model = model_only / step_s / dist.world_size
+    device_name = torch.cuda.get_device_name() if cuda else "CPU (--cpu_smoke)"
+    peak = args.peak_tflops or (peak_tflops(device_name) if cuda else None)
+
+    say()
+    say(f"device: {device_name} x {dist.world_size}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{'bf16' if t.bf16 else 'fp32'}, ZeRO-{ds_config['zero_optimization']['stage']} "
+        f"({os.path.relpath(t.deepspeed, REPO) if t.deepspeed.startswith(REPO) else t.deepspeed}); "
+        f"activation checkpointing on the LLM: {'on' if t.gradient_checkpointing else 'off'}")
+    say(f"model ({'given checkpoints' if args.model_name_or_path else 'random'}; built in {build_seconds:.0f}s, "
+        f"LLM born partitioned: {partitioned}): " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in units.items())
+        + f"; trains {', '.join(policy.trained_units())} ({trainable / 1e6:.1f}M parameters)")
+    say(f"batch: micro-batch {args.micro_batch} x accumulation {args.accumulation} x {dist.world_size} "
+        f"{'GPU(s)' if cuda else 'process(es)'} = "
+        f"{samples_per_step} samples/step; each {shapes.text_tokens} text tokens + 1 image "
+        f"({shapes.image_tokens} tokens; the tower attends over {shapes.patches}) = {seq} LLM positions")
+    say(f"steps: {args.warmup} warm-up + {args.steps} timed; mean {step_s * 1e3:.1f} ms/step, "
+        f"median single step {median_s * 1e3:.1f} ms; final loss {result.last_loss:.4f} (random data)")
+    say(f"throughput: {samples_per_step * seq / step_s:,.0f} LLM tokens/s "
+        f"({samples_per_step * shapes.text_tokens / step_s:,.0f} text tokens/s), "
+        f"{samples_per_step / step_s:,.2f} samples/s")
+    say("\nFLOPs per sample and step:")
+    for part in parts:
+        say(f"  {part.name:55s} {fmt_flops(part_flops(part)):>14s}  (without recomputation {fmt_flops(model_flops(part))})")
+    say(f"  {'total':55s} {fmt_flops(hardware / samples_per_step):>14s}  "
+        f"(without recomputation {fmt_flops(model_only / samples_per_step)})")
+    say(FORMULA)
+    say(f"\nachieved per GPU: {per_gpu_model / 1e12:.1f} TFLOP/s model FLOPs, "
+        f"{per_gpu_hw / 1e12:.1f} TFLOP/s with the recomputation")
+    if peak:
+        say(f"peak: {peak:.0f} TFLOP/s bf16 dense ({'--peak_tflops' if args.peak_tflops else device_name})")
+        say(f"MFU {100 * per_gpu_model / (peak * 1e12):.1f} %   "
+            f"(with recomputation, HFU: {100 * per_gpu_hw / (peak * 1e12):.1f} %)")
+    else:
+        say("peak unknown for this device: achieved figures only (give --peak_tflops for an MFU)")
+    rows = [r for r in result.rows if "tflops_per_s" in r]
+    if rows:
+        mfu_row = rows[-1].get("mfu")
+        say(f"vitacore's own metrics row, for comparison (its own FLOP count, over all {total_steps} steps with the "
+            f"warm-up): {rows[-1]['tflops_per_s'] / dist.world_size:.1f} TFLOP/s per GPU"
+            + (f", mfu {100 * mfu_row:.1f} %" if mfu_row is not None else ""))
+    if cuda:
+        say(f"peak GPU memory allocated while training: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if args.cpu_smoke:
+        say("note: --cpu_smoke ran tiny models on CPU in fp32 to check the script; its figures mean nothing.")
+    say(f"(total wall time {time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
