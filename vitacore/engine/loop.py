@@ -192,6 +192,9 @@ class Trainer:
         # A callable, so DeepSpeed hands it the (possibly wrapped) optimizer; per-group LRs survive.
         kwargs["lr_scheduler"] = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         engine, _, _, _ = deepspeed.initialize(**kwargs)
+        if self.dist.world_size == 1 and engine.zero_optimization_stage() == 0:
+            # One process, no ZeRO: the gradient all-reduce has no peer; skip flattening for it.
+            engine.enable_backward_allreduce = False
         return engine
 
     def _group_lrs(self) -> dict[str, float]:
