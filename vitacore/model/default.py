@@ -27,7 +27,7 @@ from vitacore.data.conversation import get_template, tokenize_conversation
 from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
-DEFAULT_VERSION = "default-v2"
+DEFAULT_VERSION = "default-v3"
 READY_MARKER = "READY.json"
 WARMUP_STEPS = 300
 WARMUP_BATCH = 32
@@ -106,11 +106,24 @@ def _build(assets: DefaultAssets, log) -> None:
     save_tokenizer(tokenizer, assets.llm)
     llm = _tiny_llm(tokenizer)
     _warm_up(llm, tokenizer, log)
-    llm.save_pretrained(assets.llm)
+    _save_hf_model(llm, assets.llm)
     _tiny_vision_tower(assets.vision_tower, log)
     torch.manual_seed(2)
     AudioEncoder(AudioEncoderConfig()).save(assets.audio_encoder)
     synthetic.generate(assets.data_root, seed=0)
+
+
+def _save_hf_model(model, path: str) -> None:
+    """Write a transformers model as ``config.json`` + ``model.safetensors``.
+
+    Not ``save_pretrained``: once a process group exists, transformers writes only on global rank 0,
+    and the rank that builds the default (whoever takes the lock) may be another one.
+    """
+    from safetensors.torch import save_model
+
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def _tiny_llm(tokenizer):
@@ -135,7 +148,7 @@ def _tiny_vision_tower(path: str, log) -> None:
                                 num_attention_heads=2, image_size=64, patch_size=16)
     tower = SiglipVisionModel(config)
     _pretrain_tower(tower, log)
-    tower.save_pretrained(path)
+    _save_hf_model(tower, path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as fh:
         json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
                    "size": {"height": 64, "width": 64}}, fh)
