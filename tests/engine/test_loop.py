@@ -412,6 +412,19 @@ def test_non_finite_loss_stops_the_run_naming_the_step(dist, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
+def test_skip_nonfinite_steps_skips_that_micro_batch_and_goes_on(dist, tmp_path):
+    base = make_model()
+    model = NanAtCall(base.llm, model_max_length=128)
+    cfg = make_config(tmp_path, max_steps=6, gradient_accumulation_steps=2, skip_nonfinite_steps=1)
+    trainer = make_trainer(dist, cfg, model, pair_samples(16))
+    result = trainer.fit()
+    assert result.num_steps == 6 and result.num_skipped_steps == 1
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_fp16_on_cpu_is_refused_naming_the_flag(dist, tmp_path):
     cfg = make_config(tmp_path, fp16=True)
     with pytest.raises(ValueError, match="--fp16"):

@@ -266,13 +266,16 @@ class Trainer:
             bar.close()
             self.tensorboard.close()
 
-    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        finite = bool(torch.isfinite(loss))
-        if self.dist.world_size == 1:
-            return finite
-        flag = torch.tensor([0.0 if finite else 1.0], device=self.dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return not flag.item()
+    def _agree(self, loss: torch.Tensor, stop: StopRequest) -> tuple[bool, bool]:
+        """(loss finite on every rank, a stop was requested on some rank), in one collective."""
+        flags = [0.0 if bool(torch.isfinite(loss)) else 1.0, 1.0 if stop.signal_name else 0.0]
+        if self.dist.world_size > 1:
+            reduced = torch.tensor(flags, device=self.dist.device)
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+            flags = reduced.tolist()
+            if flags[1] and stop.signal_name is None:
+                stop.signal_name = "peer rank"
+        return not flags[0], bool(flags[1])
 
     def _run(self, bar, stop: StopRequest) -> TrainResult:
         args, engine = self.args, self.engine
@@ -287,7 +290,8 @@ class Trainer:
             if divisor is not None:
                 batch["num_items_in_batch"] = divisor
             loss = engine(**batch)["loss"]
-            if self._loss_is_finite(loss):
+            finite, stop_requested = self._agree(loss, stop)
+            if finite:
                 engine.backward(loss)
                 window.flops += getattr(self.model, "last_flops", 0.0)
                 # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
@@ -315,7 +319,7 @@ class Trainer:
                 self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window = _Window()
-            if stop.agreed(self.dist.world_size, self.dist.device):
+            if stop_requested:  # every rank saw the same flag in the same collective
                 stopped_by = stop.signal_name
                 self._log({"step": step, "epoch": epoch_progress, "event": "stopped", "signal": stopped_by})
                 break

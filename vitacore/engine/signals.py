@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-import torch
-
 
 class StopRequest:
     """Installs handlers for SIGTERM and SIGINT while active; remembers the first signal.
@@ -37,13 +35,3 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-    def agreed(self, world_size: int, device: torch.device) -> bool:
-        """True on every rank once any rank got a signal (ranks must stop at the same step)."""
-        if world_size == 1:
-            return self.signal_name is not None
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.signal_name is None:
-            self.signal_name = "peer rank"
-        return bool(flag.item())
