@@ -185,3 +185,15 @@ def test_unknown_version_lists_known_templates():
     assert "--version" in message and "'llama_3'" in message
     for name in TEMPLATES:
         assert name in message
+
+
+def test_audio_query_forces_the_state_token():
+    from vitacore.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    template = get_template("qwen2p5_instruct")
+    conversation = [{"from": "human", "value": "high tone\nWhat do you hear?"}, {"from": "gpt", "value": "a high tone"}]
+    for forced, state in ((True, "☞"), (None, "☜"), (False, "☜")):
+        ids, labels = tokenize_conversation(conversation, tokenizer, template, "lang", audio_query=forced)
+        supervised = tokenizer.decode([t for t in labels if t != -100])
+        assert supervised.startswith(state + "a high tone"), (forced, supervised)

@@ -211,4 +211,4 @@ def test_text_warmup_questions_contain_the_answer_words():
         for word in content:
             assert word in question_words, (word, question)
         modalities[record["modality"]] += 1
-    assert set(modalities) == {"image", "video", "lang"}
+    assert set(modalities) == {"image", "video", "audio", "lang"}

@@ -81,6 +81,7 @@ def tokenize_conversation(
     template: ChatTemplate,
     modality: str,
     inserted_id: Optional[int] = None,
+    audio_query: Optional[bool] = None,
 ) -> tuple[list[int], list[int]]:
     """Turn VITA ``conversations`` into ``(input_ids, labels)``.
 
@@ -93,6 +94,8 @@ def tokenize_conversation(
         template: the chat template.
         modality: ``image``, ``video`` or ``lang`` (selects the system prompt).
         inserted_id: index of the "neg" turn answered with ``☟``.
+        audio_query: force the state token of every answer (True: ``☞``, False: ``☜``); None decides
+            per turn from ``<audio>`` in the question (text-only warm-up data stands in for audio).
 
     Raises:
         ValueError: roles that do not alternate human/gpt, naming the turn.
@@ -118,7 +121,7 @@ def tokenize_conversation(
         if template.use_state_tokens:
             if inserted_id is not None and index == inserted_id:
                 state = STATE_INSERTED
-            elif DEFAULT_AUDIO_TOKEN in previous_query:
+            elif audio_query if audio_query is not None else DEFAULT_AUDIO_TOKEN in previous_query:
                 state = STATE_AUDIO_QUERY
             else:
                 state = STATE_TEXT_QUERY

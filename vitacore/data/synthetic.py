@@ -198,9 +198,10 @@ def text_warmup_records(seed: int, count: int) -> list[dict]:
             conv = _conv(f"{colour} {shape} {direction}\n{VIDEO_QUESTION}", f"a {colour} {shape} moving {direction}")
         elif kind < 0.9:
             pitch = rng.choice(list(TONES))
-            modality, conv = "lang", _conv(f"{pitch} tone\n{AUDIO_QUESTION}", f"a {pitch} tone")
+            modality, conv = "audio", _conv(f"{pitch} tone\n{AUDIO_QUESTION}", f"a {pitch} tone")
         else:
             modality, conv = "lang", _conv(f"Repeat the words: {colour} {shape}", f"{colour} {shape}")
-        # "modality" is not a VITA field: it selects the system prompt the media record would get.
+        # "modality" is not a VITA field: it selects the system prompt (and, for "audio", the ☞ state
+        # token) that the media record would get.
         records.append({"id": f"warm{i:05d}", "modality": modality, "conversations": conv})
     return records

@@ -27,7 +27,7 @@ from vitacore.data.conversation import get_template, tokenize_conversation
 from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
-DEFAULT_VERSION = "default-v3"
+DEFAULT_VERSION = "default-v4"
 READY_MARKER = "READY.json"
 WARMUP_STEPS = 300
 WARMUP_BATCH = 32
@@ -197,7 +197,9 @@ def _warm_up(llm, tokenizer, log) -> None:
     """Teach the tiny LLM to answer from context words (text only, plain torch, fp32)."""
     template = get_template("qwen2p5_instruct")
     records = synthetic.text_warmup_records(seed=5, count=4000)
-    encoded = [tokenize_conversation(r["conversations"], tokenizer, template, r["modality"]) for r in records]
+    encoded = [tokenize_conversation(r["conversations"], tokenizer, template,
+                                     "lang" if r["modality"] == "audio" else r["modality"],
+                                     audio_query=r["modality"] == "audio") for r in records]
     optimizer = torch.optim.AdamW(llm.parameters(), lr=WARMUP_LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / WARMUP_STEPS)))
