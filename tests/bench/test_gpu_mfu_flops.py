@@ -1,4 +1,4 @@
-"""The FLOP arithmetic of bench/gpu_mfu.py, checked against hand-derived counts (CPU only)."""
+"""The FLOP arithmetic of bench/gpu_mfu.py (bench/mfu_flops.py), checked against hand-derived counts."""
 
 import importlib.util
 import os
@@ -15,6 +15,11 @@ def mfu():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module while the file executes
     spec.loader.exec_module(module)
+    import mfu_flops  # on sys.path once gpu_mfu.py is loaded
+
+    for name in dir(mfu_flops):  # the script and its FLOP module, as one namespace for the tests
+        if not name.startswith("_") and not hasattr(module, name):
+            setattr(module, name, getattr(mfu_flops, name))
     yield module
     sys.modules.pop(spec.name, None)
 
