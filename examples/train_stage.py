@@ -21,8 +21,8 @@ import vitacore
 def main(argv=None) -> int:
     try:
         return train(argv)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad flags, files or data: say what and where, without a traceback.
+    except (ValueError, FileNotFoundError, vitacore.NonFiniteLossError) as err:
+        # Bad flags, files or data, or a diverged loss: say what and where, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
 

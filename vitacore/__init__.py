@@ -18,7 +18,9 @@ from vitacore.config import (
     parse_unit_lr, validate,
 )
 from vitacore.data.build import DataBundle, SyntheticSelection, build_data
-from vitacore.engine import DistInfo, Trainer, TrainResult, init_distributed, resolve_deepspeed_config
+from vitacore.engine import (
+    DistInfo, NonFiniteLossError, Trainer, TrainResult, init_distributed, resolve_deepspeed_config,
+)
 from vitacore.freeze import (
     FreezePolicy, build_param_groups, build_report, format_report, policy_from_config, unit_learning_rates,
 )
@@ -28,7 +30,7 @@ from vitacore.stages import StagePreset, apply_stage, describe_sources, get_pres
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle",
+    "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle", "NonFiniteLossError",
     "RunConfig", "StagePreset", "SyntheticSelection", "Trainer", "TrainResult", "TrainingArguments", "UNIT_PREFIXES", "VitaModel",
     "apply_stage", "build_data", "describe_sources", "build_model", "build_param_groups", "build_report", "format_report",
     "get_preset", "init_distributed", "llm_hidden_size", "resolve_deepspeed_config", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "parse_args",
