@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import importlib.util
 import os
 
 import pytest
@@ -475,3 +476,24 @@ def test_gradient_checkpointing_recomputes_frozen_layers(dist, tmp_path):
     assert_params_close(updated[True], updated[False])
     initial = make_model().llm.model.embed_tokens.weight.detach()
     assert float((updated[True]["llm.model.embed_tokens.weight"] - initial).abs().max()) > 1e-3
+
+
+def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path):
+    from vitacore.engine.metrics import TensorBoardLog
+
+    cfg = make_config(tmp_path, report_to="tensorboard")
+    notes: list = []
+    log = TensorBoardLog.create(cfg.training, is_main=True, notes=notes)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert log.writer is None and "tensorboard" in notes[0] and "pip install tensorboard" in notes[0]
+        return
+    log.write({"step": 1, "loss": 0.5, "lr": {"a": 1e-3, "b": 1e-4}})
+    log.close()
+    assert any(name.startswith("events.") for name in os.listdir(tmp_path / "runs")) and not notes
+
+
+def test_report_to_none_makes_no_writer(tmp_path):
+    from vitacore.engine.metrics import TensorBoardLog
+
+    notes: list = []
+    assert TensorBoardLog.create(make_config(tmp_path).training, True, notes).writer is None and not notes
