@@ -304,9 +304,7 @@ def main(argv=None) -> int:
 
     policy = vitacore.policy_from_config(config)
     policy.apply(model, vitacore.UNIT_PREFIXES)
-    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
-                                         vitacore.parse_unit_lr(t.unit_lr or ""))
-    groups = vitacore.build_param_groups(model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    groups = vitacore.param_groups_for_run(model, vitacore.UNIT_PREFIXES, t)
 
     def numel(p):
         return getattr(p, "ds_numel", p.numel())

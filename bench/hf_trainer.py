@@ -94,6 +94,7 @@ def relaunch(argv: list[str]) -> int:
 import torch  # noqa: E402
 
 import vitacore  # noqa: E402
+from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
 
 STAMPS: list[float] = []
@@ -159,9 +160,7 @@ def build(config, stage, ds_config: dict | None):
     bundle = vitacore.build_model(config, log=quiet, deepspeed_config=ds_config)
     policy = vitacore.policy_from_config(config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
-                                         vitacore.parse_unit_lr(t.unit_lr or ""))
-    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, t)
     data = vitacore.build_data(config, bundle, stage.demo_data)
     return bundle, groups, policy, data
 
@@ -351,20 +350,11 @@ def main(argv=None) -> int:
     whose = "" if dist.world_size == 1 else "; HF's is rank 0's own, and the ranks' batches are split differently"
     say(f"mean training loss over the {args.warmup + args.steps} steps of the last round, each loop's own figure "
         f"(sanity check, need not match exactly{whose}): vitacore {v['loss']:.6f}, HF {h['loss']:.6f}\n")
-    say(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>9s} {'max':>9s} {'median single step':>19s} "
-        f"{'GC ms/step':>11s}")
-    for side in ("vitacore", "HF"):
-        values = means[side]
-        say(f"{side:10s} {statistics.median(values) * 1e3:27.2f} {min(values) * 1e3:9.2f} {max(values) * 1e3:9.2f} "
-            f"{statistics.median(medians[side]) * 1e3:19.2f} {statistics.median(gc_times[side]) * 1e3:11.2f}")
-    ratios = [a / b for a, b in zip(means["vitacore"], means["HF"])]
-    step_ratios = [a / b for a, b in zip(medians["vitacore"], medians["HF"])]
-    say(f"\nper-round ratios vitacore/HF (mean step time): {', '.join(f'{r:.3f}' for r in ratios)}")
-    say(f"per-round ratios vitacore/HF (median single step): {', '.join(f'{r:.3f}' for r in step_ratios)}")
-    say("note: the tiny default on CPU is overhead-dominated (Python, DeepSpeed ZeRO-3 hooks and gathers, the data"
-        " pipeline); these ratios say nothing about large-model throughput.")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    say(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f})")
+    ratios = print_summary(say, "vitacore", "HF", means, medians, "GC ms/step",
+                           {side: ([t * 1e3 for t in gc_times[side]], "14.2f") for side in ("vitacore", "HF")},
+                           "the tiny default on CPU is overhead-dominated (Python, DeepSpeed ZeRO-3 hooks and "
+                           "gathers, the data pipeline); these ratios say nothing about large-model throughput.",
+                           started)
     say(f"ratio vitacore/HF Trainer step time (ZeRO-3, {dist.world_size} process{'es' if dist.world_size > 1 else ''}): "
         f"{statistics.median(ratios):.2f}")
     return 0

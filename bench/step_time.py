@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import vitacore  # noqa: E402
+from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
 
 
@@ -72,9 +73,7 @@ def build(config):
     bundle = vitacore.build_model(config, log=lambda *a, **k: None)
     policy = vitacore.policy_from_config(config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    rates = vitacore.unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr,
-                                         vitacore.parse_unit_lr(t.unit_lr or ""))
-    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, t)
     return bundle, groups, policy
 
 
@@ -189,22 +188,11 @@ def main(argv=None) -> int:
               f"ratio {means['vitacore'][-1] / means['raw'][-1]:.3f}",
               flush=True)
 
-    ratios = [a / b for a, b in zip(means["vitacore"], means["raw"])]
-    step_ratios = [a / b for a, b in zip(medians["vitacore"], medians["raw"])]
     print()
-    print(f"{'':10s} {'ms/step (median of rounds)':>27s} {'min':>8s} {'max':>8s} {'median single step':>19s} "
-          f"{'text tokens/s':>14s}")
-    for side in ("vitacore", "raw"):
-        values = means[side]
-        print(f"{side:10s} {statistics.median(values) * 1e3:27.2f} {min(values) * 1e3:8.2f} {max(values) * 1e3:8.2f} "
-              f"{statistics.median(medians[side]) * 1e3:19.2f} {statistics.median(rates[side]):14,.0f}")
-    print(f"\nper-round ratios vitacore/raw (mean step time): {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"per-round ratios vitacore/raw (median single step): {', '.join(f'{r:.3f}' for r in step_ratios)}")
-    print("note: a tiny model on CPU is overhead-dominated (Python, DeepSpeed bookkeeping, the data pipeline);"
-          " these ratios say nothing about large-model throughput.")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, "
-          f"1-min load average at the end {load:.1f})")
+    ratios = print_summary(print, "vitacore", "raw", means, medians, "text tokens/s",
+                           {side: (rates[side], "14,.0f") for side in ("vitacore", "raw")},
+                           "a tiny model on CPU is overhead-dominated (Python, DeepSpeed bookkeeping, the data "
+                           "pipeline); these ratios say nothing about large-model throughput.", started)
     print(f"ratio vitacore/raw step time: {statistics.median(ratios):.2f} (median of {args.rounds} rounds)")
     return 0
 

@@ -49,10 +49,7 @@ def train(argv=None) -> int:
     bundle = vitacore.build_model(config, log=say, deepspeed_config=ds_config)
     policy = vitacore.policy_from_config(config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    rates = vitacore.unit_learning_rates(args.learning_rate, args.mm_projector_lr, args.vision_tower_lr,
-                                         vitacore.parse_unit_lr(args.unit_lr or ""))
-    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, args.learning_rate,
-                                         args.weight_decay, rates)
+    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, args)
     report = vitacore.build_report(bundle.model, vitacore.UNIT_PREFIXES, policy, groups)
     say(vitacore.describe_sources(config))
     say(vitacore.format_report(report))

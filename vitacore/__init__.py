@@ -22,7 +22,8 @@ from vitacore.engine import (
     DistInfo, NonFiniteLossError, Trainer, TrainResult, init_distributed, resolve_deepspeed_config,
 )
 from vitacore.freeze import (
-    FreezePolicy, build_param_groups, build_report, format_report, policy_from_config, unit_learning_rates,
+    FreezePolicy, build_param_groups, build_report, format_report, param_groups_for_run, policy_from_config,
+    unit_learning_rates,
 )
 from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, llm_hidden_size, uses_embedded_default
 from vitacore.stages import StagePreset, apply_stage, describe_sources, get_preset, stage_notes
@@ -33,6 +34,6 @@ __all__ = [
     "ConfigError", "DataArguments", "DataBundle", "DistInfo", "FreezePolicy", "ModelArguments", "ModelBundle", "NonFiniteLossError",
     "RunConfig", "StagePreset", "SyntheticSelection", "Trainer", "TrainResult", "TrainingArguments", "UNIT_PREFIXES", "VitaModel",
     "apply_stage", "build_data", "describe_sources", "build_model", "build_param_groups", "build_report", "format_report",
-    "get_preset", "init_distributed", "llm_hidden_size", "resolve_deepspeed_config", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "parse_args",
+    "get_preset", "init_distributed", "llm_hidden_size", "resolve_deepspeed_config", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "param_groups_for_run", "parse_args",
     "save_stage_artifacts", "uses_embedded_default", "validate",
 ]

@@ -9,7 +9,7 @@ from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDE
 from vitacore.data.dataset import Collator, Sample
 from vitacore.data.media import audio_token_length
 from vitacore.engine import Trainer
-from vitacore.freeze import build_param_groups, build_report, policy_from_config, unit_learning_rates
+from vitacore.freeze import build_report, param_groups_for_run, policy_from_config, unit_learning_rates
 from vitacore.model.multimodal import UNIT_PREFIXES
 from vitacore.stages import apply_stage
 
@@ -41,8 +41,7 @@ def run(dist, cfg, model):
     t = cfg.training
     policy = policy_from_config(cfg)
     policy.apply(model, UNIT_PREFIXES)
-    rates = unit_learning_rates(t.learning_rate, t.mm_projector_lr, t.vision_tower_lr)
-    groups = build_param_groups(model, UNIT_PREFIXES, t.learning_rate, t.weight_decay, rates)
+    groups = param_groups_for_run(model, UNIT_PREFIXES, t)
     trainer = Trainer(cfg, model, groups, multimodal_samples(6), Collator(pad_token_id=0), dist)
     return policy, groups, trainer
 

@@ -41,9 +41,7 @@ def main(argv):
     bundle = vitacore.build_model(config, log=lambda *a: None, deepspeed_config=ds_config)
     policy = vitacore.policy_from_config(config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    rates = vitacore.unit_learning_rates(args.learning_rate, args.mm_projector_lr, args.vision_tower_lr)
-    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, args.learning_rate,
-                                         args.weight_decay, rates)
+    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, args)
     data = vitacore.build_data(config, bundle, stage.demo_data)
     train = data.train
     if alternate:

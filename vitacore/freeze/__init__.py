@@ -3,7 +3,9 @@
 Importable and testable without DeepSpeed, a GPU or model weights.
 """
 
-from vitacore.freeze.param_groups import build_param_groups, no_decay_names, unit_learning_rates
+from vitacore.freeze.param_groups import (
+    build_param_groups, no_decay_names, param_groups_for_run, unit_learning_rates,
+)
 from vitacore.freeze.policy import MODES, FreezePolicy, unit_summary
 from vitacore.freeze.report import build_report, format_report
 from vitacore.freeze.units import UNITS, assign_units
@@ -11,5 +13,5 @@ from vitacore.freeze.vita_flags import policy_from_config, policy_from_flags
 
 __all__ = [
     "FreezePolicy", "MODES", "UNITS", "assign_units", "build_param_groups", "build_report", "format_report",
-    "no_decay_names", "policy_from_config", "policy_from_flags", "unit_learning_rates", "unit_summary",
+    "no_decay_names", "param_groups_for_run", "policy_from_config", "policy_from_flags", "unit_learning_rates", "unit_summary",
 ]

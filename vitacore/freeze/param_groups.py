@@ -93,3 +93,18 @@ def _check_coverage(groups: Sequence[dict], trainable_names: Sequence[str]) -> N
         missing = set(trainable_names) - set(seen)
         doubled = {n for n in seen if seen.count(n) > 1}
         raise AssertionError(f"param groups do not cover the trainable set once (missing {missing}, doubled {doubled})")
+
+
+def param_groups_for_run(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], training) -> list[dict]:
+    """:func:`build_param_groups` with the LRs a run's flags ask for (``--learning_rate``,
+    ``--weight_decay``, ``--mm_projector_lr``, ``--vision_tower_lr``, ``--unit_lr``).
+
+    Raises:
+        ValueError: nothing trainable, or ``--unit_lr`` naming a unit the model does not declare.
+    """
+    from vitacore._validation import parse_unit_lr
+
+    units = tuple(unit_prefixes)
+    rates = unit_learning_rates(training.learning_rate, training.mm_projector_lr, training.vision_tower_lr,
+                                parse_unit_lr(training.unit_lr or "", units), units)
+    return build_param_groups(model, unit_prefixes, training.learning_rate, training.weight_decay, rates)

@@ -87,8 +87,10 @@ class FreezePolicy:
             ValueError: a name in no unit, or a regex that matches no parameter.
         """
         self.check_units(unit_prefixes)
-        names = list(parameter_names)
-        assignment = assign_units(names, unit_prefixes)
+        return self._resolve(assign_units(parameter_names, unit_prefixes))
+
+    def _resolve(self, assignment: Mapping[str, str]) -> dict[str, bool]:
+        names = list(assignment)
         trainable = {}
         for name, unit in assignment.items():
             mode = self.mode(unit)
@@ -111,7 +113,10 @@ class FreezePolicy:
             ValueError: naming the unit and what to do.
         """
         self.check_units(unit_prefixes)
-        present = set(assign_units([n for n, _ in model.named_parameters()], unit_prefixes).values())
+        assignment = assign_units([n for n, _ in model.named_parameters()], unit_prefixes)
+        self._check_present(set(assignment.values()), model, unit_prefixes)
+
+    def _check_present(self, present: set, model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]]) -> None:
         for unit in self.trained_units():
             if unit not in present:
                 raise ValueError(f"unit {unit!r} is set to {self.mode(unit)} but this model has no {unit}; "
@@ -131,8 +136,10 @@ class FreezePolicy:
         Raises:
             ValueError: a unit the model lacks, or a policy that leaves nothing trainable.
         """
-        self.check_model(model, unit_prefixes)
-        trainable = self.resolve([n for n, _ in model.named_parameters()], unit_prefixes)
+        self.check_units(unit_prefixes)
+        assignment = assign_units([n for n, _ in model.named_parameters()], unit_prefixes)
+        self._check_present(set(assignment.values()), model, unit_prefixes)
+        trainable = self._resolve(assignment)
         if not any(trainable.values()):
             trained = self.trained_units() or ["none"]
             raise ValueError(
@@ -145,10 +152,15 @@ class FreezePolicy:
         return trainable
 
 
-def unit_summary(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], policy: FreezePolicy) -> dict:
-    """``{unit: {"trainable": int, "total": int, "mode": str, "dtype": str}}`` for units present."""
+def unit_summary(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], policy: FreezePolicy,
+                 assignment: Optional[Mapping[str, str]] = None) -> dict:
+    """``{unit: {"trainable": int, "total": int, "mode": str, "dtype": str}}`` for units present.
+
+    ``assignment`` (name -> unit) saves recomputing it when the caller has it already.
+    """
     params = dict(model.named_parameters())
-    assignment = assign_units(params, unit_prefixes)
+    if assignment is None:
+        assignment = assign_units(params, unit_prefixes)
     summary: dict[str, dict] = {}
     for name, unit in assignment.items():
         entry = summary.setdefault(unit, {"trainable": 0, "total": 0, "mode": policy.mode(unit), "dtype": None})

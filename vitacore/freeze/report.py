@@ -16,10 +16,10 @@ def build_report(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], p
 
     Each ``param_groups`` entry has ``name``, ``lr``, ``weight_decay``, ``units`` and ``num_params``.
     """
-    units = unit_summary(model, unit_prefixes, policy)
-    names = [n for n, _ in model.named_parameters()]
-    unit_of = assign_units(names, unit_prefixes)
     params = dict(model.named_parameters())
+    names = list(params)
+    unit_of = assign_units(names, unit_prefixes)
+    units = unit_summary(model, unit_prefixes, policy, unit_of)
     groups = []
     for group in param_groups:
         group_names = group.get("param_names", [])

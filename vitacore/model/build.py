@@ -55,10 +55,6 @@ class ModelBundle:
     tokenizer: object
     default_assets: Optional[DefaultAssets]
 
-    @property
-    def uses_embedded_default(self) -> bool:
-        return self.default_assets is not None
-
 
 def uses_embedded_default(config) -> bool:
     """True when no model, tower, encoder or dataset path is given."""

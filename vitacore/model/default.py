@@ -24,6 +24,7 @@ import torch
 
 from vitacore.data import synthetic
 from vitacore.data.conversation import get_template, tokenize_conversation
+from vitacore.data.dataset import Collator, Sample
 from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
@@ -197,9 +198,13 @@ def _warm_up(llm, tokenizer, log) -> None:
     """Teach the tiny LLM to answer from context words (text only, plain torch, fp32)."""
     template = get_template("qwen2p5_instruct")
     records = synthetic.text_warmup_records(seed=5, count=4000)
-    encoded = [tokenize_conversation(r["conversations"], tokenizer, template,
-                                     "lang" if r["modality"] == "audio" else r["modality"],
-                                     audio_query=r["modality"] == "audio") for r in records]
+    samples = []
+    for record in records:
+        modality = "lang" if record["modality"] == "audio" else record["modality"]
+        ids, labels = tokenize_conversation(record["conversations"], tokenizer, template, modality,
+                                            audio_query=record["modality"] == "audio")
+        samples.append(Sample(record["id"], ids, labels, [], [], [], modality))
+    collate = Collator(tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(llm.parameters(), lr=WARMUP_LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / WARMUP_STEPS)))
@@ -207,16 +212,8 @@ def _warm_up(llm, tokenizer, log) -> None:
     llm.train()
     started = time.time()
     for step in range(WARMUP_STEPS):
-        batch = rng.sample(encoded, WARMUP_BATCH)
-        longest = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), longest), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), longest), -100)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, (row_ids, row_labels) in enumerate(batch):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids)
-            labels[row, : len(row_labels)] = torch.tensor(row_labels)
-            mask[row, : len(row_ids)] = 1
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        batch = collate(rng.sample(samples, WARMUP_BATCH))
+        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         optimizer.step()

@@ -169,21 +169,22 @@ class VitaModel(nn.Module):
     def _training_flops(self, merged, images, audio_blocks) -> float:
         """Forward + backward model FLOPs of this micro-batch, encoders included (no recomputation)."""
         def weights(module, skip_embeddings=True):
-            if module is None:
-                return 0, False
             params = [(n, p) for n, p in module.named_parameters() if not (skip_embeddings and "embed" in n)]
             return sum(getattr(p, "ds_numel", p.numel()) for _, p in params), any(p.requires_grad for _, p in params)
 
+        # One pass over each unit's parameters: (weight count, trains).
+        stats = {unit: weights(module, skip_embeddings=unit != "vision_tower")
+                 for unit, module in self.unit_modules().items()}
         lengths = merged.attention_mask.sum(dim=1).tolist()
         cfg = self.llm.config
-        llm_weights, llm_trains = weights(self.llm)
+        llm_weights, llm_trains = stats["llm"]
         if getattr(cfg, "tie_word_embeddings", False):  # the logits projection reuses the embeddings
             head = self.llm.get_output_embeddings().weight
             llm_weights += getattr(head, "ds_numel", head.numel())
-        tower_weights, tower_trains = weights(self.vision_tower, skip_embeddings=False)
-        projector_weights, projector_trains = weights(self.mm_projector)
-        media_trains = tower_trains or projector_trains or any(
-            weights(m)[1] for m in (self.audio_encoder, self.audio_adapter, self.audio_prompt))
+        tower_weights, tower_trains = stats.get("vision_tower", (0, False))
+        projector_weights, projector_trains = stats.get("mm_projector", (0, False))
+        media_trains = any(stats.get(u, (0, False))[1] for u in
+                           ("vision_tower", "mm_projector", "audio_encoder", "audio_adapter", "audio_prompt"))
         num_images = 0 if images is None else images.shape[0]
         per_image = getattr(self.vision_tower, "num_tokens_per_image", 0)
         tower_cfg = getattr(getattr(self.vision_tower, "encoder", None), "config", None)
@@ -197,8 +198,8 @@ class VitaModel(nn.Module):
             ModuleCost(tower_weights, num_images * per_image, tower_trains, attention_flops=tower_attention),
         ]
         audio_tokens = sum(block.shape[0] for block in audio_blocks)
-        for module in (self.audio_encoder, self.audio_adapter):
-            count, trains = weights(module)
+        for unit in ("audio_encoder", "audio_adapter"):
+            count, trains = stats.get(unit, (0, False))
             costs.append(ModuleCost(count, audio_tokens, trains))
         return step_flops(costs)
 
