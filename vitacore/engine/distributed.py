@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import warnings
@@ -31,6 +32,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialize ``torch.distributed`` through DeepSpeed (gloo on CPU, NCCL on GPU).
 
@@ -48,6 +54,9 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        # Tear the group down before the interpreter does: communication threads left to static
+        # destructors can abort a finished rank ("terminate called without an active exception").
+        atexit.register(_destroy_process_group)
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
