@@ -1,15 +1,17 @@
-"""Train one stage of the VITA recipe.
+"""Train one stage of the VITA recipe, or chain stages 1 -> 2 -> 3 -> 4 of the demo.
 
 With no flags this trains stage 1 (the vision projector) of the embedded tiny default model on
 bundled synthetic data, in about a minute on a laptop CPU. With VITA's flags
 (``--model_name_or_path``, ``--vision_tower``, ...) the same code trains a real model; launch it
-with ``torchrun`` or ``deepspeed`` for several processes.
+with ``torchrun`` or ``deepspeed`` for several processes. Re-running a command resumes from the
+newest complete checkpoint in its ``--output_dir``.
 
-    python examples/train_stage.py [--stage 1] [--config run.yaml] [VITA flags...]
+    python examples/train_stage.py [--stage 1|2|3|4|neg|fo|all] [--config run.yaml] [VITA flags...]
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -18,20 +20,44 @@ import time
 import vitacore
 
 
+CHAINED_STAGES = ("1", "2", "3", "4")
+
+
 def main(argv=None) -> int:
     try:
-        return train(argv)
+        config = vitacore.parse_args(argv)
+        if config.stage == "all":
+            return train_all(config)
+        return train(config)
     except (ValueError, FileNotFoundError, vitacore.NonFiniteLossError) as err:
         # Bad flags, files or data, or a diverged loss: say what and where, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def train(argv=None) -> int:
+def train_all(config) -> int:
+    """Stages 1 -> 2 -> 3 -> 4 on the embedded default, each from the previous stages' artifacts.
+
+    Stage ``k`` writes to ``output/demo-stage-k`` (or ``<--output_dir>/stage-k``).
+    """
+    if not vitacore.uses_embedded_default(config):
+        raise ValueError("--stage all chains the demo stages of the embedded default model; with your own "
+                         "--model_name_or_path / --vision_tower / --audio_encoder run each --stage in turn")
+    pattern = None
+    if config.is_explicit("output_dir"):
+        pattern = os.path.join(config.training.output_dir, "stage-{stage}")
+        config.set("output_dir", None)
+    for key in CHAINED_STAGES:
+        stage_config = copy.deepcopy(config)
+        stage_config.stage = key
+        train(stage_config, demo_output=pattern)
+    return 0
+
+
+def train(config, demo_output=None) -> int:
     started = time.time()
-    config = vitacore.parse_args(argv)
     embedded = vitacore.uses_embedded_default(config)
-    stage = vitacore.apply_stage(config, embedded_default=embedded)
+    stage = vitacore.apply_stage(config, embedded_default=embedded, demo_output=demo_output)
     vitacore.validate(config)
     args = config.training
 
@@ -61,13 +87,20 @@ def train(argv=None) -> int:
         return 0
 
     data = vitacore.build_data(config, bundle, stage.demo_data)
+    trained = set(policy.trained_units())
+
+    def save_artifacts(directory, final=False):
+        return vitacore.save_run_artifacts(bundle.model, directory, trained, dist.is_main, tokenizer=bundle.tokenizer,
+                                           lora_bias=args.lora_bias, full_export=final)
+
     trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
-                               eval_dataset=data.eval, deepspeed_config=ds_config)
+                               eval_dataset=data.eval, deepspeed_config=ds_config, save_artifacts=save_artifacts)
     for note in ds_notes + trainer.notes:
         say(f"note: {note}")
     result = trainer.fit()
-    artifacts = vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(policy.trained_units()),
-                                              dist.is_main)
+    artifacts = save_artifacts(args.output_dir, final=True)
+    if dist.is_main:  # the resolved run config beside the artifacts (merge-lora and export rebuild from it)
+        config.to_yaml(os.path.join(args.output_dir, "config.yaml"))
 
     if result.stopped_by:
         say(f"\nstopped by {result.stopped_by} after step {result.num_steps}; artifacts saved")
@@ -78,10 +111,18 @@ def train(argv=None) -> int:
         ev = result.final_eval
         say(f"eval: loss {ev['eval_loss']:.4f}, answer-token accuracy {ev['eval_accuracy']:.3f}, "
             f"exact answers {ev['eval_exact_match']:.3f} ({ev['eval_samples']} held-out samples)")
-    for name, path in {**artifacts, "metrics.jsonl": os.path.join(args.output_dir, "metrics.jsonl")}.items():
-        if dist.is_main:
-            say(f"wrote {path} ({os.path.getsize(path):,} bytes)")
+    checkpoint = vitacore.latest_checkpoint(args.output_dir)
+    for name, path in {**artifacts, "metrics.jsonl": os.path.join(args.output_dir, "metrics.jsonl"),
+                       "checkpoint": checkpoint}.items():
+        if dist.is_main and path and os.path.exists(path):
+            say(f"wrote {path} ({_size(path):,} bytes)")
     return 0
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 if __name__ == "__main__":

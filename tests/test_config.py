@@ -270,7 +270,7 @@ def test_scheduler_message_lists_choices():
     ["--max_grad_norm", "0"], ["--max_steps", "10"], ["--warmup_ratio", "0"],
     ["--mm_projector_type", "linear"], ["--mm_projector_type", "identity"],
     ["--mm_projector_type", "mlp12x_gelu"], ["--report_to", "tensorboard"],
-    ["--report_to", "none,tensorboard"], ["--report_to", "all"], ["--bits", "4"],
+    ["--report_to", "none,tensorboard"], ["--report_to", "all"], ["--bits", "4", "--lora_enable", "True"],
     ["--image_aspect_ratio", "pad"], ["--save_strategy", "no", "--save_steps", "0"],
     ["--audio_prompt_finetune", "True", "--audio_prompt_num", "4"], ["--optim", "adamw_torch_fused"],
     ["--fp16", "True"], ["--stage", "3"],

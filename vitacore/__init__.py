@@ -12,7 +12,10 @@ A run reads top to bottom::
     vitacore.save_stage_artifacts(bundle.model, config.training.output_dir, ...)
 """
 
-from vitacore.checkpoint import load_adapter_file, save_stage_artifacts
+from vitacore.checkpoint import (
+    CheckpointMismatchError, latest_checkpoint, load_adapter_file, save_run_artifacts, save_stage_artifacts,
+)
+from vitacore.checkpoint.export import load_full_export, save_full_export
 from vitacore.config import (
     ConfigError, DataArguments, ModelArguments, RunConfig, TrainingArguments, load_yaml_config, parse_args,
     parse_unit_lr, validate,
@@ -25,7 +28,10 @@ from vitacore.freeze import (
     FreezePolicy, build_param_groups, build_report, format_report, param_groups_for_run, policy_from_config,
     unit_learning_rates,
 )
-from vitacore.model import UNIT_PREFIXES, ModelBundle, VitaModel, build_model, llm_hidden_size, uses_embedded_default
+from vitacore.model import (
+    UNIT_PREFIXES, ModelBundle, VitaModel, apply_lora, build_model, find_lora_targets, llm_hidden_size,
+    uses_embedded_default,
+)
 from vitacore.stages import StagePreset, apply_stage, describe_sources, get_preset, stage_notes
 
 __version__ = "0.1.0"
@@ -36,4 +42,7 @@ __all__ = [
     "apply_stage", "build_data", "describe_sources", "build_model", "build_param_groups", "build_report", "format_report",
     "get_preset", "init_distributed", "llm_hidden_size", "resolve_deepspeed_config", "parse_unit_lr", "stage_notes", "policy_from_config", "unit_learning_rates", "load_adapter_file", "load_yaml_config", "param_groups_for_run", "parse_args",
     "save_stage_artifacts", "uses_embedded_default", "validate",
+    "CheckpointMismatchError", "latest_checkpoint", "save_run_artifacts",
+    "load_full_export", "save_full_export",
+    "apply_lora", "find_lora_targets",
 ]

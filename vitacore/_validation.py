@@ -53,6 +53,15 @@ def rule_errors(cfg) -> List[str]:
     one_of("lora_bias", ("all", "lora_only", "none"))
     one_of("optim", _OPTIMIZERS)
     check(t.bits in (4, 8, 16), f"--bits {t.bits} is not one of: 4, 8, 16")
+    # Quantized weights cannot take optimizer steps: they train only through LoRA adapters.
+    check(t.bits not in (4, 8) or t.lora_enable,
+          f"--bits {t.bits} loads the LLM quantized, and quantized weights cannot train; "
+          "add --lora_enable True (QLoRA) or use --bits 16")
+    check(t.lora_bias == "none" or t.lora_enable,
+          f"--lora_bias {t.lora_bias!r} has no effect without --lora_enable True; add it or drop the flag")
+    for name in ("lora_target_modules", "lora_weight_path"):
+        check(not cfg.get(name) or t.lora_enable,
+              f"--{name} {cfg.get(name)!r} has no effect without --lora_enable True; add it or drop the flag")
     if t.save_strategy == "steps":
         check(t.save_steps >= 1, f"--save_steps {t.save_steps} must be >= 1 with "
                                  "--save_strategy steps (or use --save_strategy no/epoch)")

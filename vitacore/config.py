@@ -87,8 +87,10 @@ class TrainingArguments:
     lora_r: int = _f(64, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout probability")
-    lora_weight_path: str = _f("", "LoRA weights to start from")
+    lora_weight_path: str = _f("", "folder of a saved PEFT adapter (adapter_model.safetensors) to start from")
     lora_bias: str = _f("none", "LoRA bias training: none, all or lora_only")
+    lora_target_modules: str = _f("", "comma-separated LLM module names LoRA adapts, e.g. q_proj,v_proj "
+                                      "(empty: every Linear layer of the LLM except lm_head, as VITA does)")
     mm_projector_lr: Optional[float] = _f(None, "learning rate of the vision projector (None: --learning_rate)")
     vision_tower_lr: Optional[float] = _f(None, "learning rate of the vision tower (None: --mm_projector_lr)")
     unit_lr: Optional[str] = _f(None, "per-unit learning rates, e.g. audio_adapter=1e-4,llm=1e-5")

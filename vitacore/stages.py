@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
 import yaml
 
@@ -61,6 +61,12 @@ _DEMO_COMMON = {
 }
 _FROM_STAGE_1 = {"pretrain_mm_mlp_adapter": ("1", "mm_projector.bin")}
 _FROM_STAGE_2 = {"pretrain_audio_mlp_adapter": ("2", "audio_adpter.bin")}
+# "config.json" of a stage's output folder: the folder itself is its full export (--model_name_or_path).
+_EXPORT = "config.json"
+
+
+def _from_export(stage: str) -> dict:
+    return {"model_name_or_path": (stage, _EXPORT)}
 
 BUILTIN_PRESETS = (
     StagePreset("1", "pretrain_mlp", "pretrain_mlp_qwen.sh", "the vision projector",
@@ -76,27 +82,26 @@ BUILTIN_PRESETS = (
                 {**_VITA_COMMON, **_AUDIO_FROZEN, "learning_rate": 2e-5, "unfreeze_vision_tower": True,
                  "mm_projector_lr": 2e-6},
                 {**_DEMO_COMMON, "learning_rate": 1e-4, "mm_projector_lr": 1e-4, "max_steps": 200},
-                SyntheticSelection(("image", "video", "text"), "eval_image"), _FROM_STAGE_1,
+                SyntheticSelection(("image", "video", "text"), "eval_image"), {**_FROM_STAGE_1, **_FROM_STAGE_2},
                 loads="stage 1's mm_projector.bin (--pretrain_mm_mlp_adapter)"),
     StagePreset("4", "finetune_task", "finetuneTask_qwen.sh", "the LLM and the projector",
                 {**_VITA_COMMON, **_AUDIO_FROZEN, "learning_rate": 2e-5, "model_max_length": 33300,
                  "per_device_train_batch_size": 1},
                 {**_DEMO_COMMON, "learning_rate": 1e-4, "per_device_train_batch_size": 8, "max_steps": 200},
-                SyntheticSelection(("image", "video", "audio", "text"), "eval_image"),
-                {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                SyntheticSelection(("image", "video", "audio", "text"), "eval_image"), _from_export("3"),
                 loads="stage 3's full export (--model_name_or_path)"),
     StagePreset("neg", "finetune_task_neg", "finetuneTaskNeg_qwen.sh",
                 "the LLM, the projector and the audio adapter",
                 {**_VITA_COMMON, "learning_rate": 2e-5, "freeze_audio_encoder": True,
                  "freeze_audio_encoder_adapter": False},
                 {**_DEMO_COMMON, "learning_rate": 1e-4, "max_steps": 200},
-                SyntheticSelection(("neg", "image", "audio"), "eval_image"), {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                SyntheticSelection(("neg", "image", "audio"), "eval_image"), _from_export("4"),
                 loads="stage 4's full export (--model_name_or_path)"),
     StagePreset("fo", "audio_prompt", "finetuneTaskNeg_qwen_fo.sh", "the audio prompt embeddings",
                 {**_VITA_COMMON, **_AUDIO_FROZEN, "model_type": "qwen2p5_fo_instruct", "learning_rate": 1e-4,
                  "audio_prompt_finetune": True, "audio_prompt_num": 25, "audio_state_predictor_tuning": False},
                 {**_DEMO_COMMON, "learning_rate": 3e-3, "max_steps": 200},
-                SyntheticSelection(("audio",), "eval_audio"), {**_FROM_STAGE_1, **_FROM_STAGE_2},
+                SyntheticSelection(("audio",), "eval_audio"), _from_export("neg"),
                 loads="the neg stage's full export (--model_name_or_path)"),
 )
 
@@ -170,8 +175,14 @@ def get_preset(stage: str, stage_file: str | None = None) -> StagePreset:
     return table[stage]
 
 
-def apply_stage(config, embedded_default: bool) -> StagePreset:
+def apply_stage(config, embedded_default: bool, demo_output: Optional[str] = None) -> StagePreset:
     """Fill ``config`` from the stage preset where the user gave no value; return the preset.
+
+    Args:
+        config: the run config.
+        embedded_default: the run uses the embedded default model and data (demo settings apply).
+        demo_output: output folder pattern of the demo stages (``{stage}`` is the stage key);
+            earlier stages' artifacts are picked up from it. Default ``output/demo-stage-{stage}``.
 
     Raises:
         ValueError: unknown stage or a preset field that is not a config field.
@@ -181,13 +192,14 @@ def apply_stage(config, embedded_default: bool) -> StagePreset:
     values = dict(preset.defaults)
     sources = {name: f"stage {preset.key} preset ({os.path.basename(preset.script)})" for name in values}
     if embedded_default:
-        for name, value in preset.demo_defaults.items():
+        pattern = demo_output or _DEMO_COMMON["output_dir"]
+        for name, value in {**preset.demo_defaults, "output_dir": pattern}.items():
             values[name] = value.format(stage=preset.key) if isinstance(value, str) else value
             sources[name] = "embedded-default demo setting"
         for flag, (earlier, file_name) in preset.inputs.items():
-            path = os.path.join(_DEMO_COMMON["output_dir"].format(stage=earlier), file_name)
+            path = os.path.join(pattern.format(stage=earlier), file_name)
             if os.path.exists(path):
-                values[flag] = path
+                values[flag] = os.path.dirname(path) if file_name == _EXPORT else path
                 sources[flag] = f"stage {earlier} demo output"
     for name, value in values.items():
         if not config.is_explicit(name):

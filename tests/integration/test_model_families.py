@@ -65,7 +65,7 @@ def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cach
     data = vitacore.build_data(config, bundle, stage.demo_data)  # the synthetic images, resized for this tower
     projector_before = {n: p.detach().clone() for n, p in bundle.model.mm_projector.named_parameters()}
     result = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist).fit()
-    assert result.num_steps == 2 and all(r["loss"] > 0 for r in result.rows)
+    assert result.num_steps == 2 and all(r["loss"] > 0 for r in result.rows if "loss" in r)
     assert type(bundle.model.llm).__name__.lower().startswith(llm)
     assert any(not torch.equal(projector_before[n], p) for n, p in bundle.model.mm_projector.named_parameters())
     written = vitacore.save_stage_artifacts(bundle.model, str(tmp_path), set(policy.trained_units()), True)

@@ -13,13 +13,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from vitacore.checkpoint.resumable import (
+    clean_partial_saves, load_checkpoint, resolve_resume, save_checkpoint,
+)
 from vitacore.constants import IGNORE_INDEX
+from vitacore.data.sampler import ResumableSampler
 from vitacore.engine.distributed import DistInfo
 from vitacore.engine.ds_config import resolve_deepspeed_config
-from vitacore.engine.metrics import MetricsLog, TensorBoardLog, answer_accuracy, format_lr
+from vitacore.engine.metrics import MetricsLog, MetricsWindow, TensorBoardLog, answer_accuracy, batch_size, format_lr
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
 from vitacore.engine.signals import StopRequest
-from vitacore.model.flops import mfu
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,58 +43,6 @@ class TrainResult:
     num_skipped_steps: int = 0
 
 
-class _Window:
-    """Sums over the micro-batches since the last logged row."""
-
-    def __init__(self):
-        self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
-        self.steps = 0
-        self.flops = 0.0
-        # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
-        # otherwise they are per-micro-batch means, averaged over micro-batches.
-        self.per_step = False
-
-    def add(self, loss: float, batch: dict, share_of_step: bool) -> None:
-        self.per_step = share_of_step
-        self.loss += loss
-        self.micro += 1
-        self.tokens = None if self.tokens is None or "attention_mask" not in batch else (
-            self.tokens + int(batch["attention_mask"].sum()))
-        self.samples += _batch_size(batch)
-
-    def row(self, step: int, epoch: float, lr, grad_norm, dist: DistInfo) -> dict:
-        """The metrics row; loss, tokens and samples are summed over ranks."""
-        elapsed = max(1e-9, time.time() - self.started)
-        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops], dtype=torch.float64)
-        if dist.world_size > 1:
-            sums = sums.to(dist.device)
-            torch.distributed.all_reduce(sums)
-            sums = sums.cpu()
-        loss, micro, tokens, samples, flops = sums.tolist()
-        # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
-        mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
-        return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
-                **self._utilization(flops, elapsed, dist)}
-
-    def _utilization(self, flops: float, elapsed: float, dist: DistInfo) -> dict:
-        """``tflops_per_s`` and ``mfu`` on GPUs (encoders counted; see vitacore.model.flops)."""
-        if not flops or dist.device.type != "cuda":
-            return {}
-        steps = max(1, self.steps)
-        value = mfu(flops / steps, elapsed / steps, dist.world_size, torch.cuda.get_device_name(dist.device))
-        return {"tflops_per_s": flops / elapsed / 1e12, "mfu": value}
-
-
-def _batch_size(batch: dict) -> int:
-    """Rows in a batch: ``input_ids``' first dimension, else the first tensor's."""
-    tensor = batch.get("input_ids")
-    if tensor is None:
-        tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    return 0 if tensor is None or tensor.dim() == 0 else tensor.shape[0]
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -108,11 +59,14 @@ class Trainer:
         on_log: called with every metrics row (for printing).
         deepspeed_config: the complete DeepSpeed config the model was built for (ZeRO-3 builds need
             it before the model exists); resolved from ``--deepspeed`` here when None.
+        save_artifacts: writes the stage artifacts into a folder (called on every rank with each
+            checkpoint's folder; see :func:`vitacore.checkpoint.save_run_artifacts`).
     """
 
     def __init__(self, config, model: torch.nn.Module, param_groups: list[dict], train_dataset: Dataset,
                  collate_fn: Callable, dist: DistInfo, eval_dataset: Optional[Dataset] = None,
-                 on_log: Optional[Callable[[dict], None]] = None, deepspeed_config: Optional[dict] = None):
+                 on_log: Optional[Callable[[dict], None]] = None, deepspeed_config: Optional[dict] = None,
+                 save_artifacts: Optional[Callable[[str], dict]] = None):
         self.config = config
         self.args = config.training
         self.model = model
@@ -122,6 +76,9 @@ class Trainer:
         self.collate_fn = collate_fn
         self.dist = dist
         self.on_log = on_log or (lambda row: None)
+        self.save_artifacts = save_artifacts
+        # Decided before anything is written, so a refused resume leaves the folder untouched.
+        self.resume_path = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.metrics = MetricsLog(self.args.output_dir, enabled=dist.is_main)
         self._check_precision()
@@ -141,18 +98,22 @@ class Trainer:
         if hasattr(model, "count_flops") and dist.device.type == "cuda":
             model.count_flops = True  # adds tflops_per_s and mfu to the metrics rows
 
-        self.sampler = DistributedSampler(train_dataset, num_replicas=dist.world_size, rank=dist.rank,
-                                          shuffle=True, seed=self.args.seed, drop_last=False)
+        self.sampler = ResumableSampler(train_dataset, dist.world_size, dist.rank, seed=self.args.seed)
+        # The loader's own generator (re-seeded each epoch) seeds its workers, so creating an iterator
+        # never draws from the global RNG that dropout uses: a resumed run stays on the same stream.
+        self.loader_generator = torch.Generator()
         self.loader = DataLoader(train_dataset, batch_size=self.args.per_device_train_batch_size,
                                  sampler=self.sampler, collate_fn=collate_fn,
-                                 num_workers=self.args.dataloader_num_workers)
-        updates_per_epoch = max(1, math.ceil(len(self.loader) / self.args.gradient_accumulation_steps))
+                                 num_workers=self.args.dataloader_num_workers, generator=self.loader_generator)
+        self.num_micro_per_epoch = math.ceil(self.sampler.num_samples_per_epoch / self.args.per_device_train_batch_size)
+        updates_per_epoch = max(1, math.ceil(self.num_micro_per_epoch / self.args.gradient_accumulation_steps))
         if self.args.max_steps > 0:
             self.total_steps = self.args.max_steps
         else:
             self.total_steps = max(1, math.ceil(self.args.num_train_epochs * updates_per_epoch))
         self.warmup_steps = warmup_steps_for(self.total_steps, self.args.warmup_steps, self.args.warmup_ratio)
         self.engine = self._initialize()
+        self.identity = self._identity()
 
     def _check_precision(self) -> None:
         if self.dist.device.type == "cpu" and self.args.fp16:
@@ -197,6 +158,19 @@ class Trainer:
             engine.enable_backward_allreduce = False
         return engine
 
+    def _identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        mm = getattr(self.model, "mm_config", {}) or {}
+        trainable = {name: list(getattr(p, "ds_shape", p.shape))
+                     for name, p in self.model.named_parameters() if p.requires_grad}
+        return {"world_size": self.dist.world_size, "llm": getattr(self.model.config, "_name_or_path", None)
+                if hasattr(self.model, "config") else None,
+                "vision_tower": mm.get("mm_vision_tower"), "audio_encoder": mm.get("mm_audio_encoder"),
+                "mm_projector_type": mm.get("mm_projector_type"), "trainable": trainable,
+                # The data position is counted in these units: a different layout would land elsewhere.
+                "batch": [self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps],
+                "seed": self.args.seed}
+
     def _group_lrs(self) -> dict[str, float]:
         groups = self.engine.optimizer.param_groups
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)}
@@ -209,28 +183,31 @@ class Trainer:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _micro_batches(self):
+    def _micro_batches(self, start_epoch: int = 0, start_micro: int = 0):
         """Yield ``(epoch, index in epoch, closes a group, batch, loss divisor)`` until the run ends.
 
         Micro-batches are read one accumulation group ahead. An epoch whose micro-batch count is not
         a multiple of ``--gradient_accumulation_steps`` ends with a short group, which still makes an
         optimizer step (as the HF Trainer does). The divisor makes every supervised token of the
-        group weigh the same across micro-batches and ranks (see :meth:`_loss_divisor`).
+        group weigh the same across micro-batches and ranks (see :meth:`_loss_divisor`). A resumed
+        run starts at ``start_micro`` of ``start_epoch`` (a group boundary) by skipping indices.
         """
         accumulation = self.args.gradient_accumulation_steps
-        epoch = 0
+        epoch, first = start_epoch, start_micro
         while True:
             self.sampler.set_epoch(epoch)
-            group, start = [], 0
+            self.sampler.skip(first * self.args.per_device_train_batch_size)
+            self.loader_generator.manual_seed(self.args.seed + epoch)
+            group, start = [], first
             batches = iter(self.loader)
-            for index in range(len(self.loader)):
+            for index in range(first, self.num_micro_per_epoch):
                 group.append(next(batches))
-                if len(group) == accumulation or index + 1 == len(self.loader):
+                if len(group) == accumulation or index + 1 == self.num_micro_per_epoch:
                     divisor = self._loss_divisor(group)
                     for offset, batch in enumerate(group):
                         yield epoch, start + offset, offset + 1 == len(group), batch, divisor
                     start, group = index + 1, []
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def _loss_divisor(self, group: list[dict]) -> Optional[torch.Tensor]:
         """Supervised tokens of the group over all ranks / (ranks x accumulation steps).
@@ -277,13 +254,53 @@ class Trainer:
                 stop.signal_name = "peer rank"
         return not flags[0], bool(flags[1])
 
+    def _resume(self) -> dict:
+        """Restore the newest complete checkpoint (or the one asked for); the loop position to start at."""
+        if self.dist.is_main:
+            clean_partial_saves(self.args.output_dir)
+        if self.resume_path is None:
+            self.metrics.reset()  # a fresh run starts a fresh log
+            return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "num_skipped_steps": 0, "window": None}
+        state = load_checkpoint(self.engine, self.resume_path, self.identity, self.dist)
+        position = state["position"]
+        if position["micro_in_epoch"] >= self.num_micro_per_epoch:
+            position.update(epoch=position["epoch"] + 1, micro_in_epoch=0)
+        if self.dist.is_main:
+            tqdm.write(f"note: resumed from {self.resume_path} at step {position['step']} of {self.total_steps} "
+                       f"(epoch {position['epoch']}, micro-batch {position['micro_in_epoch']} of "
+                       f"{self.num_micro_per_epoch}; no data replayed)")
+        self._log({"step": position["step"], "event": "resumed", "path": self.resume_path})
+        return position
+
+    def _save_due(self, step: int, end_of_epoch: bool) -> bool:
+        strategy = self.args.save_strategy
+        return (strategy == "steps" and step % self.args.save_steps == 0) or (strategy == "epoch" and end_of_epoch)
+
+    def save(self, step: int, epoch: int, micro_in_epoch: int, num_skipped: int, window: "MetricsWindow") -> str:
+        """Write ``checkpoint-<step>`` (every rank calls this at an optimizer-step boundary)."""
+        position = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                    "num_skipped_steps": num_skipped, "window": window.state_dict()}
+        state = {"position": position, "identity": self.identity, "total_steps": self.total_steps}
+        path = save_checkpoint(self.engine, self.args.output_dir, step, state, self.dist,
+                               write_artifacts=self.save_artifacts, config=self.config,
+                               save_total_limit=self.args.save_total_limit)
+        self._log({"step": step, "event": "checkpoint", "path": path})
+        return path
+
     def _run(self, bar, stop: StopRequest) -> TrainResult:
         args, engine = self.args, self.engine
+        position = self._resume()
+        step, skipped = position["step"], position["num_skipped_steps"]
+        epoch, index, stopped_by = position["epoch"], position["micro_in_epoch"] - 1, None
+        window = MetricsWindow()
+        if position["window"]:
+            window.load_state_dict(position["window"])
+        bar.update(step)
         engine.train()
         started = time.time()
-        step, epoch, index, skipped, stopped_by = 0, 0, -1, 0, None
-        window = _Window()
-        for epoch, index, closes, batch, divisor in self._micro_batches():
+        if step >= self.total_steps:
+            return self._finish(step, epoch, index, started, stopped_by, skipped)
+        for epoch, index, closes, batch, divisor in self._micro_batches(position["epoch"], position["micro_in_epoch"]):
             # vitacore owns the accumulation boundary, so short groups at an epoch's end still step.
             engine.set_gradient_accumulation_boundary(closes)
             batch = _to_device(batch, self.dist.device)
@@ -314,19 +331,27 @@ class Trainer:
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
             epoch_progress = self._epoch_progress(epoch, index + 1)
+            end_of_epoch = index + 1 == self.num_micro_per_epoch
             if step % args.logging_steps == 0 or step == self.total_steps:
                 row = window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
                 self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                window = _Window()
+                window = MetricsWindow()
             if stop_requested:  # every rank saw the same flag in the same collective
                 stopped_by = stop.signal_name
                 self._log({"step": step, "epoch": epoch_progress, "event": "stopped", "signal": stopped_by})
+            if stop_requested or step >= self.total_steps:
+                if args.save_strategy != "no":
+                    self.save(step, epoch, index + 1, skipped, window)
                 break
-            if step >= self.total_steps:
-                break
-            if self._should_eval(step, end_of_epoch=index + 1 == len(self.loader)):
+            if self._should_eval(step, end_of_epoch):
                 self.evaluate(step, epoch_progress)
+            if self._save_due(step, end_of_epoch):
+                self.save(step, epoch, index + 1, skipped, window)
+        return self._finish(step, epoch, index, started, stopped_by, skipped)
+
+    def _finish(self, step: int, epoch: int, index: int, started: float, stopped_by: Optional[str],
+                skipped: int) -> TrainResult:
         final_eval = {}
         if self.eval_dataset is not None and stopped_by is None:
             final_eval = self.evaluate(step, self._epoch_progress(epoch, index + 1))
@@ -341,7 +366,7 @@ class Trainer:
         self.on_log(row)
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:
-        return round(epoch + micro / max(1, len(self.loader)), 4)
+        return round(epoch + micro / max(1, self.num_micro_per_epoch), 4)
 
     def _should_eval(self, step: int, end_of_epoch: bool) -> bool:
         if self.eval_dataset is None or step >= self.total_steps:
@@ -358,7 +383,8 @@ class Trainer:
         sampler = DistributedSampler(self.eval_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                      shuffle=False)
         loader = DataLoader(self.eval_dataset, batch_size=self.args.per_device_eval_batch_size, sampler=sampler,
-                            collate_fn=self.collate_fn, num_workers=self.args.dataloader_num_workers)
+                            collate_fn=self.collate_fn, num_workers=self.args.dataloader_num_workers,
+                            generator=torch.Generator().manual_seed(self.args.seed))  # leaves the global RNG alone
         self.engine.eval()
         totals = torch.zeros(6, dtype=torch.float64)
         for batch in loader:
@@ -367,7 +393,7 @@ class Trainer:
             if "merged_labels" in output and "logits" in output:
                 correct, supervised, exact, rows = answer_accuracy(output["logits"], output["merged_labels"])
             else:  # not a token model: a loss weighted by rows, no accuracy
-                rows = _batch_size(batch)
+                rows = batch_size(batch)
                 correct, supervised, exact = 0, rows, 0
             totals += torch.tensor([float(output["loss"]) * supervised, supervised, correct, exact, rows, 1.0],
                                    dtype=torch.float64)

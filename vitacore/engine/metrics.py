@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import torch
 
 from vitacore.constants import IGNORE_INDEX
+from vitacore.model.flops import mfu
 
 
 class MetricsLog:
@@ -22,6 +24,12 @@ class MetricsLog:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
         self.rows: list[dict] = []
+
+    def reset(self) -> None:
+        """Start an empty file (a fresh, not resumed, run)."""
+        self.rows = []
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
 
     def write(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -51,6 +59,12 @@ class TensorBoardLog:
                          "(pip install tensorboard)")
             return cls()
         return cls(SummaryWriter(os.path.join(training.output_dir, "runs")))
+
+    def reset(self) -> None:
+        """Start an empty file (a fresh, not resumed, run)."""
+        self.rows = []
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
 
     def write(self, row: dict) -> None:
         if self.writer is None:
@@ -86,3 +100,65 @@ def format_lr(lrs: dict[str, float]) -> Optional[float | dict]:
     """One number when every group has the same LR, else ``{group: lr}``."""
     values = set(round(v, 12) for v in lrs.values())
     return next(iter(lrs.values())) if len(values) == 1 else dict(lrs)
+
+
+class MetricsWindow:
+    """Sums over the micro-batches since the last logged row."""
+
+    def __init__(self):
+        self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
+        self.steps = 0
+        self.flops = 0.0
+        # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
+        # otherwise they are per-micro-batch means, averaged over micro-batches.
+        self.per_step = False
+
+    _SAVED = ("loss", "micro", "tokens", "samples", "steps", "flops", "per_step")
+
+    def state_dict(self) -> dict:
+        """The sums so far (a checkpoint between two logged rows keeps them)."""
+        return {name: getattr(self, name) for name in self._SAVED}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._SAVED:
+            setattr(self, name, state[name])
+
+    def add(self, loss: float, batch: dict, share_of_step: bool) -> None:
+        self.per_step = share_of_step
+        self.loss += loss
+        self.micro += 1
+        self.tokens = None if self.tokens is None or "attention_mask" not in batch else (
+            self.tokens + int(batch["attention_mask"].sum()))
+        self.samples += batch_size(batch)
+
+    def row(self, step: int, epoch: float, lr, grad_norm, dist) -> dict:
+        """The metrics row; loss, tokens and samples are summed over ranks."""
+        elapsed = max(1e-9, time.time() - self.started)
+        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops], dtype=torch.float64)
+        if dist.world_size > 1:
+            sums = sums.to(dist.device)
+            torch.distributed.all_reduce(sums)
+            sums = sums.cpu()
+        loss, micro, tokens, samples, flops = sums.tolist()
+        # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
+        mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
+        return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
+                **self._utilization(flops, elapsed, dist)}
+
+    def _utilization(self, flops: float, elapsed: float, dist) -> dict:
+        """``tflops_per_s`` and ``mfu`` on GPUs (encoders counted; see vitacore.model.flops)."""
+        if not flops or dist.device.type != "cuda":
+            return {}
+        steps = max(1, self.steps)
+        value = mfu(flops / steps, elapsed / steps, dist.world_size, torch.cuda.get_device_name(dist.device))
+        return {"tflops_per_s": flops / elapsed / 1e12, "mfu": value}
+
+
+def batch_size(batch: dict) -> int:
+    """Rows in a batch: ``input_ids``' first dimension, else the first tensor's."""
+    tensor = batch.get("input_ids")
+    if tensor is None:
+        tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return 0 if tensor is None or tensor.dim() == 0 else tensor.shape[0]

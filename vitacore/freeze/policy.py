@@ -5,7 +5,9 @@ Priority, highest first (documented in the README):
 1. ``frozen_regex``: a matching parameter is frozen, whatever else says.
 2. ``trainable_regex``: a matching parameter trains.
 3. the unit's mode: ``full`` trains every parameter of the unit; ``frozen`` none; ``lora`` trains
-   only LoRA adapter weights inside the unit (its base weights stay frozen).
+   only LoRA adapter weights inside the unit (its base weights stay frozen), plus biases by
+   ``lora_bias``: ``none`` no bias; ``all`` every bias of the unit; ``lora_only`` the biases of the
+   layers that carry LoRA adapters (peft keeps them at ``X.base_layer.bias`` beside ``X.lora_A``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import torch.nn as nn
 from vitacore.freeze.units import UNITS, assign_units
 
 MODES = ("frozen", "full", "lora")
+LORA_BIAS = ("none", "all", "lora_only")
 LORA_MARKER = "lora_"
+# bitsandbytes' packed weights, by class name so freeze never needs bitsandbytes to import.
+_QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
 
 # What a user must do to give the model a unit it lacks.
 _MISSING_UNIT_HINTS = {
@@ -40,11 +45,13 @@ class FreezePolicy:
         modes: ``{unit: "frozen" | "full" | "lora"}``.
         trainable_regex: parameters whose name matches (``re.search``) also train.
         frozen_regex: parameters whose name matches are frozen (wins over everything).
+        lora_bias: which biases train beside the LoRA weights of ``lora`` units (``--lora_bias``).
     """
 
     modes: Mapping[str, str] = field(default_factory=dict)
     trainable_regex: Optional[str] = None
     frozen_regex: Optional[str] = None
+    lora_bias: str = "none"
 
     def __post_init__(self):
         # Unit names are checked against the model's units when the policy meets a model; any
@@ -52,6 +59,8 @@ class FreezePolicy:
         for unit, mode in self.modes.items():
             if mode not in MODES:
                 raise ValueError(f"freeze policy gives unit {unit!r} mode {mode!r}; modes: {', '.join(MODES)}")
+        if self.lora_bias not in LORA_BIAS:
+            raise ValueError(f"--lora_bias {self.lora_bias!r} is not one of: {', '.join(LORA_BIAS)}")
 
     def mode(self, unit: str) -> str:
         return self.modes.get(unit, "frozen")
@@ -91,10 +100,11 @@ class FreezePolicy:
 
     def _resolve(self, assignment: Mapping[str, str]) -> dict[str, bool]:
         names = list(assignment)
+        adapted = _lora_adapted_modules(names) if self.lora_bias == "lora_only" else set()
         trainable = {}
         for name, unit in assignment.items():
             mode = self.mode(unit)
-            trainable[name] = mode == "full" or (mode == "lora" and LORA_MARKER in name)
+            trainable[name] = mode == "full" or (mode == "lora" and self._lora_trains(name, adapted))
         for flag, pattern, value in (("--trainable_regex", self.trainable_regex, True),
                                      ("--frozen_regex", self.frozen_regex, False)):
             if not pattern:
@@ -105,6 +115,13 @@ class FreezePolicy:
             for name in matched:
                 trainable[name] = value
         return trainable
+
+    def _lora_trains(self, name: str, adapted: set) -> bool:
+        if LORA_MARKER in name:
+            return True
+        if self.lora_bias == "none" or not name.endswith(".bias"):
+            return False
+        return self.lora_bias == "all" or _bias_owner(name) in adapted
 
     def check_model(self, model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]]) -> None:
         """Refuse units asked to train that the model lacks, and ``lora`` for units without Linear layers.
@@ -145,11 +162,28 @@ class FreezePolicy:
             raise ValueError(
                 f"the freeze policy leaves no trainable parameter (training units: {', '.join(trained)}); "
                 "check --stage, the tune_*/freeze_* flags and --frozen_regex")
-        for name, param in model.named_parameters():
+        params = dict(model.named_parameters())
+        quantized = [n for n, on in trainable.items() if on and type(params[n]).__name__ in _QUANTIZED_PARAM_TYPES]
+        if quantized:
+            raise ValueError(f"the freeze policy trains {quantized[0]!r}, a 4/8-bit weight (--bits), which cannot "
+                             "train; give its unit mode lora (--lora_enable True), load it with --bits 16, or "
+                             "exclude it from --trainable_regex")
+        for name, param in params.items():
             param.requires_grad_(trainable[name])
         if hasattr(model, "eval_units"):
             model.eval_units = self.eval_units(tuple(unit_prefixes))
         return trainable
+
+
+def _bias_owner(bias_name: str) -> str:
+    """The layer a bias belongs to, seen through peft's wrapper: ``X.base_layer.bias`` -> ``X``."""
+    owner = bias_name[: -len(".bias")]
+    return owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
+
+
+def _lora_adapted_modules(names: Iterable[str]) -> set:
+    """Layers that carry LoRA adapters: ``X`` for every ``X.lora_A.<adapter>.weight`` name."""
+    return {name.split(".lora_A.", 1)[0] for name in names if ".lora_A." in name}
 
 
 def unit_summary(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], policy: FreezePolicy,

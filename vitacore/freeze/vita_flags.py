@@ -14,7 +14,8 @@ Translation:
 - ``unfreeze_vision_tower`` trains the tower; ``freeze_audio_encoder False`` the audio encoder;
   ``freeze_audio_encoder_adapter False`` the audio adapter;
 - ``freeze_mm_mlp_adapter`` freezes the projector;
-- ``lora_enable`` trains the LLM through LoRA adapters (mode ``lora``);
+- ``lora_enable`` trains the LLM through LoRA adapters (mode ``lora``); ``lora_bias`` adds biases
+  (``all``: every LLM bias; ``lora_only``: those of the adapted layers);
 - ``trainable_regex`` / ``frozen_regex`` override per parameter (see :mod:`vitacore.freeze.policy`).
 """
 
@@ -67,7 +68,8 @@ def policy_from_flags(get: Callable[[str], object], is_explicit: Callable[[str],
         # Union again: LoRA adapters train next to any tuned unit (VITA's tune_* would freeze them).
         modes["llm"] = "lora"
     return FreezePolicy(modes, trainable_regex=get("trainable_regex") or None,
-                        frozen_regex=get("frozen_regex") or None)
+                        frozen_regex=get("frozen_regex") or None,
+                        lora_bias=(get("lora_bias") or "none") if get("lora_enable") else "none")
 
 
 def policy_from_config(config) -> FreezePolicy:

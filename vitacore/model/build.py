@@ -12,6 +12,8 @@ import torch
 from vitacore.checkpoint.artifacts import load_adapter_file
 from vitacore.model.audio import AudioAdapter, load_audio_encoder
 from vitacore.model.default import DefaultAssets, ensure_default_assets
+from vitacore.model.load_export import llm_config_for, load_export_model, read_export_config
+from vitacore.model.lora import apply_lora, kbit_load_kwargs
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
 from vitacore.model.vision import load_vision_tower
@@ -39,10 +41,12 @@ def _zero3_construction(deepspeed_config: Optional[dict]):
         hf_deepspeed._hf_deepspeed_config_weak_ref = previous
 
 
-def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype):
+def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype, training=None):
     from transformers import AutoModelForCausalLM
 
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa")
+    # --bits 4/8 quantize the LLM only; towers, projector and audio parts always load in `dtype`.
+    quantization = kbit_load_kwargs(training) if training is not None else {}
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa", **quantization)
     llm.config.use_cache = False
     return llm, load_vision_tower(tower_path, torch_dtype=dtype)
 
@@ -87,16 +91,28 @@ def _default_assets_if_needed(config, log=print) -> Optional[DefaultAssets]:
 
 def llm_hidden_size(config, log=print) -> int:
     """The LLM's hidden size, read from its config without loading weights (sizes DeepSpeed buckets)."""
-    from transformers import AutoConfig
-
     path = config.model.model_name_or_path or _default_assets_if_needed(config, log).llm
-    return AutoConfig.from_pretrained(path).hidden_size
+    return llm_config_for(path).hidden_size  # VITA checkpoints' model types included
+
+
+def _build_from_export(config, exported: dict, log, deepspeed_config: Optional[dict]) -> ModelBundle:
+    """The whole model from a folder in VITA's layout (see :mod:`vitacore.model.load_export`)."""
+    t, path = config.training, config.model.model_name_or_path
+    tokenizer = load_tokenizer_for(path, t.model_max_length)
+    zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    with _zero3_construction(deepspeed_config if zero3 else None):
+        model = load_export_model(config, path, exported, compute_dtype(t), log, llm_kwargs=kbit_load_kwargs(t))
+    if t.lora_enable:
+        apply_lora(model, t)  # as on the path below
+    return ModelBundle(model, tokenizer, None)
 
 
 def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> ModelBundle:
     """Compose LLM + vision tower + projector + audio encoder + adapter for ``config``.
 
     Paths not given fall back to the embedded default's parts (built and cached on first use).
+    A ``--model_name_or_path`` folder in VITA's layout (a vitacore full export, or a VITA checkpoint:
+    its config.json has ``mm_vision_tower``) gives every part, weights included.
     Adapter weights (``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter``) are loaded
     here, before any engine partitions the modules (DeepSpeed broadcasts rank 0's values then).
 
@@ -107,13 +123,16 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
             built partitioned (each rank holds only its shard from the start).
     """
     m, t = config.model, config.training
+    exported = read_export_config(m.model_name_or_path)
+    if exported is not None:  # a vitacore full export or a VITA checkpoint: every part is in it
+        return _build_from_export(config, exported, log, deepspeed_config)
     assets = _default_assets_if_needed(config, log)
     llm_path = m.model_name_or_path or assets.llm
     dtype = compute_dtype(t)
     tokenizer = load_tokenizer_for(llm_path, t.model_max_length)
     zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     with _zero3_construction(deepspeed_config if zero3 else None):
-        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype)
+        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype, t)
     hidden = llm.config.hidden_size
 
     # New modules get their initial values from the run's seed, so reruns start identically.
@@ -148,4 +167,6 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
     }
     model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter, audio_prompt, state_head,
                       model_max_length=t.model_max_length, padding_side="right", mm_config=mm_config)
+    if t.lora_enable:
+        apply_lora(model, t)  # last: LoRA wraps the LLM only; the freeze policy then sets what trains
     return ModelBundle(model, tokenizer, assets)

@@ -1,0 +1,145 @@
+"""Kill a run, re-run the same command: the remaining losses equal an uninterrupted run's.
+
+Real processes, real DeepSpeed checkpoints, dropout on (the LLM is a copy of the embedded default
+with ``attention_dropout`` 0.1), gradient accumulation 2 and three param groups (stage 3).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "examples", "train_stage.py")
+KILL_DRIVER = os.path.join(REPO, "tests", "checkpoint", "kill_driver.py")
+sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
+
+from test_distributed import env_for, torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dropout_llm(vitacore_cache, tmp_path_factory):
+    """The embedded default LLM with attention dropout on, so resuming must restore the RNG."""
+    from vitacore.model.default import ensure_default_assets
+
+    assets = ensure_default_assets(log=lambda *a: None)
+    path = str(tmp_path_factory.mktemp("dropout_llm") / "llm")
+    shutil.copytree(assets.llm, path)
+    with open(os.path.join(path, "config.json")) as fh:
+        config = json.load(fh)
+    config["attention_dropout"] = 0.1
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    return path
+
+
+def flags(llm, output_dir, max_steps, save_steps):
+    return ["--stage", "3", "--model_name_or_path", llm, "--output_dir", str(output_dir), "--max_steps",
+            str(max_steps), "--save_steps", str(save_steps), "--logging_steps", "1", "--learning_rate", "1e-4",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--model_max_length", "512",
+            "--eval_data_path", os.path.join(REPO, "tests", "checkpoint", "small_eval.json")]
+
+
+def losses(output_dir) -> dict:
+    """Loss per step, the last row for a step winning (a resumed run may repeat a step)."""
+    by_step = {}
+    for line in open(os.path.join(output_dir, "metrics.jsonl")):
+        row = json.loads(line)
+        if "loss" in row:
+            by_step[row["step"]] = row["loss"]
+    return by_step
+
+
+def run_to_end(cmd, cache):
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env_for(cache), timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def kill_at(cmd, cache, output_dir, step):
+    """Start ``cmd``; SIGKILL its whole process group once ``step`` is logged."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env_for(cache), cwd=REPO,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(output_dir, "metrics.jsonl")) and max(losses(output_dir), default=0) >= step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+
+
+def assert_resumed_like_uninterrupted(reference, resumed, tolerance, note):
+    assert sorted(resumed) == sorted(reference), note
+    for step in sorted(reference):
+        assert abs(resumed[step] - reference[step]) <= tolerance, (note, step, resumed[step], reference[step])
+
+
+def test_kill_minus_nine_then_rerun_is_bitwise_identical(vitacore_cache, dropout_llm, tmp_path):
+    steps, every = 16, 5
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    run_to_end([sys.executable, SCRIPT, *flags(dropout_llm, reference_dir, steps, every)], vitacore_cache)
+    reference = losses(reference_dir)
+    kill_step = random.Random().randint(2 * every + 1, steps - 2)  # after the second checkpoint
+    cmd = [sys.executable, SCRIPT, *flags(dropout_llm, killed_dir, steps, every)]
+    kill_at(cmd, vitacore_cache, killed_dir, kill_step)
+    result = run_to_end(cmd, vitacore_cache)
+    assert "resumed from" in result.stdout + result.stderr
+    resumed = losses(killed_dir)
+    assert_resumed_like_uninterrupted(reference, resumed, 0.0, f"killed at step {kill_step}")
+    # The dropout really made a difference, so matching it proves the RNG was restored.
+    assert len(set(reference.values())) == len(reference)
+
+
+def test_killed_between_writing_and_renaming_resumes_from_the_previous_checkpoint(vitacore_cache, dropout_llm,
+                                                                                 tmp_path):
+    steps, every = 12, 4
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    run_to_end([sys.executable, SCRIPT, *flags(dropout_llm, reference_dir, steps, every)], vitacore_cache)
+    args = flags(dropout_llm, killed_dir, steps, every)
+    proc = subprocess.run([sys.executable, KILL_DRIVER, "8", *args], capture_output=True, text=True,
+                          env=env_for(vitacore_cache), timeout=900, cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    left = sorted(os.listdir(killed_dir))
+    assert "checkpoint-4" in left and "checkpoint-8" not in left and "tmp-checkpoint-8" in left, left
+    result = run_to_end([sys.executable, SCRIPT, *args], vitacore_cache)
+    assert "resumed from " + str(killed_dir / "checkpoint-4") in result.stdout + result.stderr
+    assert "tmp-checkpoint-8" not in os.listdir(killed_dir)
+    assert_resumed_like_uninterrupted(losses(reference_dir), losses(killed_dir), 0.0, "killed while saving step 8")
+
+
+def test_two_process_zero3_resume_matches_within_1e_6(vitacore_cache, dropout_llm, tmp_path):
+    steps, every = 10, 3
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    zero3 = ["--deepspeed", os.path.join(REPO, "configs", "zero3.json")]
+    run_to_end(torchrun(2, SCRIPT, *flags(dropout_llm, reference_dir, steps, every), *zero3), vitacore_cache)
+    kill_step = random.Random().randint(2 * every + 1, steps - 2)
+    kill_at(torchrun(2, SCRIPT, *flags(dropout_llm, killed_dir, steps, every), *zero3), vitacore_cache,
+            killed_dir, kill_step)
+    result = run_to_end(torchrun(2, SCRIPT, *flags(dropout_llm, killed_dir, steps, every), *zero3), vitacore_cache)
+    assert "resumed from" in result.stdout + result.stderr
+    assert_resumed_like_uninterrupted(losses(reference_dir), losses(killed_dir), 1e-6, f"killed at step {kill_step}")
+    # DeepSpeed's zero_to_fp32.py, copied into the checkpoint, joins the two ranks' partitions.
+    checkpoint = killed_dir / f"checkpoint-{steps}"
+    consolidated = tmp_path / "fp32"
+    subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(consolidated),
+                    "-t", "state", "--safe_serialization"], check=True, capture_output=True, env=env_for(vitacore_cache))
+    weights = {}
+    for name in os.listdir(consolidated):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(consolidated / name))
+    projector = torch.load(checkpoint / "mm_projector.bin", weights_only=True)
+    for key, value in projector.items():
+        assert torch.equal(weights[key[len("model."):]], value), key
+    assert any(k.startswith("llm.") for k in weights) and any(k.startswith("vision_tower.") for k in weights)

@@ -1,0 +1,426 @@
+"""The full export: one folder in VITA's layout that ``from_pretrained`` and vitacore both load.
+
+Layout::
+
+    config.json                  the LLM's config + VITA's multimodal fields + a "vitacore" entry
+    model.safetensors            every tensor under VITA's key names (or model-0000k-of-0000n shards
+    model.safetensors.index.json   + an index, HF's format)
+    generation_config.json       when the LLM has one
+    tokenizer files              tokenizer.save_pretrained
+    vision_tower/                the tower's config.json (+ preprocessor_config.json); no weights
+    audio_encoder/               the audio encoder's config; no weights
+
+The weights of every part live in the shards; the two folders make the export self-contained, so
+loading it never needs the paths the model was first built from (see
+:mod:`vitacore.model.load_export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+# vitacore.model is imported inside functions: this package is imported before vitacore.model is.
+
+EXPORT_FORMAT = "vitacore-full-export"
+EXPORT_VERSION = 1
+VISION_SUBFOLDER = "vision_tower"
+AUDIO_SUBFOLDER = "audio_encoder"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+MERGE_LORA_HINT = "python -m vitacore.checkpoint merge-lora"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """Bytes in ``size``: an int, or a string like ``"2GB"`` / ``"500MiB"`` (HF's convention: GB = 10^9)."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(str(size))
+    if not match:
+        raise ValueError(f"max_shard_size {size!r} is not a size; use e.g. 2GB, 500MB or a byte count")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+@dataclass
+class _Entry:
+    """One tensor to write: its VITA key, the parameter or buffer, and its size in the file."""
+
+    key: str
+    tensor: torch.Tensor
+    nbytes: int
+
+
+def _is_partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_id")
+
+
+def _full_shape(tensor: torch.Tensor) -> torch.Size:
+    return tensor.ds_shape if _is_partitioned(tensor) else tensor.shape
+
+
+def _export_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    # Integer / bool buffers keep their type; only floating tensors take the export precision.
+    return dtype if tensor.dtype.is_floating_point else tensor.dtype
+
+
+def _entries(model: nn.Module, dtype: torch.dtype) -> list[_Entry]:
+    """Every parameter and persistent buffer once, under its VITA key, in module order.
+
+    A tensor shared under several names (tied embeddings) is written once, under the name HF keeps:
+    the tie's source (``model.embed_tokens.weight``), never its target (``lm_head.weight``), so
+    ``from_pretrained`` re-ties it exactly as after ``save_pretrained``.
+    """
+    from vitacore.model.vita_layout import to_vita_name
+
+    tied_targets = {f"llm.{k}" for k in (getattr(model.llm, "all_tied_weights_keys", None) or {})}
+    names_by_id: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None or buffer_name in module._non_persistent_buffers_set:
+                continue
+            names_by_id.setdefault(id(buffer), []).append(f"{module_name}.{buffer_name}".lstrip("."))
+            tensors[id(buffer)] = buffer
+    entries = []
+    for tensor_id, names in names_by_id.items():
+        kept = [n for n in names if n not in tied_targets] or names
+        tensor = tensors[tensor_id]
+        numel = int(torch.Size(_full_shape(tensor)).numel())
+        itemsize = torch.empty((), dtype=_export_dtype(tensor, dtype)).element_size()
+        entries.append(_Entry(to_vita_name(kept[0]), tensor, numel * itemsize))
+    return entries
+
+
+def _plan_shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Greedy, in order (HF's rule): a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _raise_everywhere(message: str | None, is_main: bool) -> None:
+    """Raise the main rank's error on every rank, so no rank is left waiting in a gather."""
+    _, world = _rank_and_world()
+    if world > 1:
+        box = [message if is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
+
+
+def is_full_export(directory: str) -> bool:
+    """True when ``directory`` holds a vitacore full export (its config.json has a "vitacore" entry)."""
+    try:
+        with open(os.path.join(directory, CONFIG_FILE)) as fh:
+            return isinstance(json.load(fh).get("vitacore"), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_exportable(model: nn.Module, directory: str) -> str | None:
+    llm = model.llm
+    peft = type(llm).__module__.startswith("peft") or getattr(llm, "peft_config", None) is not None
+    if peft or any("lora_" in name for name, _ in llm.named_parameters()):
+        return (f"save_full_export({directory!r}): the LLM is a peft (LoRA) model that is not merged; merge "
+                f"LoRA first ({MERGE_LORA_HINT}, or merge_lora(model) from vitacore.checkpoint.lora), "
+                "then export the merged model")
+    if getattr(llm, "is_quantized", False) or getattr(llm.config, "quantization_config", None):
+        return (f"save_full_export({directory!r}): the LLM is quantized (k-bit); a 16-bit export needs the "
+                "unquantized weights: merge LoRA into the full-precision base model and export that")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"save_full_export: {directory!r} exists and is not a folder; choose another export folder"
+    config_file = os.path.join(directory, CONFIG_FILE)
+    if os.path.exists(config_file) and not is_full_export(directory):
+        return (f"save_full_export: {config_file!r} exists and is not from an earlier vitacore export; refusing to "
+                "overwrite it: export into another folder")
+    return None
+
+
+def _projector_type(projector: nn.Module) -> str:
+    if isinstance(projector, nn.Linear):
+        return "linear"
+    if isinstance(projector, nn.Identity):
+        return "identity"
+    is_mlp = isinstance(projector, nn.Sequential)
+    linears = [m for m in projector.children() if isinstance(m, nn.Linear)] if is_mlp else []
+    if not linears:
+        raise ValueError(f"save_full_export: cannot name the projector type of {type(projector).__name__}; "
+                         "set model.mm_config['mm_projector_type']")
+    return f"mlp{len(linears)}x_gelu"
+
+
+def multimodal_fields(model: nn.Module) -> dict:
+    """VITA's multimodal config fields for ``model``: ``model.mm_config`` plus what the parts show."""
+    fields = dict(model.mm_config)
+    tower, projector = model.vision_tower, model.mm_projector
+    fields["mm_vision_tower"] = fields.get("mm_vision_tower") or getattr(tower, "source", None)
+    if tower is not None:
+        fields["mm_hidden_size"] = tower.hidden_size
+    fields["use_mm_proj"] = projector is not None
+    if projector is not None and not fields.get("mm_projector_type"):
+        fields["mm_projector_type"] = _projector_type(projector)
+    fields["mm_audio_encoder"] = fields.get("mm_audio_encoder") or getattr(model.audio_encoder, "source", None)
+    prompt = model.audio_prompt
+    fields["audio_prompt_finetune"] = prompt is not None
+    fields["audio_prompt_num"] = prompt.num_embeddings if prompt is not None else None
+    fields["tokenizer_padding_side"] = model.padding_side
+    fields["tokenizer_model_max_length"] = model.model_max_length
+    return fields
+
+
+def _export_config(model: nn.Module, dtype: torch.dtype) -> dict:
+    """config.json: the LLM's config (its model_type, so AutoModelForCausalLM loads it) + VITA's fields."""
+    config = model.llm.config.to_dict()
+    config.pop("vitacore", None)
+    config["architectures"] = [type(model.llm).__name__]
+    config["use_cache"] = True  # VITA sets it back before saving; an export is for inference
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["dtype"] = config["torch_dtype"] = dtype_name
+    config.update(multimodal_fields(model))
+    config["vitacore"] = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "dtype": dtype_name,
+        "vision_tower_config": VISION_SUBFOLDER if model.vision_tower is not None else None,
+        "audio_encoder_config": AUDIO_SUBFOLDER if model.audio_encoder is not None else None,
+    }
+    return config
+
+
+def _write_encoder_configs(model: nn.Module, staging: str) -> None:
+    from vitacore.model.audio import AUDIO_CONFIG_FILE
+
+    tower = model.vision_tower
+    if tower is not None:
+        folder = os.path.join(staging, VISION_SUBFOLDER)
+        tower.encoder.config.save_pretrained(folder)
+        source = os.path.join(str(getattr(tower, "source", "")), PROCESSOR_FILE)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(folder, PROCESSOR_FILE))
+        else:  # what the data pipeline reads, so the reloaded tower normalizes images the same way
+            spec = tower.image_spec
+            with open(os.path.join(folder, PROCESSOR_FILE), "w") as fh:
+                json.dump({"image_mean": list(spec.mean), "image_std": list(spec.std),
+                           "size": {"height": spec.image_size, "width": spec.image_size}}, fh, indent=2)
+    encoder = model.audio_encoder
+    if encoder is not None:
+        folder = os.path.join(staging, AUDIO_SUBFOLDER)
+        os.makedirs(folder, exist_ok=True)
+        config = encoder.config
+        if dataclasses.is_dataclass(config):
+            with open(os.path.join(folder, AUDIO_CONFIG_FILE), "w") as fh:
+                json.dump(dataclasses.asdict(config), fh, indent=2)
+        else:
+            config.save_pretrained(folder)
+
+
+def _gather_shard(shard: list[_Entry], dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
+    """Gather one shard's partitioned tensors (collective) and, when ``keep``, copy them to CPU."""
+    partitioned = [e.tensor for e in shard if _is_partitioned(e.tensor)]
+    context = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with context:
+        if not keep:
+            return {}
+        return {e.key: e.tensor.detach().to("cpu", _export_dtype(e.tensor, dtype), copy=True).contiguous()
+                for e in shard}
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _earlier_export_files(directory: str) -> set[str]:
+    if not is_full_export(directory):
+        return set()
+    with open(os.path.join(directory, CONFIG_FILE)) as fh:
+        return set(json.load(fh)["vitacore"].get("files", [CONFIG_FILE]))
+
+
+def _publish(staging: str, directory: str) -> None:
+    """Move the finished export into place.
+
+    A new folder is one rename. Into an existing folder (e.g. a run's output_dir, next to its
+    checkpoints), the entries move one by one, config.json last, and what only the earlier export
+    had is then removed; everything else there is left alone.
+    """
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+        return
+    earlier = _earlier_export_files(directory)
+    entries = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)
+    clashes = [name for name in entries if os.path.exists(os.path.join(directory, name)) and name not in earlier]
+    if clashes:
+        raise ValueError(f"save_full_export: {directory!r} already holds {clashes}, which are not from an earlier "
+                         "vitacore export; refusing to overwrite them: export into another folder")
+    for name in entries:
+        target = os.path.join(directory, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    for name in sorted(earlier - set(entries)):
+        target = os.path.join(directory, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target, ignore_errors=True)
+        elif os.path.exists(target):
+            os.remove(target)
+    os.rmdir(staging)
+
+
+def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool, dtype: torch.dtype = torch.bfloat16,
+                     max_shard_size="2GB") -> dict[str, str]:
+    """Write ``model`` as one folder in VITA's layout (see the module docstring).
+
+    Call it on every rank: ZeRO-3 partitioned parameters are gathered one shard at a time (a
+    collective), so no rank ever holds more than about one shard of gathered weights; only the main
+    rank writes. The export is built in a folder beside ``directory`` and moved into place only when
+    complete, so an interrupted export leaves an earlier one intact. ``directory`` may hold other
+    things (a run's output_dir: checkpoints, adapter files); they are left alone.
+
+    Args:
+        model: the ``VitaModel`` (a DeepSpeed engine's ``.module`` is taken when given the engine).
+        tokenizer: saved with ``save_pretrained``.
+        directory: the export folder: new, or holding nothing the export would overwrite but an
+            earlier export (whose files, listed in its config.json, are all replaced).
+        is_main: whether this rank writes.
+        dtype: precision of the floating tensors in the file (bf16 by default; float32 allowed).
+        max_shard_size: largest weight file, e.g. ``"2GB"`` or a byte count.
+
+    Returns:
+        ``{name: final path}``: config.json, each weight file, the index (several shards),
+        generation_config.json, the encoder config folders, and ``tokenizer`` (the folder).
+
+    Raises:
+        ValueError: an unmerged LoRA or a quantized LLM, or ``directory`` holds files of the same
+            names that no earlier export wrote.
+    """
+    wrapped = getattr(model, "module", None)  # a DeepSpeed engine: export the model it wraps
+    if isinstance(wrapped, nn.Module) and hasattr(wrapped, "llm"):
+        model = wrapped
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"save_full_export: dtype {dtype} is not supported; use torch.bfloat16, float16 or float32")
+    directory = os.path.abspath(directory)
+    _raise_everywhere(_check_exportable(model, directory) if is_main else None, is_main)
+
+    shards = _plan_shards(_entries(model, dtype), parse_size(max_shard_size))
+    names = _shard_names(len(shards))
+    staging = f"{directory}.tmp-{os.getpid()}"
+    written = {name: os.path.join(directory, name) for name in [CONFIG_FILE, *names]}
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    try:
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            tensors = _gather_shard(shard, dtype, keep=is_main)
+            if is_main:
+                save_file(tensors, os.path.join(staging, name), metadata={"format": "pt"})
+                weight_map.update({key: name for key in tensors})
+        if is_main:
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(e.nbytes for s in shards for e in s)},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                with open(os.path.join(staging, INDEX_FILE), "w") as fh:
+                    json.dump(index, fh, indent=2)
+            generation_config = getattr(model.llm, "generation_config", None)
+            if generation_config is not None and model.llm.can_generate():
+                generation_config.save_pretrained(staging)
+            _write_encoder_configs(model, staging)
+            tokenizer.save_pretrained(staging)
+            config = _export_config(model, dtype)
+            # Written last, listing what belongs to the export: a later export replaces exactly these.
+            config["vitacore"]["files"] = sorted({*os.listdir(staging), CONFIG_FILE})
+            with open(os.path.join(staging, CONFIG_FILE), "w") as fh:
+                json.dump(config, fh, indent=2, sort_keys=True)
+            _fsync_tree(staging)
+            _publish(staging, directory)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if _rank_and_world()[1] > 1:
+            torch.distributed.barrier()  # the files exist for every rank once this returns
+    if len(shards) > 1:
+        written[INDEX_FILE] = os.path.join(directory, INDEX_FILE)
+    if getattr(model.llm, "generation_config", None) is not None and model.llm.can_generate():
+        written["generation_config.json"] = os.path.join(directory, "generation_config.json")
+    for subfolder, part in ((VISION_SUBFOLDER, model.vision_tower), (AUDIO_SUBFOLDER, model.audio_encoder)):
+        if part is not None:
+            written[subfolder] = os.path.join(directory, subfolder)
+    written["tokenizer"] = directory
+    return written
+
+
+def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_tower: str | None = None,
+                     audio_encoder: str | None = None, deepspeed_config: dict | None = None, log=print):
+    """Load a full export outside a training run (tests, tools); a run does the same through
+    ``build_model`` with ``--model_name_or_path DIR``.
+
+    Args:
+        directory: the export (or a VITA checkpoint folder).
+        dtype: torch.float32 or torch.bfloat16.
+        vision_tower / audio_encoder: encoder config folders overriding the export's.
+        deepspeed_config: a complete ZeRO-3 config builds the LLM and tower partitioned.
+        log: where notes go.
+
+    Returns:
+        A :class:`vitacore.model.build.ModelBundle` (model, tokenizer).
+    """
+    from vitacore.config import RunConfig
+    from vitacore.model.build import build_model
+    from vitacore.model.load_export import read_export_config
+
+    exported = read_export_config(directory)
+    if exported is None:
+        raise FileNotFoundError(f"load_full_export: {os.path.join(directory, CONFIG_FILE)!r} is missing or has no "
+                                "mm_vision_tower / vitacore entry; is this a full export?")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"load_full_export: dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    config = RunConfig()
+    config.model.model_name_or_path = directory
+    config.model.vision_tower, config.model.audio_encoder = vision_tower, audio_encoder
+    config.training.bf16 = dtype == torch.bfloat16
+    config.training.model_max_length = exported.get("tokenizer_model_max_length") or config.training.model_max_length
+    return build_model(config, log=log, deepspeed_config=deepspeed_config)

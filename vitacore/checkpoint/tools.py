@@ -1,0 +1,149 @@
+"""Offline tools: a resumable checkpoint or a LoRA run's output -> a full export.
+
+    python -m vitacore.checkpoint export CKPT_DIR OUT_DIR [--dtype bfloat16|float32]
+    python -m vitacore.checkpoint merge-lora LORA_DIR OUT_DIR [--dtype bfloat16|float32]
+
+Both rebuild the run's model from the ``config.yaml`` saved beside the weights (frozen parts come
+from the same paths the run used), put the trained weights in, and write a full export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from vitacore.checkpoint.resumable import COMPLETE_MARKER, CONFIG_FILE, DEEPSPEED_TAG, read_trainer_state
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _run_config(folder: str, flag: str, lora: Optional[bool] = None):
+    from vitacore.config import load_yaml_config
+
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {folder!r}: no {CONFIG_FILE} there (expected a vitacore checkpoint-<step> "
+                                "folder or a run's output folder)")
+    config = load_yaml_config(path)
+    t = config.training
+    t.deepspeed = None  # one process, nothing partitioned
+    if lora is not None:
+        t.lora_enable = lora
+        if lora is False and t.bits in (4, 8):
+            t.bits = 16  # merging needs the base weights in 16/32-bit, not quantized
+    return config
+
+
+def _trained_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The fp32 values of the trainable parameters in a checkpoint, consolidated over ranks."""
+    state_dir = os.path.join(checkpoint, DEEPSPEED_TAG)
+    if glob.glob(os.path.join(state_dir, "*optim_states.pt")) and os.path.exists(
+            os.path.join(checkpoint, "zero_to_fp32.py")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=DEEPSPEED_TAG))
+    # ZeRO-0 (one process): the module entry holds the trainable weights themselves.
+    files = sorted(glob.glob(os.path.join(state_dir, "mp_rank_*_model_states.pt")))
+    if not files:
+        raise FileNotFoundError(f"export {checkpoint!r}: no DeepSpeed state in {state_dir!r}")
+    return dict(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
+
+
+def _drop_adapter_flags(config, trainable: set[str]) -> None:
+    # The checkpoint holds these units' trained values; the run's starting files may be long gone.
+    if any(n.startswith("mm_projector.") for n in trainable):
+        config.model.pretrain_mm_mlp_adapter = None
+    if any(n.startswith("audio_adapter.") for n in trainable):
+        config.model.pretrain_audio_mlp_adapter = None
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log=print) -> dict:
+    """Consolidate a resumable checkpoint into a full export in ``out_dir``.
+
+    A LoRA checkpoint is merged first (see :func:`merge_lora_folder`).
+
+    Returns:
+        ``{artifact name: path}`` written.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the checkpoint and what is missing or does not fit.
+    """
+    from vitacore.checkpoint.export import save_full_export
+    from vitacore.model.build import build_model
+
+    if not os.path.exists(os.path.join(checkpoint, COMPLETE_MARKER)):
+        raise FileNotFoundError(f"export {checkpoint!r}: not a complete checkpoint (no {COMPLETE_MARKER}); pass a "
+                                "checkpoint-<step> folder of a run's --output_dir")
+    if os.path.exists(os.path.join(checkpoint, ADAPTER_CONFIG)):
+        return merge_lora_folder(checkpoint, out_dir, dtype, log)
+    trainable = set(read_trainer_state(checkpoint).get("identity", {}).get("trainable", {}))
+    config = _run_config(checkpoint, "export")
+    _drop_adapter_flags(config, trainable)
+    bundle = build_model(config, log=log)
+    weights = _trained_weights(checkpoint)
+    missing = trainable - set(weights)
+    if missing:
+        raise ValueError(f"export {checkpoint!r}: the engine state lacks trained parameters {sorted(missing)[:5]}")
+    result = bundle.model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"export {checkpoint!r}: weights {result.unexpected_keys[:5]} fit no parameter of the "
+                         "model rebuilt from its config.yaml")
+    log(f"loaded {len(weights)} trained tensors from {checkpoint}")
+    return save_full_export(bundle.model, bundle.tokenizer, out_dir, is_main=True, dtype=dtype)
+
+
+def merge_lora_folder(folder: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log=print) -> dict:
+    """Merge a LoRA run's adapter into its base LLM and write a full export.
+
+    ``folder`` is a LoRA run's output folder or one of its checkpoints: it holds ``config.yaml``,
+    the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and
+    ``non_lora_trainables.bin``. The base LLM is loaded unquantized even for ``--bits 4/8`` runs.
+    """
+    from peft import PeftModel
+
+    from vitacore.checkpoint.export import save_full_export
+    from vitacore.checkpoint.lora import load_non_lora_trainables
+    from vitacore.model.build import build_model
+
+    if not os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
+        raise FileNotFoundError(f"merge-lora {folder!r}: no {ADAPTER_CONFIG} (not the output of a --lora_enable run)")
+    config = _run_config(folder, "merge-lora", lora=False)
+    non_lora = os.path.join(folder, "non_lora_trainables.bin")
+    if os.path.exists(non_lora):
+        config.model.pretrain_mm_mlp_adapter = config.model.pretrain_audio_mlp_adapter = None
+    bundle = build_model(config, log=log)
+    model = bundle.model
+    model.llm = PeftModel.from_pretrained(model.llm, folder).merge_and_unload()
+    if os.path.exists(non_lora):
+        loaded = load_non_lora_trainables(non_lora, model)
+        log(f"loaded {len(loaded)} non-LoRA trained tensors from {non_lora}")
+    return save_full_export(model, bundle.tokenizer, out_dir, is_main=True, dtype=dtype)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``python -m vitacore.checkpoint`` command line."""
+    parser = argparse.ArgumentParser(prog="python -m vitacore.checkpoint", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("export", "resumable checkpoint -> full export"),
+                            ("merge-lora", "LoRA adapter + base LLM -> full export")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("source", help="checkpoint-<step> folder" if name == "export" else
+                             "a --lora_enable run's output folder or checkpoint")
+        command.add_argument("out_dir", help="where the full export goes")
+        command.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="weights' dtype")
+    args = parser.parse_args(argv)
+    run = export_checkpoint if args.command == "export" else merge_lora_folder
+    try:
+        written = run(args.source, args.out_dir, _DTYPES[args.dtype])
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, path in sorted(written.items()):
+        print(f"wrote {path}")
+    return 0
