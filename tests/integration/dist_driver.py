@@ -1,18 +1,22 @@
 """A driver for the multi-process tests: trains through the public API, then dumps what ranks saw.
 
 Run under torchrun (or plain python for one process):
-    dist_driver.py OUT_JSON [--alternate_modalities] [train_stage.py flags...]
+    dist_driver.py OUT_JSON [--alternate_modalities] [--dump_changes] [train_stage.py flags...]
 Writes OUT_JSON.rank<R>: the logged losses, and for ZeRO-3 the local shard sizes of the parameters.
+With ``--dump_changes``: the names of the parameters whose gathered values changed, and (rank 0)
+``OUT_JSON.trained.pt`` with the final values of the trainable ones.
 """
 
 import json
 import sys
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import vitacore
+from vitacore.checkpoint import gathered_state
 from vitacore.data.dataset import VitaJsonDataset
+from vitacore.data.sampler import ResumableSampler
 
 
 class AlternatingModalities(torch.utils.data.Dataset):
@@ -32,7 +36,8 @@ class AlternatingModalities(torch.utils.data.Dataset):
 def main(argv):
     out_path, argv = argv[0], argv[1:]
     alternate = "--alternate_modalities" in argv
-    argv = [a for a in argv if a != "--alternate_modalities"]
+    dump_changes = "--dump_changes" in argv
+    argv = [a for a in argv if a not in ("--alternate_modalities", "--dump_changes")]
     config = vitacore.parse_args(argv)
     stage = vitacore.apply_stage(config, embedded_default=True)
     args = config.training
@@ -50,18 +55,28 @@ def main(argv):
     trainer = vitacore.Trainer(config, bundle.model, groups, train, data.collator, dist,
                                deepspeed_config=ds_config)
     if alternate:  # fixed order, so the modality pattern per rank is the one described above
-        trainer.sampler = DistributedSampler(train, dist.world_size, dist.rank, shuffle=False)
+        trainer.sampler = ResumableSampler(train, dist.world_size, dist.rank, seed=args.seed, shuffle=False)
         trainer.loader = DataLoader(train, batch_size=args.per_device_train_batch_size, sampler=trainer.sampler,
-                                    collate_fn=data.collator)
+                                    collate_fn=data.collator, generator=trainer.loader_generator)
     shards = {name: int(p.ds_tensor.numel()) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_tensor")}
     full = {name: int(p.ds_numel) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_numel")}
     local = {name: int(p.numel()) for name, p in bundle.model.named_parameters()}
+    before = gathered_state(bundle.model) if dump_changes else {}
     result = trainer.fit()
-    vitacore.save_stage_artifacts(bundle.model, args.output_dir, set(policy.trained_units()), dist.is_main)
+    vitacore.save_run_artifacts(bundle.model, args.output_dir, set(policy.trained_units()), dist.is_main,
+                                lora_bias=args.lora_bias)
+    changed = []
+    if dump_changes:
+        after = gathered_state(bundle.model)
+        changed = sorted(name for name in after if not torch.equal(before[name], after[name]))
+        if dist.is_main:
+            trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+            torch.save({n: after[n] for n in trainable}, f"{out_path}.trained.pt")
     losses = [row["loss"] for row in result.rows if "loss" in row]
     with open(f"{out_path}.rank{dist.rank}", "w") as fh:
         json.dump({"losses": losses, "shards": shards, "full": full, "local": local, "steps": result.num_steps,
-                   "world_size": dist.world_size, "stopped_by": result.stopped_by}, fh)
+                   "world_size": dist.world_size, "stopped_by": result.stopped_by, "changed": changed,
+                   "trainable": sorted(n for n, p in bundle.model.named_parameters() if p.requires_grad)}, fh)
 
 
 if __name__ == "__main__":

@@ -111,10 +111,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(vitacore_cache, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    stop = rows[-1]
-    assert stop["event"] == "stopped" and stop["signal"] == "SIGTERM" and stop["step"] >= 3
+    stop = next(r for r in rows if r.get("event") == "stopped")
+    assert stop["signal"] == "SIGTERM" and stop["step"] >= 3
     assert stop["step"] == max(r["step"] for r in rows if "loss" in r)  # the step in progress was finished
     assert (out / "mm_projector.bin").exists()
+    # ... and saved a resumable checkpoint of that step.
+    assert rows[-1] == {"step": stop["step"], "event": "checkpoint", "path": str(out / f"checkpoint-{stop['step']}")}
+    assert (out / f"checkpoint-{stop['step']}" / "checkpoint_complete.json").exists()
     assert f"stopped by SIGTERM after step {stop['step']}" in stdout
 
 
@@ -131,8 +134,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(vitacore_cache, t
     workers[-1].send_signal(signal.SIGTERM)  # one rank only; the other learns it at the step's end
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
-    stop = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
-    assert stop["event"] == "stopped" and stop["signal"] in ("SIGTERM", "peer rank")
+    stop = next(r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("event") == "stopped")
+    assert stop["signal"] in ("SIGTERM", "peer rank")
+    assert (out / f"checkpoint-{stop['step']}" / "checkpoint_complete.json").exists()
 
 
 def test_two_node_agents_on_loopback(vitacore_cache, tmp_path):

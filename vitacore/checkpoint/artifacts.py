@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -14,11 +16,11 @@ MM_PROJECTOR_PREFIX = "model.mm_projector."
 AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary path)`` in the same folder, fsync, then rename: a kill never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -26,6 +28,11 @@ def atomic_torch_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_stage_artifacts(model: nn.Module, output_dir: str, trainable_units: set[str], is_main: bool) -> dict[str, str]:

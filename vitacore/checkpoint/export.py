@@ -264,6 +264,13 @@ def _gather_shard(shard: list[_Entry], dtype: torch.dtype, keep: bool) -> dict[s
                 for e in shard}
 
 
+def _readable_like_other_files(path: str) -> None:
+    """safetensors creates files owner-only (0600); give them the umask's usual mode, as for the JSONs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _fsync_tree(root: str) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -356,6 +363,7 @@ def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool,
             tensors = _gather_shard(shard, dtype, keep=is_main)
             if is_main:
                 save_file(tensors, os.path.join(staging, name), metadata={"format": "pt"})
+                _readable_like_other_files(os.path.join(staging, name))
                 weight_map.update({key: name for key in tensors})
         if is_main:
             if len(shards) > 1:

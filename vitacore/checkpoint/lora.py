@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from vitacore.checkpoint.artifacts import atomic_torch_save
+from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
 from vitacore.freeze.policy import LORA_BIAS, LORA_MARKER
 
 # vitacore.model is imported inside functions: importing the model package from here at import time
@@ -126,20 +126,6 @@ def non_lora_trainables(model: nn.Module, lora_bias: str = "none") -> dict[str, 
     return {_non_lora_key(n): t for n, t in _gathered(chosen).items()}
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(temporary path)``, then rename: the same guarantee as ``atomic_torch_save`` for other formats."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _adapter_config_dict(llm: nn.Module, lora_bias: str) -> dict:
     config = copy.deepcopy(llm.peft_config[_ADAPTER])
     config.inference_mode = True  # as peft's save_pretrained writes it
@@ -170,9 +156,9 @@ def save_lora_artifacts(model: nn.Module, directory: str, lora_bias: str, is_mai
             with open(path, "w") as fh:
                 json.dump(config, fh, indent=2, sort_keys=True, default=list)
 
-        _atomic_write(paths[ADAPTER_CONFIG_FILE], write_config)
+        atomic_write(paths[ADAPTER_CONFIG_FILE], write_config)
         tensors = {k: v.contiguous() for k, v in adapter.items()}
-        _atomic_write(paths[ADAPTER_WEIGHTS_FILE], lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write(paths[ADAPTER_WEIGHTS_FILE], lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         atomic_torch_save(others, paths[NON_LORA_FILE])
     return paths
 

@@ -139,13 +139,19 @@ class VitaModel(nn.Module):
         supervised-token count of the whole accumulation group over all ranks, scaled so every token
         weighs the same however the batch is split); None gives the per-micro-batch mean.
         """
+        # Vision first, then audio, on every rank and every micro-batch (real or dummy input): under
+        # ZeRO-3 each module's parameters are gathered collectively, so all ranks must agree on order.
+        device = input_ids.device
         image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
+        unused = None if image_blocks else self._dummy_image_output(device)
         audio_blocks = (
             self.encode_audio(audios, audio_lengths, audio_token_lengths)
             if audios is not None and audios.shape[0]
             else []
         )
-        unused = self._dummy_encoder_outputs(bool(image_blocks), bool(audio_blocks), input_ids.device)
+        if not audio_blocks:
+            audio_unused = self._dummy_audio_output(device)
+            unused = audio_unused if unused is None else (unused if audio_unused is None else unused + audio_unused)
         merged = merge_media_embeddings(
             input_ids, labels, attention_mask, self.llm.get_input_embeddings(),
             image_blocks, audio_blocks, self.model_max_length, self.padding_side, sample_ids,
@@ -203,19 +209,19 @@ class VitaModel(nn.Module):
             costs.append(ModuleCost(count, audio_tokens, trains))
         return step_flops(costs)
 
-    def _dummy_encoder_outputs(self, has_images: bool, has_audio: bool, device) -> Optional[torch.Tensor]:
-        """Run encoders the micro-batch did not use on one tiny input; return their summed outputs."""
-        if not self.run_all_encoders:
+    def _dummy_image_output(self, device) -> Optional[torch.Tensor]:
+        """With ``run_all_encoders``: the tower and projector on one blank image, summed (else None)."""
+        if not self.run_all_encoders or self.vision_tower is None or self.mm_projector is None:
             return None
-        total = None
-        if not has_images and self.vision_tower is not None and self.mm_projector is not None:
-            size = self.vision_tower.image_spec.image_size
-            total = sum(block.sum() for block in self.encode_images(torch.zeros(1, 3, size, size, device=device)))
-        if not has_audio and self.audio_encoder is not None and self.audio_adapter is not None:
-            frames = 16  # the shortest clip the subsampling convolutions accept comfortably
-            mel = getattr(getattr(self.audio_encoder, "config", None), "num_mel_bins", 80)
-            blocks = self.encode_audio(torch.zeros(1, frames, mel, device=device),
-                                       torch.tensor([frames], device=device), torch.tensor([1], device=device))
-            audio_total = sum(block.sum() for block in blocks)
-            total = audio_total if total is None else total + audio_total
-        return total
+        size = self.vision_tower.image_spec.image_size
+        return sum(block.sum() for block in self.encode_images(torch.zeros(1, 3, size, size, device=device)))
+
+    def _dummy_audio_output(self, device) -> Optional[torch.Tensor]:
+        """With ``run_all_encoders``: the audio encoder and adapter on one silent clip, summed (else None)."""
+        if not self.run_all_encoders or self.audio_encoder is None or self.audio_adapter is None:
+            return None
+        frames = 16  # the shortest clip the subsampling convolutions accept comfortably
+        mel = getattr(getattr(self.audio_encoder, "config", None), "num_mel_bins", 80)
+        blocks = self.encode_audio(torch.zeros(1, frames, mel, device=device),
+                                   torch.tensor([frames], device=device), torch.tensor([1], device=device))
+        return sum(block.sum() for block in blocks)
