@@ -1,5 +1,9 @@
 """Tiny random parts composed into a VitaModel, shared by tests of several packages."""
 
+import json
+import os
+import shutil
+
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -40,3 +44,42 @@ def build_tiny_vita(seed: int = 0, model_max_length: int = 128, padding_side: st
     head = torch.nn.Linear(TINY["llm_hidden"], 3) if state_head else None
     return VitaModel(llm, tower, projector, encoder, adapter, prompt, head, model_max_length=model_max_length,
                      padding_side=padding_side, mm_config={"mm_projector_type": "mlp2x_gelu"})
+
+
+INTERNVIT_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "internvit_tiny")
+INTERNVIT_MEAN = (0.485, 0.456, 0.406)
+INTERNVIT_STD = (0.229, 0.224, 0.225)
+
+
+def write_tiny_internvit(folder, seed: int = 1, image_size: int = 28, patch_size: int = 7, hidden_size: int = 16,
+                         num_hidden_layers: int = 2) -> str:
+    """A random tiny InternViT-style tower saved as InternViT-300M-448px is released: config.json with
+    ``model_type`` ``intern_vit_6b`` and an ``auto_map`` to the ``.py`` files beside it (remote code),
+    safetensors weights, and a CLIP-style preprocessor_config.json. Returns the folder."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(INTERNVIT_CODE)):
+        if name.endswith(".py"):
+            shutil.copyfile(os.path.join(INTERNVIT_CODE, name), os.path.join(folder, name))
+    config = {
+        "model_type": "intern_vit_6b", "architectures": ["TinyInternVisionModel"],
+        "auto_map": {"AutoConfig": "configuration_tiny_intern_vit.TinyInternVisionConfig",
+                     "AutoModel": "modeling_tiny_intern_vit.TinyInternVisionModel"},
+        "image_size": image_size, "patch_size": patch_size, "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size, "num_hidden_layers": num_hidden_layers, "num_attention_heads": 2,
+    }
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
+    model.save_pretrained(folder)
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "resample": 3,
+        "do_normalize": True, "image_mean": list(INTERNVIT_MEAN), "image_std": list(INTERNVIT_STD),
+    }
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as fh:
+        json.dump(processor, fh, indent=2)
+    return folder

@@ -82,6 +82,8 @@ def rule_errors(cfg) -> List[str]:
         check(m.audio_prompt_num is not None and m.audio_prompt_num >= 1,
               f"--audio_prompt_finetune True needs --audio_prompt_num >= 1 "
               f"(got {m.audio_prompt_num})")
+    check(not m.use_s2, "--use_s2 True: S2 multi-scale vision features are not implemented in vitacore; "
+                        "drop the flag (or pass --use_s2 False)")
     check(not (m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter),
           "--tune_mm_mlp_adapter True contradicts --freeze_mm_mlp_adapter True; set one to False")
     check(cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")

@@ -81,6 +81,8 @@ def kill_at(cmd, cache, output_dir, step):
 
 def assert_resumed_like_uninterrupted(reference, resumed, tolerance, note):
     assert sorted(resumed) == sorted(reference), note
+    worst = max(abs(resumed[step] - reference[step]) for step in reference)
+    print(f"{note}: {len(reference)} steps, max |loss difference| after resuming {worst:.3g}")
     for step in sorted(reference):
         assert abs(resumed[step] - reference[step]) <= tolerance, (note, step, resumed[step], reference[step])
 

@@ -64,6 +64,7 @@ def test_stage4_lora_trains_saves_and_peft_reproduces_it(vitacore_cache, dist, t
          "--max_steps", "40", "--logging_steps", "5", "--learning_rate", "1e-3", "--output_dir", str(out)], dist)
     assert trained == {"llm", "mm_projector"}
     losses = [row["loss"] for row in result.rows if "loss" in row]
+    print(f"bits {bits}: logged losses {losses[0]:.4f} -> {losses[-1]:.4f} over {result.num_steps} steps")
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses  # it learns
     names = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n or n.startswith("mm_projector.") for n in names)

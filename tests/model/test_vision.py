@@ -117,3 +117,23 @@ def test_drop_cls_removes_first_token():
     with torch.no_grad():
         full, cut = keep(pixels), drop(pixels)
     torch.testing.assert_close(cut, full[:, 1:])
+
+
+def test_clip_tower_takes_layer_minus_2_without_cls_and_clip_defaults(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from vitacore.model.vision import CLIP_MEAN, CLIP_STD
+
+    torch.manual_seed(0)
+    raw = CLIPVisionModel(CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH)).eval()
+    raw.save_pretrained(tmp_path)
+    tower = load_vision_tower(str(tmp_path)).eval()
+    assert (tower.select_layer, tower.drop_cls, tower.pixel_shuffle) == (-2, True, False)
+    assert tower.num_tokens_per_image == (IMAGE_SIZE // PATCH) ** 2
+    assert tower.encoder_tokens_per_image == (IMAGE_SIZE // PATCH) ** 2 + 1  # the CLS token runs too
+    assert (tower.image_spec.mean, tower.image_spec.std) == (CLIP_MEAN, CLIP_STD)  # no preprocessor_config.json
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = raw(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(tower(pixels), expected)

@@ -7,8 +7,9 @@ Layout::
     model.safetensors.index.json   + an index, HF's format)
     generation_config.json       when the LLM has one
     tokenizer files              tokenizer.save_pretrained
-    vision_tower/                the tower's config.json (+ preprocessor_config.json); no weights
-    audio_encoder/               the audio encoder's config; no weights
+    vision_tower/                the tower's config.json (+ preprocessor_config.json, + the .py files
+                                   of a remote-code tower such as InternViT); no weights
+    audio_encoder/               the audio encoder's config (Whisper: + preprocessor_config.json); no weights
 
 The weights of every part live in the shards; the two folders make the export self-contained, so
 loading it never needs the paths the model was first built from (see
@@ -18,7 +19,6 @@ loading it never needs the paths the model was first built from (see
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -223,12 +223,17 @@ def _export_config(model: nn.Module, dtype: torch.dtype) -> dict:
 
 
 def _write_encoder_configs(model: nn.Module, staging: str) -> None:
-    from vitacore.model.audio import AUDIO_CONFIG_FILE
-
     tower = model.vision_tower
     if tower is not None:
         folder = os.path.join(staging, VISION_SUBFOLDER)
         tower.encoder.config.save_pretrained(folder)
+        remote = not type(tower.encoder).__module__.startswith("transformers.")
+        if remote and getattr(tower.encoder.config, "auto_map", None):
+            # Remote code (InternViT): its config.json names .py files; copy them (and what they import
+            # relatively) from the loaded module, so the export reloads with trust_remote_code on its own.
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(tower.encoder, folder)
         source = os.path.join(str(getattr(tower, "source", "")), PROCESSOR_FILE)
         if os.path.isfile(source):
             shutil.copyfile(source, os.path.join(folder, PROCESSOR_FILE))
@@ -237,16 +242,8 @@ def _write_encoder_configs(model: nn.Module, staging: str) -> None:
             with open(os.path.join(folder, PROCESSOR_FILE), "w") as fh:
                 json.dump({"image_mean": list(spec.mean), "image_std": list(spec.std),
                            "size": {"height": spec.image_size, "width": spec.image_size}}, fh, indent=2)
-    encoder = model.audio_encoder
-    if encoder is not None:
-        folder = os.path.join(staging, AUDIO_SUBFOLDER)
-        os.makedirs(folder, exist_ok=True)
-        config = encoder.config
-        if dataclasses.is_dataclass(config):
-            with open(os.path.join(folder, AUDIO_CONFIG_FILE), "w") as fh:
-                json.dump(dataclasses.asdict(config), fh, indent=2)
-        else:
-            config.save_pretrained(folder)
+    if model.audio_encoder is not None:  # each encoder kind writes what rebuilds it (Whisper: + its feature extractor)
+        model.audio_encoder.save_config(os.path.join(staging, AUDIO_SUBFOLDER))
 
 
 def _gather_shard(shard: list[_Entry], dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ from typing import Optional
 
 from vitacore.data.conversation import get_template
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
-from vitacore.data.media import AudioTransform, ImageTransform
+from vitacore.data.media import ImageTransform
+from vitacore.model.audio import audio_transform_for
 from vitacore.model.default import ensure_default_assets
 
 
@@ -49,12 +50,15 @@ def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelectio
     if head is not None and any(p.requires_grad for p in head.parameters()):
         raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
                          "which this data pipeline does not produce yet; set it to False")
-    template = get_template(config.model.version)
+    template = get_template(config.model.version)  # build_model resolved it from the LLM when not given
     tower = bundle.model.vision_tower
     spec = tower.image_spec
     image_transform = ImageTransform(spec.image_size, spec.mean, spec.std,
                                      pad_to_square=config.data.image_aspect_ratio == "pad")
-    audio_transform = AudioTransform()
+    # The encoder decides its features (fbank or Whisper's log-mel) and token counts; the bundle says which.
+    audio_transform = bundle.audio_transform
+    if audio_transform is None and bundle.model.audio_encoder is not None:
+        audio_transform = audio_transform_for(bundle.model.audio_encoder)
     assets = bundle.default_assets or ensure_default_assets()
     train = _dataset([assets.subset(s) for s in selection.train], assets.data_root, bundle, template,
                      image_transform, audio_transform)

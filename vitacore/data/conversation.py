@@ -2,7 +2,9 @@
 
 Token ids are assembled piece by piece (system, user turns, assistant turns), so the labels line up
 with the ids by construction: VITA's "tokenization mismatch, zero the sample" failure mode cannot
-happen here.
+happen here. Templates (``--version``): ``qwen2p5_instruct`` (VITA's Qwen2.5 ChatML), ``llama3``,
+``nemo``, ``mixtral_two`` and ``plain``; each names its end-of-turn text as the real tokenizers spell
+it, so it is one token there.
 """
 
 from __future__ import annotations
@@ -24,31 +26,86 @@ _PLACEHOLDER = re.compile(f"({re.escape(DEFAULT_IMAGE_TOKEN)}|{re.escape(DEFAULT
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A ChatML-style template (the layout of VITA's ``qwen2p5_instruct``).
+    """A chat format, as the text pieces a conversation is assembled from.
+
+    ``{system}`` and ``{text}`` in the pieces stand for the system prompt and a user turn's text.
+    Only the answer, its state token and ``answer_end`` are supervised; every other piece is masked.
 
     Attributes:
         name: the ``--version`` key.
         system_prompts: one system prompt per modality (``image``, ``video``, ``lang``).
         use_state_tokens: prefix answers with VITA-1.5's state tokens.
+        system: the system block at the start ("" when the system prompt goes into the first user turn).
+        user: a user turn.
+        first_user: the first user turn when it differs from ``user`` (it carries the system prompt).
+        assistant: what opens an assistant turn.
+        answer_end: the end-of-turn text after each answer (supervised).
+        after_answer: text between an answer's end and the next turn.
+        add_bos: start with the tokenizer's BOS token, when it has one.
+        media_only_user: keep only the media placeholders of the user turn (LLaVA's ``plain``).
+        single_turn: exactly one user / assistant exchange per sample.
     """
 
     name: str
     system_prompts: dict = field(default_factory=dict)
     use_state_tokens: bool = True
-    turn_start: str = "<|im_start|>"
-    turn_end: str = "<|im_end|>"
+    system: str = "<|im_start|>system\n{system}<|im_end|>\n"
+    user: str = "<|im_start|>user\n{text}<|im_end|>\n"
+    first_user: Optional[str] = None
+    assistant: str = "<|im_start|>assistant\n"
+    answer_end: str = "<|im_end|>"
+    after_answer: str = "\n"
+    add_bos: bool = False
+    media_only_user: bool = False
+    single_turn: bool = False
 
 
-QWEN2P5_INSTRUCT = ChatTemplate(
-    name="qwen2p5_instruct",
-    system_prompts={
-        "image": "You are a helpful multimodal assistant. Answer from what the image shows.",
-        "video": "You are a helpful multimodal assistant. Answer from what the video shows.",
-        "lang": "You are a helpful multimodal assistant.",
-    },
+# Our own wording; the image and video prompts ask for answers grounded in the media, as VITA's do.
+SYSTEM_PROMPTS = {
+    "image": "You are a helpful multimodal assistant. Answer from what the image shows.",
+    "video": "You are a helpful multimodal assistant. Answer from what the video shows.",
+    "lang": "You are a helpful multimodal assistant.",
+}
+
+# VITA's Qwen2.5 format (ChatML).
+QWEN2P5_INSTRUCT = ChatTemplate(name="qwen2p5_instruct", system_prompts=SYSTEM_PROMPTS)
+
+# Llama 3 Instruct's header format (VITA's llama3-8b type has no template of its own).
+LLAMA3 = ChatTemplate(
+    name="llama3", system_prompts=SYSTEM_PROMPTS, add_bos=True,
+    system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+    assistant="<|start_header_id|>assistant<|end_header_id|>\n\n", answer_end="<|eot_id|>", after_answer="",
 )
 
-TEMPLATES = {"qwen2p5_instruct": QWEN2P5_INSTRUCT, "qwen2p5_fo_instruct": QWEN2P5_INSTRUCT}
+# VITA's nemo (Mistral NeMo): [INST]...[/INST] answer</s>; the system prompt opens the first user turn.
+NEMO = ChatTemplate(
+    name="nemo", system_prompts=SYSTEM_PROMPTS, add_bos=True, system="",
+    first_user="[INST]{system}\n\n{text}[/INST]", user="[INST]{text}[/INST]",
+    assistant="", answer_end="</s>", after_answer="",
+)
+
+# VITA's mixtral_two: "system:" prompt, then "user:" / "bot:" turns, each closed by </s>.
+MIXTRAL_TWO = ChatTemplate(
+    name="mixtral_two", system_prompts=SYSTEM_PROMPTS, add_bos=True,
+    system="system:{system}</s>", user="\nuser:{text}</s>",
+    assistant="\nbot:", answer_end="</s>", after_answer="",
+)
+
+# LLaVA's plain (caption pretraining): the media, then the answer and a newline; no roles, no prompt.
+PLAIN = ChatTemplate(
+    name="plain", use_state_tokens=False, add_bos=True, system="", user="{text}", assistant="",
+    answer_end="\n", after_answer="", media_only_user=True, single_turn=True,
+)
+
+TEMPLATES = {
+    "qwen2p5_instruct": QWEN2P5_INSTRUCT,
+    "qwen2p5_fo_instruct": QWEN2P5_INSTRUCT,
+    "llama3": LLAMA3,
+    "nemo": NEMO,
+    "mixtral_two": MIXTRAL_TWO,
+    "plain": PLAIN,
+}
 
 
 def get_template(version: Optional[str]) -> ChatTemplate:
@@ -61,6 +118,11 @@ def get_template(version: Optional[str]) -> ChatTemplate:
     if key not in TEMPLATES:
         raise ValueError(f"--version {key!r} is not a known template; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[key]
+
+
+def _fill(piece: str, system: str, text: str = "") -> str:
+    # System first, text last: a user's text containing "{system}" stays as written.
+    return piece.replace("{system}", system).replace("{text}", text)
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:
@@ -86,7 +148,8 @@ def tokenize_conversation(
     """Turn VITA ``conversations`` into ``(input_ids, labels)``.
 
     Only assistant answers are supervised: the state token, the answer text and the end-of-turn
-    token. ``<image>`` / ``<audio>`` become -200 / -500 (already expanded per tile / frame).
+    token. ``<image>`` / ``<audio>`` become -200 / -500 (already expanded per tile / frame). Each
+    piece is tokenized on its own, so labels line up with ids by construction.
 
     Args:
         conversations: ``[{"from": "human"|"gpt", "value": str}, ...]`` alternating, human first.
@@ -98,11 +161,17 @@ def tokenize_conversation(
             per turn from ``<audio>`` in the question (text-only warm-up data stands in for audio).
 
     Raises:
-        ValueError: roles that do not alternate human/gpt, naming the turn.
+        ValueError: roles that do not alternate human/gpt, naming the turn; a multi-turn sample for a
+            single-turn template (``plain``).
     """
-    start, end = template.turn_start, template.turn_end
+    if template.single_turn and len(conversations) != 2:
+        raise ValueError(f"--version {template.name} takes exactly one human / gpt exchange per sample; this one has "
+                         f"{len(conversations)} turns (use a chat template for multi-turn data)")
     system = template.system_prompts.get(modality, template.system_prompts.get("lang", ""))
-    input_ids = _encode_text(tokenizer, f"{start}system\n{system}{end}\n")
+    input_ids = []
+    if template.add_bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        input_ids.append(tokenizer.bos_token_id)  # as the tokenizer would add it to the whole prompt
+    input_ids += _encode_text(tokenizer, _fill(template.system, system=system))
     labels = [IGNORE_INDEX] * len(input_ids)
     previous_query = ""
     for index, turn in enumerate(conversations):
@@ -111,12 +180,14 @@ def tokenize_conversation(
         if role != expected:
             raise ValueError(f"conversations[{index}] has from={role!r}; expected {expected!r} (turns must alternate human, gpt)")
         if role == "human":
-            ids = _encode_text(tokenizer, f"{start}user\n{value}{end}\n")
+            text = "".join(_PLACEHOLDER.findall(value)) if template.media_only_user else value
+            piece = template.first_user if index == 0 and template.first_user else template.user
+            ids = _encode_text(tokenizer, _fill(piece, system=system, text=text))
             input_ids += ids
             labels += [IGNORE_INDEX] * len(ids)
             previous_query = value
             continue
-        prompt = _encode_text(tokenizer, f"{start}assistant\n")
+        prompt = _encode_text(tokenizer, template.assistant)
         state = ""
         if template.use_state_tokens:
             if inserted_id is not None and index == inserted_id:
@@ -125,8 +196,8 @@ def tokenize_conversation(
                 state = STATE_AUDIO_QUERY
             else:
                 state = STATE_TEXT_QUERY
-        answer = _encode_text(tokenizer, f"{state}{value}{end}")
-        newline = _encode_text(tokenizer, "\n")
-        input_ids += prompt + answer + newline
-        labels += [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * len(newline)
+        answer = _encode_text(tokenizer, f"{state}{value}{template.answer_end}")
+        after = _encode_text(tokenizer, template.after_answer)
+        input_ids += prompt + answer + after
+        labels += [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * len(after)
     return input_ids, labels

@@ -1,7 +1,11 @@
-"""The audio side: a compact fbank encoder and VITA's subsampling adapter.
+"""The audio side: a compact fbank encoder, VITA's subsampling adapter, and the encoder dispatch.
 
 Token arithmetic matches VITA: the encoder's two stride-2 convolutions and the adapter's stride-2
 convolution turn ``T`` fbank frames into ``len(ones(T)[2::2][2::2][0::2])`` LLM tokens.
+
+``--audio_encoder PATH`` is either a folder written by :meth:`AudioEncoder.save` (the tiny default's
+kind) or a transformers Whisper checkpoint (:mod:`vitacore.model.whisper`). Each kind reads its own
+features; :func:`audio_transform_for` is the one place that says which.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ class AudioEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def num_mel_bins(self) -> int:
+        return self.config.num_mel_bins
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode padded ``(B, T, mel)`` features; return ``(B, T', hidden)`` and output lengths."""
         dtype = self.input_proj.weight.dtype
@@ -66,32 +74,67 @@ class AudioEncoder(nn.Module):
         x = self.layers(x, src_key_padding_mask=pad_mask)
         return self.final_norm(x), out_lengths
 
-    def save(self, directory: str) -> None:
-        """Write the config and weights to ``directory``."""
+    def save_config(self, directory: str) -> None:
+        """Write the config (no weights) to ``directory``."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, AUDIO_CONFIG_FILE), "w") as fh:
             json.dump(asdict(self.config), fh, indent=2)
+
+    def save(self, directory: str) -> None:
+        """Write the config and weights to ``directory``."""
+        self.save_config(directory)
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(directory, AUDIO_WEIGHTS_FILE))
 
 
-def load_audio_encoder(path: str) -> AudioEncoder:
-    """Load an audio encoder written by :meth:`AudioEncoder.save`.
+def _read_config(path: str) -> AudioEncoderConfig:
+    if not os.path.isfile(os.path.join(path, AUDIO_CONFIG_FILE)):
+        raise FileNotFoundError(
+            f"--audio_encoder {path!r}: neither a Whisper checkpoint (config.json with model_type 'whisper' and "
+            f"preprocessor_config.json) nor a vitacore audio encoder folder ({AUDIO_CONFIG_FILE})"
+        )
+    with open(os.path.join(path, AUDIO_CONFIG_FILE)) as fh:
+        return AudioEncoderConfig(**json.load(fh))
+
+
+def load_audio_encoder(path: str, dtype: torch.dtype = torch.float32, log=print) -> nn.Module:
+    """Load the audio encoder in ``path``, weights included, in ``dtype``.
 
     Raises:
-        FileNotFoundError: the folder or its config is missing.
+        FileNotFoundError: ``path`` is neither a vitacore audio encoder folder nor a Whisper checkpoint.
     """
-    config_file = os.path.join(path, AUDIO_CONFIG_FILE)
-    if not os.path.exists(config_file):
-        raise FileNotFoundError(
-            f"--audio_encoder {path!r}: no {AUDIO_CONFIG_FILE} there (expected a vitacore audio encoder folder)"
-        )
-    with open(config_file) as fh:
-        config = AudioEncoderConfig(**json.load(fh))
-    encoder = AudioEncoder(config)
+    from vitacore.model.whisper import is_whisper_folder, load_whisper_encoder
+
+    if is_whisper_folder(path):
+        return load_whisper_encoder(path, dtype, log)
+    encoder = AudioEncoder(_read_config(path))
     encoder.load_state_dict(load_file(os.path.join(path, AUDIO_WEIGHTS_FILE)), strict=True)
     encoder.source = os.path.abspath(path)
+    return encoder.to(dtype)
+
+
+def build_audio_encoder(path: str, dtype: torch.dtype, source: str, log=print) -> nn.Module:
+    """An encoder of the kind and shape ``path``'s config describes, without its weights (an export's
+    shards hold them); ``source`` is recorded as where it came from."""
+    from vitacore.model.whisper import build_whisper_encoder, is_whisper_folder
+
+    if is_whisper_folder(path):
+        return build_whisper_encoder(path, dtype, source, log)
+    encoder = AudioEncoder(_read_config(path)).to(dtype)
+    encoder.source = source
     return encoder
+
+
+def audio_transform_for(encoder: nn.Module):
+    """The data pipeline's audio transform for ``encoder``: Whisper's feature extractor for a Whisper
+    encoder, else 80-bin (or the encoder's) Kaldi fbank with VITA's token arithmetic."""
+    from vitacore.data.media import AudioTransform
+    from vitacore.data.whisper_audio import WhisperAudioTransform
+    from vitacore.model.whisper import WhisperAudioEncoder
+
+    if isinstance(encoder, WhisperAudioEncoder):
+        return WhisperAudioTransform(encoder.feature_extractor)
+    return AudioTransform(num_mel_bins=encoder.num_mel_bins)
 
 
 class AudioAdapter(nn.Module):

@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 
 from vitacore.checkpoint.artifacts import load_adapter_file
-from vitacore.model.audio import AudioAdapter, load_audio_encoder
+from vitacore.model.audio import AudioAdapter, audio_transform_for, load_audio_encoder
 from vitacore.model.default import DefaultAssets, ensure_default_assets
+from vitacore.model.families import apply_pad_rule, attention_implementation, resolve_model_type
 from vitacore.model.load_export import llm_config_for, load_export_model, read_export_config
 from vitacore.model.lora import apply_lora, kbit_load_kwargs
 from vitacore.model.multimodal import VitaModel
@@ -41,12 +42,13 @@ def _zero3_construction(deepspeed_config: Optional[dict]):
         hf_deepspeed._hf_deepspeed_config_weak_ref = previous
 
 
-def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype, training=None):
+def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype, training=None, log=print):
     from transformers import AutoModelForCausalLM
 
     # --bits 4/8 quantize the LLM only; towers, projector and audio parts always load in `dtype`.
     quantization = kbit_load_kwargs(training) if training is not None else {}
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation="sdpa", **quantization)
+    attention = attention_implementation(dtype, log)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attention, **quantization)
     llm.config.use_cache = False
     return llm, load_vision_tower(tower_path, torch_dtype=dtype)
 
@@ -58,6 +60,8 @@ class ModelBundle:
     model: VitaModel
     tokenizer: object
     default_assets: Optional[DefaultAssets]
+    # What the data pipeline turns audio files into for this model's encoder (None: no audio encoder).
+    audio_transform: Optional[object] = None
 
 
 def uses_embedded_default(config) -> bool:
@@ -71,15 +75,14 @@ def compute_dtype(training) -> torch.dtype:
     return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
 
 
-def load_tokenizer_for(path: str, model_max_length: int):
-    """The LLM's tokenizer, right-padded, with a pad token (unk, else eos, when it has none)."""
+def load_tokenizer_for(path: str, model_max_length: int, model_type: Optional[str] = None, log=print):
+    """The LLM's tokenizer, right-padded, with a pad token by VITA's rule (see
+    :func:`vitacore.model.families.apply_pad_rule`: none -> unk, else eos; ``llama3-8b``: eos)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right",
                                               use_fast=True, local_files_only=os.path.isdir(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
+    return apply_pad_rule(tokenizer, model_type, path, log)
 
 
 def _default_assets_if_needed(config, log=print) -> Optional[DefaultAssets]:
@@ -98,13 +101,15 @@ def llm_hidden_size(config, log=print) -> int:
 def _build_from_export(config, exported: dict, log, deepspeed_config: Optional[dict]) -> ModelBundle:
     """The whole model from a folder in VITA's layout (see :mod:`vitacore.model.load_export`)."""
     t, path = config.training, config.model.model_name_or_path
-    tokenizer = load_tokenizer_for(path, t.model_max_length)
+    resolve_model_type(config, exported.get("model_type"), path, log)
+    tokenizer = load_tokenizer_for(path, t.model_max_length, config.model.model_type, log)
     zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     with _zero3_construction(deepspeed_config if zero3 else None):
         model = load_export_model(config, path, exported, compute_dtype(t), log, llm_kwargs=kbit_load_kwargs(t))
     if t.lora_enable:
         apply_lora(model, t)  # as on the path below
-    return ModelBundle(model, tokenizer, None)
+    transform = audio_transform_for(model.audio_encoder) if model.audio_encoder is not None else None
+    return ModelBundle(model, tokenizer, None, transform)
 
 
 def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> ModelBundle:
@@ -113,6 +118,8 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
     Paths not given fall back to the embedded default's parts (built and cached on first use).
     A ``--model_name_or_path`` folder in VITA's layout (a vitacore full export, or a VITA checkpoint:
     its config.json has ``mm_vision_tower``) gives every part, weights included.
+    ``--model_type`` / ``--version`` the user did not set are inferred from the LLM's config first
+    (:func:`vitacore.model.families.resolve_model_type`; ``config`` is updated and the log says so).
     Adapter weights (``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter``) are loaded
     here, before any engine partitions the modules (DeepSpeed broadcasts rank 0's values then).
 
@@ -129,10 +136,11 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
     assets = _default_assets_if_needed(config, log)
     llm_path = m.model_name_or_path or assets.llm
     dtype = compute_dtype(t)
-    tokenizer = load_tokenizer_for(llm_path, t.model_max_length)
+    resolve_model_type(config, llm_config_for(llm_path).model_type, llm_path, log)
+    tokenizer = load_tokenizer_for(llm_path, t.model_max_length, m.model_type, log)
     zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     with _zero3_construction(deepspeed_config if zero3 else None):
-        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype, t)
+        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype, t, log)
     hidden = llm.config.hidden_size
 
     # New modules get their initial values from the run's seed, so reruns start identically.
@@ -141,7 +149,8 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
     if m.pretrain_mm_mlp_adapter:
         load_adapter_file(m.pretrain_mm_mlp_adapter, projector, "mm_projector.", "--pretrain_mm_mlp_adapter")
 
-    audio_encoder = load_audio_encoder(m.audio_encoder or assets.audio_encoder).to(dtype)
+    # Not partitioned under ZeRO-3 (built outside the construction context), like the tiny encoder.
+    audio_encoder = load_audio_encoder(m.audio_encoder or assets.audio_encoder, dtype, log)
     audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
     if m.pretrain_audio_mlp_adapter:
         load_adapter_file(m.pretrain_audio_mlp_adapter, audio_adapter, "audio_encoder.adpter.",
@@ -169,4 +178,4 @@ def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> M
                       model_max_length=t.model_max_length, padding_side="right", mm_config=mm_config)
     if t.lora_enable:
         apply_lora(model, t)  # last: LoRA wraps the LLM only; the freeze policy then sets what trains
-    return ModelBundle(model, tokenizer, assets)
+    return ModelBundle(model, tokenizer, assets, audio_transform_for(audio_encoder))

@@ -24,10 +24,11 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from vitacore.checkpoint.artifacts import load_adapter_file
-from vitacore.model.audio import AUDIO_CONFIG_FILE, AudioAdapter, AudioEncoder, AudioEncoderConfig
+from vitacore.model.audio import AUDIO_CONFIG_FILE, AudioAdapter, build_audio_encoder
+from vitacore.model.families import attention_implementation
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
-from vitacore.model.vision import _TOWERS, VisionTower, _read_image_spec
+from vitacore.model.vision import VisionTower, build_vision_tower
 from vitacore.model.vita_layout import from_vita_name, is_llm_key
 
 CONFIG_FILE = "config.json"
@@ -131,8 +132,8 @@ def _load_llm(path: str, dtype: torch.dtype, log, **llm_kwargs):
 
     with _without_load_report():
         llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path), dtype=dtype,
-                                                         attn_implementation="sdpa", output_loading_info=True,
-                                                         **llm_kwargs)
+                                                         attn_implementation=attention_implementation(dtype, log),
+                                                         output_loading_info=True, **llm_kwargs)
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if is_llm_key(k))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
@@ -143,46 +144,35 @@ def _load_llm(path: str, dtype: torch.dtype, log, **llm_kwargs):
     return llm
 
 
-def _encoder_source(flag_value: Optional[str], directory: str, subfolder: str, marker: str, recorded,
+def _encoder_source(flag_value: Optional[str], directory: str, subfolder: str, marker, recorded,
                     field: str, flag: str) -> str:
+    # `marker`: the config file name that identifies the encoder's folder, or a tuple of alternatives.
+    markers = (marker,) if isinstance(marker, str) else tuple(marker)
     if flag_value:
         return flag_value
     folder = os.path.join(directory, subfolder)
-    if os.path.isfile(os.path.join(folder, marker)):
+    if any(os.path.isfile(os.path.join(folder, name)) for name in markers):
         return folder
-    if isinstance(recorded, str) and os.path.isfile(os.path.join(recorded, marker)):
+    if isinstance(recorded, str) and any(os.path.isfile(os.path.join(recorded, name)) for name in markers):
         return recorded
     raise FileNotFoundError(
-        f"{os.path.join(directory, CONFIG_FILE)}: {field} = {recorded!r} is not a folder with a {marker} on this "
-        f"machine, and the export has no {subfolder}/ folder; pass {flag} PATH (a folder holding the encoder's "
-        "config; the weights still come from the export)")
+        f"{os.path.join(directory, CONFIG_FILE)}: {field} = {recorded!r} is not a folder with a "
+        f"{' or '.join(markers)} on this machine, and the export has no {subfolder}/ folder; pass {flag} PATH "
+        "(a folder holding the encoder's config; the weights still come from the export)")
 
 
 def _build_tower(source: str, dtype: torch.dtype, recorded) -> VisionTower:
     """A tower of the architecture ``source`` describes, without loading its weights (the shards hold them).
 
-    Under a live ZeRO-3 config ``_from_config`` builds it partitioned, as ``from_pretrained`` would.
+    Under a live ZeRO-3 config it is built partitioned, as ``from_pretrained`` would. A remote-code
+    tower (InternViT) runs the ``.py`` files the export copied into its ``vision_tower/`` folder.
     """
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source)
-    if config.model_type not in _TOWERS:
-        raise ValueError(f"--vision_tower {source!r}: config model_type {config.model_type!r} is not a supported "
-                         f"tower; supported: {', '.join(sorted(_TOWERS))}")
-    class_name, select_layer, drop_cls = _TOWERS[config.model_type]
-    vision_config = getattr(config, "vision_config", config)
-    encoder = getattr(transformers, class_name)._from_config(vision_config, dtype=dtype)
-    encoder.eval()  # as from_pretrained returns it
-    spec = _read_image_spec(source, vision_config.image_size)
-    return VisionTower(encoder, select_layer, drop_cls, spec, source=recorded or os.path.abspath(source))
+    return build_vision_tower(source, dtype, source=recorded or os.path.abspath(source))
 
 
-def _build_audio_encoder(source: str, dtype: torch.dtype, recorded) -> AudioEncoder:
-    with open(os.path.join(source, AUDIO_CONFIG_FILE)) as fh:
-        encoder = AudioEncoder(AudioEncoderConfig(**json.load(fh))).to(dtype)
-    encoder.source = recorded or os.path.abspath(source)
-    return encoder
+def _build_audio_encoder(source: str, dtype: torch.dtype, recorded, log) -> nn.Module:
+    """The tiny encoder or Whisper's, as ``source``'s config says, without weights (the shards hold them)."""
+    return build_audio_encoder(source, dtype, recorded or os.path.abspath(source), log)
 
 
 def _expected(module: nn.Module) -> dict[str, tuple]:
@@ -256,9 +246,12 @@ def load_export_model(config, directory: str, exported: dict, dtype: torch.dtype
 
     Raises:
         FileNotFoundError: an encoder config cannot be found (names the config field and the flag).
-        ValueError: keys that fit no part, tensors missing, or sizes that disagree.
+        ValueError: keys that fit no part, tensors missing, sizes that disagree, or ``use_s2`` set.
     """
     m, t = config.model, config.training
+    if exported.get("use_s2"):
+        raise ValueError(f"{os.path.join(directory, CONFIG_FILE)}: use_s2 is true (S2 multi-scale vision features), "
+                         "which vitacore does not implement; this checkpoint's projector expects S2 features")
     reader = ShardReader(directory)
     keys = set(reader.file_of)
     llm = _load_llm(directory, dtype, log, **(llm_kwargs or {}))
@@ -284,9 +277,9 @@ def load_export_model(config, directory: str, exported: dict, dtype: torch.dtype
     encoder = adapter = None
     if exported.get("mm_audio_encoder") or m.audio_encoder or any(k.startswith("model.audio_encoder.") for k in keys):
         recorded = exported.get("mm_audio_encoder")
-        source = _encoder_source(m.audio_encoder, directory, AUDIO_SUBFOLDER, AUDIO_CONFIG_FILE, recorded,
-                                 "mm_audio_encoder", "--audio_encoder")
-        encoder = _build_audio_encoder(source, dtype, None if m.audio_encoder else recorded)
+        source = _encoder_source(m.audio_encoder, directory, AUDIO_SUBFOLDER, (AUDIO_CONFIG_FILE, CONFIG_FILE),
+                                 recorded, "mm_audio_encoder", "--audio_encoder")
+        encoder = _build_audio_encoder(source, dtype, None if m.audio_encoder else recorded, log)
         kernel = reader.shape(ADAPTER_CONV_KEY)[-1] if ADAPTER_CONV_KEY in keys else 5
         adapter = AudioAdapter(encoder.hidden_size, hidden, kernel_size=kernel).to(dtype)
         mm_config["mm_audio_encoder"] = encoder.source

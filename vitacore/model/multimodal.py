@@ -192,16 +192,19 @@ class VitaModel(nn.Module):
         media_trains = any(stats.get(u, (0, False))[1] for u in
                            ("vision_tower", "mm_projector", "audio_encoder", "audio_adapter", "audio_prompt"))
         num_images = 0 if images is None else images.shape[0]
-        per_image = getattr(self.vision_tower, "num_tokens_per_image", 0)
+        per_image = getattr(self.vision_tower, "num_tokens_per_image", 0)  # what the projector sees
+        # The encoder runs on more tokens than it outputs: a CLS token, and InternViT's 4 patches per token.
+        encoder_per_image = getattr(self.vision_tower, "encoder_tokens_per_image", per_image)
         tower_cfg = getattr(getattr(self.vision_tower, "encoder", None), "config", None)
         tower_attention = 0.0
         if tower_cfg is not None and num_images:
-            tower_attention = attention_flops(tower_cfg.num_hidden_layers, tower_cfg.hidden_size, [per_image] * num_images)
+            tower_attention = attention_flops(tower_cfg.num_hidden_layers, tower_cfg.hidden_size,
+                                              [encoder_per_image] * num_images)
         costs = [
             ModuleCost(llm_weights, int(sum(lengths)), llm_trains, media_trains,
                        attention_flops=attention_flops(cfg.num_hidden_layers, cfg.hidden_size, lengths)),
             ModuleCost(projector_weights, num_images * per_image, projector_trains),
-            ModuleCost(tower_weights, num_images * per_image, tower_trains, attention_flops=tower_attention),
+            ModuleCost(tower_weights, num_images * encoder_per_image, tower_trains, attention_flops=tower_attention),
         ]
         audio_tokens = sum(block.shape[0] for block in audio_blocks)
         for unit in ("audio_encoder", "audio_adapter"):
@@ -220,8 +223,8 @@ class VitaModel(nn.Module):
         """With ``run_all_encoders``: the audio encoder and adapter on one silent clip, summed (else None)."""
         if not self.run_all_encoders or self.audio_encoder is None or self.audio_adapter is None:
             return None
-        frames = 16  # the shortest clip the subsampling convolutions accept comfortably
-        mel = getattr(getattr(self.audio_encoder, "config", None), "num_mel_bins", 80)
+        frames = 16  # the shortest clip the subsampling convolutions accept comfortably (Whisper pads it)
+        mel = self.audio_encoder.num_mel_bins  # the encoder's own input width (80 fbank bins, Whisper's mels)
         blocks = self.encode_audio(torch.zeros(1, frames, mel, device=device),
                                    torch.tensor([frames], device=device), torch.tensor([1], device=device))
         return sum(block.sum() for block in blocks)
