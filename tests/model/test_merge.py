@@ -208,3 +208,39 @@ def test_gradients_flow_to_features_and_embeddings(embed):
     assert image.grad is not None and torch.all(image.grad == 1)
     used = embed.weight.grad.abs().sum(dim=1) > 0
     assert used.nonzero().flatten().tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_image_only_audio_only_both_and_text_only_rows_in_one_batch(embed, side):
+    ids = [[5, IMG, 6, PAD], [7, AUD, PAD, PAD], [IMG, 8, AUD, 9], [10, 11, 12, PAD]]
+    labels = [[IGN, IGN, 6, IGN], [IGN, IGN, IGN, IGN], [IGN, 8, IGN, 9], [IGN, 11, 12, IGN]]
+    mask = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    image0, image2 = _blocks(2, 2, seed=3)
+    audio1, audio2 = _blocks(3, 1, seed=4)
+    out = _merge(embed, ids, labels, mask, [image0, image2], [audio1, audio2], padding_side=side)
+
+    rows = [
+        (torch.cat([_e(embed, 5), image0, _e(embed, 6)]), [IGN, IGN, IGN, 6]),
+        (torch.cat([_e(embed, 7), audio1]), [IGN, IGN, IGN, IGN]),
+        (torch.cat([image2, _e(embed, 8), audio2, _e(embed, 9)]), [IGN, IGN, 8, IGN, 9]),
+        (_e(embed, 10, 11, 12), [IGN, 11, 12]),
+    ]
+    width = max(len(r) for r, _ in rows)
+    expected_embeds, expected_labels, expected_mask, expected_positions = [], [], [], []
+    for embeds, row_labels in rows:
+        pad = width - len(embeds)
+        zeros = torch.zeros(pad, HIDDEN)
+        expected_embeds.append(torch.cat([embeds, zeros] if side == "right" else [zeros, embeds]))
+        positions = list(range(len(embeds)))
+        if side == "right":
+            expected_labels.append(row_labels + [IGN] * pad)
+            expected_mask.append([1] * len(embeds) + [0] * pad)
+            expected_positions.append(positions + [0] * pad)
+        else:
+            expected_labels.append([IGN] * pad + row_labels)
+            expected_mask.append([0] * pad + [1] * len(embeds))
+            expected_positions.append([0] * pad + positions)
+    torch.testing.assert_close(out.inputs_embeds, torch.stack(expected_embeds))
+    assert out.labels.tolist() == expected_labels
+    assert out.attention_mask.tolist() == expected_mask
+    assert out.position_ids.tolist() == expected_positions

@@ -33,8 +33,23 @@ def _free_port() -> int:
 
 
 def _destroy_process_group() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Let every rank finish its queued communication, then tear the group down together.
+
+    A rank that destroys its group (or reaches interpreter shutdown) while a peer still talks to it,
+    or with asynchronous work still queued, can abort in gloo's threads after a successful run.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        if torch.distributed.get_world_size() > 1:
+            if torch.distributed.get_backend() == "gloo":
+                # Bounded: a peer that died must not keep this rank from exiting.
+                torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                torch.distributed.barrier()
+    except RuntimeError:
+        pass  # a peer is gone; tear down anyway
+    torch.distributed.destroy_process_group()
 
 
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
