@@ -68,6 +68,11 @@ def rule_errors(cfg) -> List[str]:
     for name in ("eval_steps", "save_total_limit"):
         value = cfg.get(name)
         check(value is None or value >= 1, f"--{name} {value} must be >= 1 (or None)")
+    # Two ways to name the training data; mixing them would leave one silently unused.
+    given = [f"--{n}" for n in ("dataset_use", "data_registry") if cfg.get(n)]
+    check(not (d.data_path and given),
+          f"--data_path conflicts with {' and '.join(given)}: give either --data_path (JSON files) or "
+          "--data_registry with --dataset_use (named datasets), not both")
     check(d.image_aspect_ratio in (None, "square", "pad"),
           f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, None")
     projector = m.mm_projector_type

@@ -60,10 +60,19 @@ class DataArguments:
 
     lazy_preprocess: bool = _f(False, "tokenize samples on the fly")
     is_multimodal: bool = _f(True, "samples may contain images/audio")
-    image_folder: Optional[str] = _f(None, "root folder of the images")
+    image_folder: Optional[str] = _f(None, "folder of the images of records without a 'set' "
+                                           "(None: the JSON file's folder)")
     image_aspect_ratio: Optional[str] = _f(None, "square or pad (None: resize as is)")
     # VITA's default "temp" crashes; None selects the embedded synthetic demo data.
-    dataset_use: Optional[str] = _f(None, "named dataset mix (None: built-in synthetic demo data)")
+    dataset_use: Optional[str] = _f(None, "dataset names in --data_registry, comma-separated "
+                                          "(None and no --data_path: built-in synthetic demo data)")
+    # VITA keeps its registry in Python source; vitacore reads the same layout from YAML.
+    data_registry: Optional[str] = _f(None, "YAML file mapping each --dataset_use name to its JSON files "
+                                            "and media folders")
+    data_path: Optional[str] = _f(None, "VITA JSON training file(s), comma-separated (instead of "
+                                        "--data_registry / --dataset_use)")
+    audio_folder: Optional[str] = _f(None, "folder of the audio files (None: the JSON file's folder)")
+    video_folder: Optional[str] = _f(None, "folder of the video files (None: the JSON file's folder)")
     min_dynamic_patch: int = _f(1, "fewest image tiles per image")
     max_dynamic_patch: int = _f(12, "most image tiles per image")
     use_thumbnail: bool = _f(True, "add a thumbnail tile to tiled images")

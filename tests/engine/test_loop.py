@@ -497,3 +497,35 @@ def test_report_to_none_makes_no_writer(tmp_path):
 
     notes: list = []
     assert TensorBoardLog.create(make_config(tmp_path).training, True, notes).writer is None and not notes
+
+
+# ---------------------------------------------------------------------------------------------
+# --group_by_modality_length
+# ---------------------------------------------------------------------------------------------
+
+class WithLengths(list):
+    """A list of samples that also exposes VITA's signed ``modality_lengths`` (text-only: negative)."""
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return [-len(sample.input_ids) for sample in self]
+
+
+def test_group_by_modality_length_needs_modality_lengths(dist, tmp_path):
+    cfg = make_config(tmp_path, group_by_modality_length=True)
+    with pytest.raises(ValueError, match="--group_by_modality_length True needs .*modality_lengths"):
+        make_trainer(dist, cfg, make_model(), pair_samples(8))
+
+
+def test_group_by_modality_length_uses_the_grouped_sampler_for_a_whole_epoch(dist, tmp_path):
+    from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
+
+    cfg = make_config(tmp_path, group_by_modality_length=True, max_steps=-1, num_train_epochs=1.0,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    model = make_model()
+    seen = count_training_samples(model)
+    train = WithLengths(pair_samples(10, lengths=[4, 12, 6, 10, 8, 4, 12, 6, 10, 8]))
+    trainer = make_trainer(dist, cfg, model, train)
+    assert isinstance(trainer.sampler, ModalityLengthGroupedSampler)
+    trainer.fit()
+    assert sum(seen) == 10  # one epoch: every sample once

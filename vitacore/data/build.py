@@ -9,6 +9,7 @@ from typing import Optional
 from vitacore.data.conversation import get_template
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
 from vitacore.data.media import ImageTransform
+from vitacore.data.registry import DataSource, load_sources, sources_from_config
 from vitacore.model.audio import audio_transform_for
 from vitacore.model.default import ensure_default_assets
 
@@ -37,15 +38,29 @@ def _dataset(paths: list[str], media_root: str, bundle, template, image_transfor
                            source=", ".join(paths))
 
 
+def _user_dataset(sources: list[DataSource], seed: int, bundle, template, image_transform, audio_transform):
+    records, origins = load_sources(sources, seed)
+    if not records:
+        raise ValueError(f"no training records in {', '.join(s.chat_path for s in sources)}; "
+                         "add records or check data_ratio")
+    # Media paths are already absolute on each record, so the root is only a fallback.
+    return VitaJsonDataset(records, os.path.dirname(sources[0].chat_path), bundle.tokenizer, template,
+                           image_transform, audio_transform, source=", ".join(s.chat_path for s in sources),
+                           origins=origins)
+
+
 def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelection()) -> DataBundle:
-    """Datasets for ``config``; without ``--dataset_use``, the synthetic subsets in ``selection``.
+    """Datasets for ``config``: the user's data (``--data_path`` or ``--data_registry`` with
+    ``--dataset_use``), else the embedded synthetic subsets in ``selection``.
+
+    Eval data: ``--eval_data_path`` (media relative to its folder); with the user's training data
+    and no eval path, no eval set; with the embedded data, the synthetic held-out subset.
 
     Raises:
-        ValueError: ``--dataset_use`` given (the dataset registry is not available yet).
+        ValueError: bad data flags, an unknown dataset name, or a malformed file or record.
+        FileNotFoundError: a data file or folder that does not exist.
     """
-    if config.data.dataset_use:
-        raise ValueError(f"--dataset_use {config.data.dataset_use!r}: dataset registries are not supported yet; "
-                         "omit it to train on the embedded synthetic data")
+    sources = sources_from_config(config.data)  # flag mistakes surface before any media work
     head = getattr(bundle.model, "state_head", None)
     if head is not None and any(p.requires_grad for p in head.parameters()):
         raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
@@ -59,10 +74,19 @@ def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelectio
     audio_transform = bundle.audio_transform
     if audio_transform is None and bundle.model.audio_encoder is not None:
         audio_transform = audio_transform_for(bundle.model.audio_encoder)
+    seed = config.training.seed
+    eval_path = config.data.eval_data_path
+    eval_set = None
+    if eval_path:
+        eval_source = DataSource(os.path.abspath(eval_path), "--eval_data_path")  # media beside the JSON
+        eval_set = _user_dataset([eval_source], seed, bundle, template, image_transform, audio_transform)
+    if sources is not None:
+        train = _user_dataset(sources, seed, bundle, template, image_transform, audio_transform)
+        return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))
     assets = bundle.default_assets or ensure_default_assets()
     train = _dataset([assets.subset(s) for s in selection.train], assets.data_root, bundle, template,
                      image_transform, audio_transform)
-    eval_paths = [config.data.eval_data_path] if config.data.eval_data_path else [assets.subset(selection.eval)]
-    eval_root = os.path.dirname(eval_paths[0]) if config.data.eval_data_path else assets.data_root
-    eval_set = _dataset(eval_paths, eval_root, bundle, template, image_transform, audio_transform)
+    if eval_set is None:
+        eval_set = _dataset([assets.subset(selection.eval)], assets.data_root, bundle, template,
+                            image_transform, audio_transform)
     return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -14,34 +13,10 @@ from torch.utils.data import Dataset
 from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.media import AudioTransform, ImageTransform, load_image
+from vitacore.data.records import as_list as _as_list
+from vitacore.data.records import load_records
 
-
-def load_records(path: str) -> list[dict]:
-    """Read a VITA JSON list of records.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: malformed JSON (with line and column) or a record without ``conversations``.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            records = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise ValueError(f"{path}: record {index} has no 'conversations' list")
-    return records
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
+__all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_frames"]
 
 
 def load_video_frames(path: str, max_frames: int = 16) -> list[Image.Image]:
@@ -86,21 +61,29 @@ class Sample:
 
 
 class VitaJsonDataset(Dataset):
-    """A list of VITA records whose media paths are relative to ``media_root``.
+    """A list of VITA records whose media paths are absolute or relative to ``media_root``.
+
+    Records from a registry carry absolute media paths (see :mod:`vitacore.data.registry`), so the
+    dataset opens files without knowing which folder each set lives in.
 
     Args:
         records: VITA records (see :func:`load_records`).
-        media_root: folder the ``image`` / ``video`` / ``audio`` paths are relative to.
+        media_root: folder that relative ``image`` / ``video`` / ``audio`` paths are relative to.
         tokenizer: the LLM's tokenizer.
         template: the chat template.
         image_transform: image -> tensor for the vision tower.
         audio_transform: wav path -> (fbank, LLM token count).
         source: name used in error messages (the JSON path).
+        origins: per record, where it came from (``"file.json, record 7"``), used in error
+            messages instead of ``source`` and the dataset index; None: ``source`` for all.
     """
 
     def __init__(self, records, media_root: str, tokenizer, template: ChatTemplate,
                  image_transform: Optional[ImageTransform], audio_transform: Optional[AudioTransform],
-                 source: str = "<records>"):
+                 source: str = "<records>", origins: Optional[list[str]] = None):
+        if origins is not None and len(origins) != len(records):
+            raise ValueError(f"{len(origins)} origins for {len(records)} records; give one per record")
+        self.origins = origins
         self.records = records
         self.media_root = media_root
         self.tokenizer = tokenizer
@@ -121,7 +104,8 @@ class VitaJsonDataset(Dataset):
         try:
             return self._build(record, sample_id)
         except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{self.source}, record {index} (id {sample_id!r}): {err}") from None
+            where = self.origins[index] if self.origins is not None else f"{self.source}, record {index}"
+            raise type(err)(f"{where} (id {sample_id!r}): {err}") from None
 
     def _build(self, record: dict, sample_id: str) -> Sample:
         conversations = [dict(turn) for turn in record["conversations"]]

@@ -17,6 +17,7 @@ from vitacore.checkpoint.resumable import (
     clean_partial_saves, load_checkpoint, resolve_resume, save_checkpoint,
 )
 from vitacore.constants import IGNORE_INDEX
+from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
 from vitacore.data.sampler import ResumableSampler
 from vitacore.engine.distributed import DistInfo
 from vitacore.engine.ds_config import resolve_deepspeed_config
@@ -98,7 +99,7 @@ class Trainer:
         if hasattr(model, "count_flops") and dist.device.type == "cuda":
             model.count_flops = True  # adds tflops_per_s and mfu to the metrics rows
 
-        self.sampler = ResumableSampler(train_dataset, dist.world_size, dist.rank, seed=self.args.seed)
+        self.sampler = self._train_sampler(train_dataset)
         # The loader's own generator (re-seeded each epoch) seeds its workers, so creating an iterator
         # never draws from the global RNG that dropout uses: a resumed run stays on the same stream.
         self.loader_generator = torch.Generator()
@@ -114,6 +115,21 @@ class Trainer:
         self.warmup_steps = warmup_steps_for(self.total_steps, self.args.warmup_steps, self.args.warmup_ratio)
         self.engine = self._initialize()
         self.identity = self._identity()
+
+    def _train_sampler(self, train_dataset: Dataset):
+        """The shuffled per-rank order; VITA's modality/length grouping with ``--group_by_modality_length``."""
+        if not self.args.group_by_modality_length:
+            return ResumableSampler(train_dataset, self.dist.world_size, self.dist.rank, seed=self.args.seed)
+        lengths = getattr(train_dataset, "modality_lengths", None)
+        if lengths is None:
+            raise ValueError("--group_by_modality_length True needs a training dataset with `modality_lengths` "
+                             f"(signed token lengths); {type(train_dataset).__name__} has none")
+        if len(lengths) != len(train_dataset):
+            raise ValueError(f"--group_by_modality_length True: the dataset has {len(train_dataset)} samples "
+                             f"but {len(lengths)} modality_lengths")
+        return ModalityLengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.dist.world_size,
+                                            self.dist.rank, seed=self.args.seed,
+                                            accumulation=self.args.gradient_accumulation_steps)
 
     def _check_precision(self) -> None:
         if self.dist.device.type == "cpu" and self.args.fp16:

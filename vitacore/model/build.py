@@ -65,9 +65,13 @@ class ModelBundle:
 
 
 def uses_embedded_default(config) -> bool:
-    """True when no model, tower, encoder or dataset path is given."""
-    m = config.model
-    return not (m.model_name_or_path or m.vision_tower or m.audio_encoder or config.data.dataset_use)
+    """True when no model, tower, encoder or training data is given: the demo model, data and settings.
+
+    With the user's data but no model paths, this is False (the stage's VITA settings apply) while
+    :func:`build_model` still fills the missing parts with the tiny default model.
+    """
+    m, d = config.model, config.data
+    return not (m.model_name_or_path or m.vision_tower or m.audio_encoder or d.dataset_use or d.data_path)
 
 
 def compute_dtype(training) -> torch.dtype:

@@ -1,6 +1,6 @@
 """The embedded default: a tiny model and synthetic data built locally and cached.
 
-Used when no ``--model_name_or_path`` / ``--vision_tower`` / ``--audio_encoder`` / ``--dataset_use``
+Used when no ``--model_name_or_path`` / ``--vision_tower`` / ``--audio_encoder`` / ``--dataset_use`` / ``--data_path``
 is given. Everything is random-init and deterministic; the only training done here is a short
 text-only warm-up that teaches the tiny LLM to answer from context (see
 :func:`vitacore.data.synthetic.text_warmup_records`). The result is cached under

@@ -1,0 +1,99 @@
+"""Read VITA JSON files and check every record against VITA's schema when it is loaded.
+
+A record (DESIGN.md §4)::
+
+    {"id": "a1", "set": "sharegpt4", "image": "x.jpg" | ["x.jpg", ...], "video": "v.mp4" | [...],
+     "audio": "a.wav" | [...], "inserted_id": 3, "end_tag": true,
+     "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
+
+Problems are reported when the file is read, naming the file, the record index and the field, so a
+bad record in a million-record file fails the run before training starts rather than at step 40k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+
+ROLES = ("human", "gpt")
+# Media field -> its placeholder in the text; one placeholder per listed file.
+MEDIA_FIELDS = {"image": DEFAULT_IMAGE_TOKEN, "video": DEFAULT_VIDEO_TOKEN, "audio": DEFAULT_AUDIO_TOKEN}
+
+
+def as_list(value) -> list:
+    """A media field as a list (VITA allows one path or a list of paths)."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def record_problem(record) -> Optional[str]:
+    """What is wrong with one record, naming the field; None when it follows VITA's schema."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, expected a JSON object with 'conversations'"
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list):
+        return "field 'conversations' is missing or not a list of {from, value} turns"
+    for turn_index, turn in enumerate(conversations):
+        where = f"field 'conversations[{turn_index}]'"
+        if not isinstance(turn, dict):
+            return f"{where} is a {type(turn).__name__}, expected {{\"from\": ..., \"value\": ...}}"
+        if turn.get("from") not in ROLES:
+            return f"{where}.from is {turn.get('from')!r}, expected 'human' or 'gpt'"
+        if not isinstance(turn.get("value"), str):
+            return f"{where}.value is {type(turn.get('value')).__name__}, expected a string"
+    for name in MEDIA_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not all(isinstance(p, str) and p for p in as_list(value)):
+            return f"field '{name}' must be a path or a list of paths (non-empty strings), got {value!r}"
+    for name in ("set", "id"):
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            return f"field '{name}' must be a string, got {value!r}"
+    inserted = record.get("inserted_id")
+    if inserted is not None:
+        if isinstance(inserted, bool) or not isinstance(inserted, int):
+            return f"field 'inserted_id' must be a turn index (integer), got {inserted!r}"
+        if not 0 <= inserted < len(conversations) or conversations[inserted].get("from") != "gpt":
+            return (f"field 'inserted_id' is {inserted}, which is not the index of a 'gpt' turn "
+                    f"(the record has {len(conversations)} turns)")
+    if "end_tag" in record and not isinstance(record["end_tag"], bool):
+        return f"field 'end_tag' must be true or false, got {record['end_tag']!r}"
+    for name, token in MEDIA_FIELDS.items():
+        listed = len(as_list(record.get(name)))
+        found = sum(turn["value"].count(token) for turn in conversations)
+        if found != listed:
+            return (f"field '{name}' lists {listed} file(s) but the conversations hold {found} {token} "
+                    f"placeholder(s); they must match (one {token} per file, in order)")
+    return None
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a VITA JSON list of records and validate each one.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: malformed JSON (with line and column), not a list, or a record that breaks
+            VITA's schema (with its index and field).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            records = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        problem = record_problem(record)
+        if problem:
+            record_id = record.get("id") if isinstance(record, dict) else None
+            named = f" (id {record_id!r})" if record_id is not None else ""
+            raise ValueError(f"{path}: record {index}{named}: {problem}")
+    return records

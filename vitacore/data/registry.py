@@ -1,0 +1,226 @@
+"""Where the training data lives: a YAML dataset registry, or JSON files named on the command line.
+
+VITA keeps its registry in Python source (``dataset_config.py``); vitacore reads the same layout
+from ``--data_registry datasets.yaml``::
+
+    pretrain_mix:                      # a --dataset_use name (comma-separate several)
+      - chat_path: json/caption.json   # VITA JSON records
+        data_ratio: 0.5                # optional: keep this fraction (seeded by --seed)
+        audio_folder: audio            # optional: folder of the records' audio files
+        video_folder: videos           # optional: folder of the records' videos
+        image_folder: images/misc      # optional: images of records without a 'set'
+        sharegpt4: images/sharegpt4    # any other key: a 'set' name -> that set's image folder
+
+Relative paths resolve against the YAML file's folder. Simple mode takes
+``--data_path a.json,b.json`` with ``--image_folder`` / ``--audio_folder`` / ``--video_folder``
+(relative to the working directory); those flags also fill the folders a registry entry leaves out,
+and without either, media paths are relative to the JSON file's folder.
+
+Media paths are resolved here, once, into absolute paths on each record, so the dataset opens
+files without knowing the registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import yaml
+
+from vitacore.data.records import as_list, load_records
+
+_FOLDER_KEYS = ("image_folder", "audio_folder", "video_folder")
+_RESERVED = ("chat_path", "data_ratio", *_FOLDER_KEYS)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One JSON file and the folders its media live in (all paths absolute).
+
+    Attributes:
+        chat_path: the VITA JSON file.
+        label: where the source was declared, for error messages (``"datasets.yaml: mix[0]"``).
+        data_ratio: fraction of the records kept.
+        image_folder: images of records without ``set`` (None: the JSON file's folder).
+        set_folders: ``set`` name -> image folder.
+        audio_folder: audio files (None: the JSON file's folder).
+        video_folder: videos (None: the JSON file's folder).
+    """
+
+    chat_path: str
+    label: str
+    data_ratio: float = 1.0
+    image_folder: Optional[str] = None
+    set_folders: Mapping[str, str] = field(default_factory=dict)
+    audio_folder: Optional[str] = None
+    video_folder: Optional[str] = None
+
+
+def _abs(path: str, base: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _read_yaml(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data_registry {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ValueError(f"--data_registry {path}: not valid YAML{at}: {problem}") from None
+
+
+def _entry(raw, where: str, base: str, defaults: Mapping[str, Optional[str]]) -> DataSource:
+    """One registry entry -> a :class:`DataSource`, checking every key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping with 'chat_path' (and optional data_ratio, audio_folder, "
+                         f"video_folder, <set>: <image folder>), got {raw!r}")
+    for key, value in raw.items():
+        if key != "data_ratio" and not (isinstance(value, str) and value):
+            raise ValueError(f"{where}.{key} must be a path (non-empty string), got {value!r}")
+    if "chat_path" not in raw:
+        raise ValueError(f"{where} has no 'chat_path' (the VITA JSON file of this entry)")
+    chat_path = _abs(raw["chat_path"], base)
+    if not os.path.isfile(chat_path):
+        raise FileNotFoundError(f"{where}.chat_path: data file {chat_path!r} does not exist")
+    ratio = raw.get("data_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{where}.data_ratio is {ratio!r}; it must be a number in (0, 1]")
+    folders = {key: _abs(raw[key], base) if key in raw else defaults.get(key) for key in _FOLDER_KEYS}
+    sets = {str(key): _abs(value, base) for key, value in raw.items() if key not in _RESERVED}
+    named = {f"{where}.{key}": path for key, path in {**folders, **sets}.items() if key in raw}
+    for name, path in named.items():
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{name}: folder {path!r} does not exist")
+    return DataSource(chat_path, where, float(ratio), folders["image_folder"], sets,
+                      folders["audio_folder"], folders["video_folder"])
+
+
+def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, list[DataSource]]:
+    """Read a registry YAML: ``{dataset name: [DataSource, ...]}``.
+
+    Args:
+        path: the YAML file.
+        defaults: absolute ``image_folder`` / ``audio_folder`` / ``video_folder`` for entries that
+            leave them out (the command-line flags).
+
+    Raises:
+        FileNotFoundError: the YAML, a ``chat_path`` or a folder does not exist.
+        ValueError: invalid YAML or an entry that breaks the layout (named ``file: name[i].key``).
+    """
+    registry = _read_yaml(path)
+    if not isinstance(registry, dict) or not registry:
+        raise ValueError(f"--data_registry {path}: expected a mapping of dataset names to lists of entries "
+                         f"(name: [{{chat_path: file.json, ...}}]), got {type(registry).__name__}")
+    base = os.path.dirname(os.path.abspath(path))
+    out = {}
+    for name, entries in registry.items():
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"--data_registry {path}: dataset {name!r} must be a non-empty list of entries "
+                             "(each '- chat_path: file.json ...')")
+        out[str(name)] = [_entry(raw, f"{path}: {name}[{i}]", base, defaults or {}) for i, raw in enumerate(entries)]
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def sources_from_config(data) -> Optional[list[DataSource]]:
+    """The training sources the data flags name; None when they name none (the embedded demo data).
+
+    Args:
+        data: the run's ``DataArguments``.
+
+    Raises:
+        ValueError: flags combined wrongly, or an unknown dataset name (listing the known ones).
+        FileNotFoundError: a file or folder that does not exist.
+    """
+    defaults = {key: os.path.abspath(getattr(data, key)) if getattr(data, key) else None for key in _FOLDER_KEYS}
+    if data.data_path and (data.dataset_use or data.data_registry):
+        raise ValueError("--data_path conflicts with --dataset_use / --data_registry; give one way of naming the data")
+    if data.data_path:
+        sources = []
+        for path in _names(data.data_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--data_path: data file {path!r} does not exist")
+            sources.append(DataSource(os.path.abspath(path), path, 1.0, defaults["image_folder"], {},
+                                      defaults["audio_folder"], defaults["video_folder"]))
+        return sources
+    if data.data_registry and not data.dataset_use:
+        raise ValueError(f"--data_registry {data.data_registry} is given without --dataset_use; "
+                         "name the dataset(s) to train on, e.g. --dataset_use name1,name2")
+    if not data.dataset_use:
+        return None
+    if not data.data_registry:
+        raise ValueError(f"--dataset_use {data.dataset_use!r} needs --data_registry datasets.yaml (the YAML that "
+                         "maps dataset names to JSON files), or use --data_path file.json instead")
+    registry = load_registry(data.data_registry, defaults)
+    sources = []
+    for name in _names(data.dataset_use):
+        if name not in registry:
+            close = difflib.get_close_matches(name, list(registry), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--dataset_use {name!r} is not in --data_registry {data.data_registry}{hint}; "
+                             f"known: {', '.join(sorted(registry))}")
+        sources.extend(registry[name])
+    return sources
+
+
+def _resolve(record: dict, source: DataSource, where: str) -> dict:
+    """A copy of ``record`` with absolute media paths (images by ``set``, audio, video)."""
+    json_dir = os.path.dirname(source.chat_path)
+    out = dict(record)
+    if record.get("image") is not None:
+        folder = source.image_folder
+        if record.get("set") is not None and source.set_folders:
+            set_name = str(record["set"])
+            if set_name not in source.set_folders:
+                raise ValueError(f"{where}: field 'set' is {set_name!r}, which {source.label} maps to no image "
+                                 f"folder; known sets: {', '.join(sorted(source.set_folders))}")
+            folder = source.set_folders[set_name]
+        out["image"] = _join(record["image"], folder or json_dir)
+    for name, folder in (("audio", source.audio_folder), ("video", source.video_folder)):
+        if record.get(name) is not None:
+            out[name] = _join(record[name], folder or json_dir)
+    return out
+
+
+def _join(value, folder: str):
+    joined = [os.path.join(folder, path) for path in as_list(value)]  # absolute paths stay as they are
+    return joined if isinstance(value, list) else joined[0]
+
+
+def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str]]:
+    """Read and validate a source's records, keep ``data_ratio`` of them, resolve their media.
+
+    Returns:
+        ``(records, origins)``: records with absolute media paths, and per record
+        ``"file.json, record i"`` (its index in the file) for error messages.
+    """
+    records = load_records(source.chat_path)
+    indices = list(range(len(records)))
+    if source.data_ratio < 1 and records:
+        # Seeded per file, so the kept subset does not change when other entries are added.
+        rng = random.Random(f"{seed}/{os.path.basename(source.chat_path)}")
+        keep = max(1, math.floor(len(records) * source.data_ratio))
+        indices = sorted(rng.sample(indices, keep))
+    origins = [f"{source.chat_path}, record {i}" for i in indices]
+    return [_resolve(records[i], source, where) for i, where in zip(indices, origins)], origins
+
+
+def load_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[str]]:
+    """:func:`load_source` over several sources, concatenated in order."""
+    records, origins = [], []
+    for source in sources:
+        more, where = load_source(source, seed)
+        records += more
+        origins += where
+    return records, origins
