@@ -51,8 +51,10 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_config(args, output_dir: str):
+def make_config(args, output_dir: str, stage_key: str = "1"):
+    """A stage of the embedded default, as ``examples/train_stage.py --stage <key>`` sets it up, for timing."""
     config = vitacore.RunConfig()
+    config.stage = stage_key
     stage = vitacore.apply_stage(config, embedded_default=True)
     t = config.training
     t.output_dir = output_dir

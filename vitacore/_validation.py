@@ -38,6 +38,8 @@ def rule_errors(cfg) -> List[str]:
     for name in ("warmup_steps", "dataloader_num_workers", "skip_nonfinite_steps"):
         at_least(name, 0)
     at_least("model_max_length", 16)
+    check(t.dataloader_prefetch_factor is None or t.dataloader_prefetch_factor >= 1,
+          f"--dataloader_prefetch_factor {t.dataloader_prefetch_factor} must be >= 1")
     check(t.learning_rate > 0, f"--learning_rate {t.learning_rate} must be > 0")
     check(t.num_train_epochs > 0, f"--num_train_epochs {t.num_train_epochs} must be > 0")
     check(t.max_steps == -1 or t.max_steps > 0,
@@ -73,6 +75,9 @@ def rule_errors(cfg) -> List[str]:
     check(not (d.data_path and given),
           f"--data_path conflicts with {' and '.join(given)}: give either --data_path (JSON files) or "
           "--data_registry with --dataset_use (named datasets), not both")
+    one_of("on_bad_sample", ("error", "skip"))
+    check(0 <= d.max_bad_sample_ratio <= 1,
+          f"--max_bad_sample_ratio {d.max_bad_sample_ratio} must be in [0, 1]")
     check(d.image_aspect_ratio in (None, "square", "pad"),
           f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, None")
     projector = m.mm_projector_type

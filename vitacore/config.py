@@ -77,6 +77,10 @@ class DataArguments:
     max_dynamic_patch: int = _f(12, "most image tiles per image")
     use_thumbnail: bool = _f(True, "add a thumbnail tile to tiled images")
     eval_data_path: Optional[str] = _f(None, "evaluation data (None: no eval set)")
+    on_bad_sample: str = _f("skip", "a record with a missing/corrupt media file, no answer, or too long: "
+                                    "error (stop, naming it) or skip (use the next good record, count it)")
+    max_bad_sample_ratio: float = _f(0.01, "stop the run once more than this share of the samples seen "
+                                           "were bad (--on_bad_sample skip)")
 
 
 @dataclass
@@ -132,6 +136,10 @@ class TrainingArguments:
     tf32: Optional[bool] = _f(None, "allow TF32 matmuls on Ampere+ GPUs")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
     dataloader_num_workers: int = _f(0, "data loader worker processes")
+    dataloader_persistent_workers: bool = _f(
+        False, "keep the training loader's workers alive between epochs (needs dataloader_num_workers > 0)")
+    dataloader_prefetch_factor: Optional[int] = _f(
+        None, "batches each worker loads ahead (needs dataloader_num_workers > 0; None: torch's default, 2)")
     report_to: str = _f("none", "none, tensorboard, all or a comma list", literal=True)
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (path or name)")
     seed: int = _f(42, "random seed")

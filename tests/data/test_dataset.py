@@ -219,7 +219,7 @@ def test_missing_data_file(tmp_path):
 # ---- per-record errors ---------------------------------------------------
 def test_missing_image_names_record_and_path(tmp_path, tok):
     records = [{"id": "rec-missing", "image": "pics/gone.png", "conversations": _conv("<image>")}]
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ValueError) as err:  # a bad sample (vitacore.data.bad_samples)
         _dataset(records, tmp_path, tok, source="train.json")[0]
     message = str(err.value)
     assert "rec-missing" in message
@@ -229,7 +229,7 @@ def test_missing_image_names_record_and_path(tmp_path, tok):
 
 def test_missing_audio_names_record_and_path(tmp_path, tok):
     records = [{"id": "no-wav", "audio": "lost.wav", "conversations": _conv("<audio>")}]
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ValueError) as err:  # a bad sample (vitacore.data.bad_samples)
         _dataset(records, tmp_path, tok)[0]
     assert "no-wav" in str(err.value) and "lost.wav" in str(err.value)
 

@@ -262,7 +262,7 @@ def test_sample_errors_name_the_source_file_and_record(tmp_path):
     for index in range(len(dataset)):
         if records[index]["id"] != "imgs-b":
             assert len(dataset[index].input_ids) > 0  # every other kind loads
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ValueError, match="missing image file") as err:  # a bad sample, strict by default
         dataset[6]
     assert "all.json, record 1 (id 'imgs-b')" in str(err.value) and "b2.png" in str(err.value)
 
@@ -277,7 +277,10 @@ def test_training_run_from_a_registry_with_all_media_kinds(tmp_path, vitacore_ca
         {"id": "ev-img", "image": _png(held_out, "e.png"), "conversations": _conv("<image>\nShown?", "a circle")},
         {"id": "ev-aud", "audio": _wav(held_out, "e.wav"), "conversations": _conv("<audio>\nHeard?", "a tone")}])
     out = tmp_path / "run"
-    env = {**os.environ, "VITACORE_CACHE": vitacore_cache, "DS_ACCELERATOR": "cpu"}
+    # Not this session's launcher variables: a `dist` fixture may hold MASTER_PORT in this process.
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher},
+           "VITACORE_CACHE": vitacore_cache, "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, os.path.join(REPO, "examples", "train_stage.py"), "--stage", "4",
            "--data_registry", str(registry), "--dataset_use", "all_kinds,text_half", "--max_steps", "4",
            "--save_strategy", "no", "--output_dir", str(out), "--per_device_train_batch_size", "2",

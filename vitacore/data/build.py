@@ -32,10 +32,16 @@ class DataBundle:
     collator: Collator
 
 
+def _tokens_per_image(bundle) -> Optional[int]:
+    """LLM tokens per image or video frame, for the datasets' modality lengths (None: no tower)."""
+    tower = bundle.model.vision_tower
+    return None if tower is None else tower.num_tokens_per_image
+
+
 def _dataset(paths: list[str], media_root: str, bundle, template, image_transform, audio_transform):
     records = [record for path in paths for record in load_records(path)]
     return VitaJsonDataset(records, media_root, bundle.tokenizer, template, image_transform, audio_transform,
-                           source=", ".join(paths))
+                           source=", ".join(paths), tokens_per_image=_tokens_per_image(bundle))
 
 
 def _user_dataset(sources: list[DataSource], seed: int, bundle, template, image_transform, audio_transform):
@@ -46,7 +52,16 @@ def _user_dataset(sources: list[DataSource], seed: int, bundle, template, image_
     # Media paths are already absolute on each record, so the root is only a fallback.
     return VitaJsonDataset(records, os.path.dirname(sources[0].chat_path), bundle.tokenizer, template,
                            image_transform, audio_transform, source=", ".join(s.chat_path for s in sources),
-                           origins=origins)
+                           origins=origins, tokens_per_image=_tokens_per_image(bundle))
+
+
+def _bundle(config, bundle, train: VitaJsonDataset, eval_set: Optional[VitaJsonDataset]) -> DataBundle:
+    """The datasets with the run's bad-sample policy (``--on_bad_sample``, ``--model_max_length``)."""
+    for dataset in (train, eval_set):
+        if dataset is not None:
+            dataset.on_bad_sample = config.data.on_bad_sample
+            dataset.model_max_length = config.training.model_max_length
+    return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))
 
 
 def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelection()) -> DataBundle:
@@ -82,11 +97,11 @@ def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelectio
         eval_set = _user_dataset([eval_source], seed, bundle, template, image_transform, audio_transform)
     if sources is not None:
         train = _user_dataset(sources, seed, bundle, template, image_transform, audio_transform)
-        return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))
+        return _bundle(config, bundle, train, eval_set)
     assets = bundle.default_assets or ensure_default_assets()
     train = _dataset([assets.subset(s) for s in selection.train], assets.data_root, bundle, template,
                      image_transform, audio_transform)
     if eval_set is None:
         eval_set = _dataset([assets.subset(selection.eval)], assets.data_root, bundle, template,
                             image_transform, audio_transform)
-    return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))
+    return _bundle(config, bundle, train, eval_set)

@@ -10,8 +10,10 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IGNORE_INDEX
+from vitacore.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSampleError
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
+from vitacore.data.lengths import record_length
 from vitacore.data.media import AudioTransform, ImageTransform, load_image
 from vitacore.data.records import as_list as _as_list
 from vitacore.data.records import load_records
@@ -19,7 +21,10 @@ from vitacore.data.records import load_records
 __all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_frames"]
 
 
-def load_video_frames(path: str, max_frames: int = 16) -> list[Image.Image]:
+VIDEO_MAX_FRAMES = 16  # frames kept per video, evenly subsampled
+
+
+def load_video_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> list[Image.Image]:
     """Frames of an animated image file (GIF/WebP), evenly subsampled to at most ``max_frames``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path!r} does not exist")
@@ -58,6 +63,7 @@ class Sample:
     audios: list[torch.Tensor]
     audio_token_lengths: list[int]
     modality: str
+    replaced_from: Optional[BadSample] = None  # set when this sample stands in for a bad one
 
 
 class VitaJsonDataset(Dataset):
@@ -76,11 +82,24 @@ class VitaJsonDataset(Dataset):
         source: name used in error messages (the JSON path).
         origins: per record, where it came from (``"file.json, record 7"``), used in error
             messages instead of ``source`` and the dataset index; None: ``source`` for all.
+        tokens_per_image: LLM tokens per image / video frame (the vision tower's
+            ``num_tokens_per_image``); only :attr:`modality_lengths` reads it.
+        on_bad_sample: ``error`` raises on a bad record (see :mod:`vitacore.data.bad_samples`);
+            ``skip`` returns the next good record instead, marked with ``replaced_from``. The run
+            sets it from ``--on_bad_sample`` (default ``skip``); a bare dataset is strict.
+        model_max_length: the model's longest sequence; a record whose text before its first
+            answer token is this long or longer is bad. None: no check.
     """
 
     def __init__(self, records, media_root: str, tokenizer, template: ChatTemplate,
                  image_transform: Optional[ImageTransform], audio_transform: Optional[AudioTransform],
-                 source: str = "<records>", origins: Optional[list[str]] = None):
+                 source: str = "<records>", origins: Optional[list[str]] = None,
+                 tokens_per_image: Optional[int] = None,
+                 on_bad_sample: str = "error", model_max_length: Optional[int] = None):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
+        self.on_bad_sample = on_bad_sample
+        self.model_max_length = model_max_length
         if origins is not None and len(origins) != len(records):
             raise ValueError(f"{len(origins)} origins for {len(records)} records; give one per record")
         self.origins = origins
@@ -91,6 +110,27 @@ class VitaJsonDataset(Dataset):
         self.image_transform = image_transform
         self.audio_transform = audio_transform
         self.source = source
+        self.tokens_per_image = tokens_per_image
+        self._modality_lengths: Optional[list[int]] = None
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Per record, its length in LLM tokens (media tokens counted), positive with media and
+        negative for text-only records; computed on first use from headers only, then cached.
+
+        Raises:
+            ValueError: the records have images or videos but no ``tokens_per_image`` was given.
+        """
+        if self._modality_lengths is None:
+            if self.tokens_per_image is None and any(r.get("image") or r.get("video") for r in self.records):
+                raise ValueError("modality_lengths: the records have images or videos but the dataset was built "
+                                 "without tokens_per_image (pass the vision tower's num_tokens_per_image)")
+            audio_tokens = getattr(self.audio_transform, "num_tokens_from_header", None)
+            self._modality_lengths = [
+                record_length(record, self._path, self.tokenizer, self.template, self.tokens_per_image or 0,
+                              audio_tokens, VIDEO_MAX_FRAMES, _expand_videos)
+                for record in self.records]
+        return self._modality_lengths
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,26 +139,63 @@ class VitaJsonDataset(Dataset):
         return rel if os.path.isabs(rel) else os.path.join(self.media_root, rel)
 
     def __getitem__(self, index: int) -> Sample:
+        try:
+            return self._sample_at(index)
+        except BadSampleError as err:
+            if self.on_bad_sample == "error":
+                raise
+            bad = err
+        # The next good record in index order: the same choice on every run, so resumes are exact.
+        for step in range(1, len(self)):
+            other = (index + step) % len(self)
+            try:
+                sample = self._sample_at(other)
+            except BadSampleError:
+                continue
+            sample.replaced_from = BadSample(str(bad), bad.key, index, other)
+            return sample
+        raise ValueError(f"{self.source}: all {len(self)} records are bad samples, none to train on; "
+                         f"the first problem: {bad}")
+
+    def _sample_at(self, index: int) -> Sample:
         record = self.records[index]
         sample_id = str(record.get("id", index))
         try:
             return self._build(record, sample_id)
+        except BadSampleError as err:
+            where = self._where(index, sample_id)
+            raise BadSampleError(f"{where}: {err}", err.key or where) from None
         except (FileNotFoundError, ValueError) as err:
-            where = self.origins[index] if self.origins is not None else f"{self.source}, record {index}"
-            raise type(err)(f"{where} (id {sample_id!r}): {err}") from None
+            raise type(err)(f"{self._where(index, sample_id)}: {err}") from None
+
+    def _where(self, index: int, sample_id: str) -> str:
+        where = self.origins[index] if self.origins is not None else f"{self.source}, record {index}"
+        return f"{where} (id {sample_id!r})"
+
+    def _media(self, kind: str, rel: str, load):
+        """``load(path)``, with a missing or unreadable file reported as a bad sample."""
+        path = self._path(rel)
+        try:
+            return load(path)
+        except FileNotFoundError:
+            raise BadSampleError(f"missing {kind} file {path}", path) from None
+        except (ValueError, OSError) as err:
+            raise BadSampleError(f"corrupt {kind} file {path}: {err}", path) from None
 
     def _build(self, record: dict, sample_id: str) -> Sample:
         conversations = [dict(turn) for turn in record["conversations"]]
+        if not any(turn["from"] == "gpt" for turn in conversations):
+            raise BadSampleError(f"empty conversation: {len(conversations)} turn(s) and no 'gpt' answer to train on")
         images, modality = [], "lang"
         image_paths, video_paths = _as_list(record.get("image")), _as_list(record.get("video"))
         if (image_paths or video_paths) and self.image_transform is None:
             raise ValueError("record has media but the model has no vision tower")
         for rel in image_paths:
-            images.append(self.image_transform(load_image(self._path(rel))))
+            images.append(self.image_transform(self._media("image", rel, load_image)))
             modality = "image"
         frame_counts = []
         for rel in video_paths:
-            frames = load_video_frames(self._path(rel))
+            frames = self._media("video", rel, load_video_frames)
             images.extend(self.image_transform(frame) for frame in frames)
             frame_counts.append(len(frames))
             modality = "video"
@@ -128,7 +205,7 @@ class VitaJsonDataset(Dataset):
         for rel in _as_list(record.get("audio")):
             if self.audio_transform is None:
                 raise ValueError("record has audio but the model has no audio encoder")
-            features, num_tokens = self.audio_transform(self._path(rel))
+            features, num_tokens = self._media("audio", rel, self.audio_transform)
             audios.append(features)
             audio_lengths.append(num_tokens)
         num_image_placeholders = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations)
@@ -139,7 +216,24 @@ class VitaJsonDataset(Dataset):
             raise ValueError(f"{num_audio_placeholders} <audio> placeholder(s) in the text but {len(audios)} audio file(s) given")
         input_ids, labels = tokenize_conversation(
             conversations, self.tokenizer, self.template, modality, record.get("inserted_id"))
+        self._check_length(input_ids, labels)
         return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality)
+
+    def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
+        """Bad when no answer token can survive truncation to ``model_max_length``.
+
+        The merge (vitacore.model.merge) keeps the first ``model_max_length`` positions after media
+        expansion; media blocks only push text later, so if the first supervised token is at text
+        position >= ``model_max_length`` counting text tokens alone, nothing supervised is left.
+        """
+        if self.model_max_length is None:
+            return
+        text_labels = [label for token, label in zip(input_ids, labels) if token >= 0]
+        first = next((i for i, label in enumerate(text_labels) if label != IGNORE_INDEX), None)
+        if first is not None and first >= self.model_max_length:
+            raise BadSampleError(
+                f"too long: its first answer token is at position {first} counting text alone (before media), "
+                f"so truncation to --model_max_length {self.model_max_length} would leave nothing to train on")
 
 
 class Collator:
@@ -160,6 +254,9 @@ class Collator:
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                  "sample_ids": [s.sample_id for s in samples]}
+        replaced = [s.replaced_from for s in samples if s.replaced_from is not None]
+        if replaced:  # counted by the trainer (BadSampleLog), which removes the key before the forward
+            batch["bad_samples"] = replaced
         images = [image for s in samples for image in s.images]
         if images:
             batch["images"] = torch.stack(images)

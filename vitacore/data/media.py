@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "load_image", "ImageTransform", "write_wav", "load_wav", "resample", "fbank",
-    "audio_token_length", "AudioTransform",
+    "audio_token_length", "AudioTransform", "wav_num_samples",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -405,3 +405,33 @@ class AudioTransform:
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from exc
         return feats, audio_token_length(feats.shape[0])
+
+    def num_tokens_from_header(self, path: PathLike) -> int:
+        """LLM tokens of the clip at ``path``, from its WAV header alone (no samples decoded).
+
+        Exact for a well-formed WAV: the sample count after resampling and the frame count are the
+        same integer arithmetic :meth:`__call__` goes through. A truncated data chunk (the header
+        claims more frames than the file holds) overestimates; an unreadable file counts 0.
+        """
+        samples = wav_num_samples(path, self.sample_rate)
+        window, shift = int(self.sample_rate * 0.025), int(self.sample_rate * 0.010)  # fbank's defaults
+        frames = 0 if samples < window else 1 + (samples - window) // shift
+        return audio_token_length(frames)
+
+
+def wav_num_samples(path: PathLike, target_sample_rate: int) -> int:
+    """Samples per channel of a WAV file once resampled to ``target_sample_rate``, from its header.
+
+    Returns 0 for a missing or unreadable file (the loader reports those).
+    """
+    try:
+        with wave.open(os.fspath(path), "rb") as src:
+            frames, rate = src.getnframes(), src.getframerate()
+    except (OSError, wave.Error, EOFError, RuntimeError, struct.error):
+        return 0
+    if rate <= 0:
+        return 0
+    if rate == target_sample_rate:
+        return frames
+    g = math.gcd(rate, target_sample_rate)
+    return -(-frames * (target_sample_rate // g) // (rate // g))  # resample()'s ceil

@@ -15,7 +15,7 @@ from typing import Tuple, Union
 
 import torch
 
-from vitacore.data.media import load_wav
+from vitacore.data.media import load_wav, wav_num_samples
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -77,3 +77,13 @@ class WhisperAudioTransform:
         # Frame i covers samples [i * hop - n_fft / 2, i * hop + n_fft / 2): keep every frame that sees the clip.
         frames = min(math.ceil((samples + fe.n_fft // 2) / fe.hop_length), features.shape[0])
         return features[:frames].to(torch.float32).contiguous(), whisper_token_length(frames)
+
+    def num_tokens_from_header(self, path: PathLike) -> int:
+        """LLM tokens of the clip at ``path`` from its WAV header alone: the frame arithmetic of
+        :meth:`__call__`, exact for a well-formed WAV (0 for an unreadable one)."""
+        fe = self.feature_extractor
+        samples = wav_num_samples(path, self.sample_rate)
+        if samples == 0:
+            return 0
+        frames = min(math.ceil((samples + fe.n_fft // 2) / fe.hop_length), fe.nb_max_frames)
+        return whisper_token_length(frames)

@@ -17,10 +17,10 @@ from vitacore.checkpoint.resumable import (
     clean_partial_saves, load_checkpoint, resolve_resume, save_checkpoint,
 )
 from vitacore.constants import IGNORE_INDEX
-from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
-from vitacore.data.sampler import ResumableSampler
+from vitacore.data.bad_samples import BadSampleLog
 from vitacore.engine.distributed import DistInfo
 from vitacore.engine.ds_config import resolve_deepspeed_config
+from vitacore.engine.loader import build_train_loader
 from vitacore.engine.metrics import MetricsLog, MetricsWindow, TensorBoardLog, answer_accuracy, batch_size, format_lr
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
 from vitacore.engine.signals import StopRequest
@@ -82,6 +82,7 @@ class Trainer:
         self.resume_path = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.metrics = MetricsLog(self.args.output_dir, enabled=dist.is_main)
+        self.bad_samples = BadSampleLog(config.data.max_bad_sample_ratio, dist.is_main)
         self._check_precision()
         self.notes = self._apply_runtime_flags()
         if deepspeed_config is None:
@@ -99,13 +100,8 @@ class Trainer:
         if hasattr(model, "count_flops") and dist.device.type == "cuda":
             model.count_flops = True  # adds tflops_per_s and mfu to the metrics rows
 
-        self.sampler = self._train_sampler(train_dataset)
-        # The loader's own generator (re-seeded each epoch) seeds its workers, so creating an iterator
-        # never draws from the global RNG that dropout uses: a resumed run stays on the same stream.
-        self.loader_generator = torch.Generator()
-        self.loader = DataLoader(train_dataset, batch_size=self.args.per_device_train_batch_size,
-                                 sampler=self.sampler, collate_fn=collate_fn,
-                                 num_workers=self.args.dataloader_num_workers, generator=self.loader_generator)
+        self.sampler, self.loader, self.loader_generator = build_train_loader(train_dataset, collate_fn, self.args,
+                                                                              dist)
         self.num_micro_per_epoch = math.ceil(self.sampler.num_samples_per_epoch / self.args.per_device_train_batch_size)
         updates_per_epoch = max(1, math.ceil(self.num_micro_per_epoch / self.args.gradient_accumulation_steps))
         if self.args.max_steps > 0:
@@ -115,21 +111,6 @@ class Trainer:
         self.warmup_steps = warmup_steps_for(self.total_steps, self.args.warmup_steps, self.args.warmup_ratio)
         self.engine = self._initialize()
         self.identity = self._identity()
-
-    def _train_sampler(self, train_dataset: Dataset):
-        """The shuffled per-rank order; VITA's modality/length grouping with ``--group_by_modality_length``."""
-        if not self.args.group_by_modality_length:
-            return ResumableSampler(train_dataset, self.dist.world_size, self.dist.rank, seed=self.args.seed)
-        lengths = getattr(train_dataset, "modality_lengths", None)
-        if lengths is None:
-            raise ValueError("--group_by_modality_length True needs a training dataset with `modality_lengths` "
-                             f"(signed token lengths); {type(train_dataset).__name__} has none")
-        if len(lengths) != len(train_dataset):
-            raise ValueError(f"--group_by_modality_length True: the dataset has {len(train_dataset)} samples "
-                             f"but {len(lengths)} modality_lengths")
-        return ModalityLengthGroupedSampler(lengths, self.args.per_device_train_batch_size, self.dist.world_size,
-                                            self.dist.rank, seed=self.args.seed,
-                                            accumulation=self.args.gradient_accumulation_steps)
 
     def _check_precision(self) -> None:
         if self.dist.device.type == "cpu" and self.args.fp16:
@@ -279,6 +260,7 @@ class Trainer:
             return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "num_skipped_steps": 0, "window": None}
         state = load_checkpoint(self.engine, self.resume_path, self.identity, self.dist)
         position = state["position"]
+        self.bad_samples.load_state_dict(position.get("bad_samples"))
         if position["micro_in_epoch"] >= self.num_micro_per_epoch:
             position.update(epoch=position["epoch"] + 1, micro_in_epoch=0)
         if self.dist.is_main:
@@ -295,7 +277,8 @@ class Trainer:
     def save(self, step: int, epoch: int, micro_in_epoch: int, num_skipped: int, window: "MetricsWindow") -> str:
         """Write ``checkpoint-<step>`` (every rank calls this at an optimizer-step boundary)."""
         position = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                    "num_skipped_steps": num_skipped, "window": window.state_dict()}
+                    "num_skipped_steps": num_skipped, "window": window.state_dict(),
+                    "bad_samples": self.bad_samples.state_dict()}
         state = {"position": position, "identity": self.identity, "total_steps": self.total_steps}
         path = save_checkpoint(self.engine, self.args.output_dir, step, state, self.dist,
                                write_artifacts=self.save_artifacts, config=self.config,
@@ -319,6 +302,7 @@ class Trainer:
         for epoch, index, closes, batch, divisor in self._micro_batches(position["epoch"], position["micro_in_epoch"]):
             # vitacore owns the accumulation boundary, so short groups at an epoch's end still step.
             engine.set_gradient_accumulation_boundary(closes)
+            window.bad += self.bad_samples.observe(batch)  # takes the markers out of the batch
             batch = _to_device(batch, self.dist.device)
             if divisor is not None:
                 batch["num_items_in_batch"] = divisor
@@ -351,6 +335,8 @@ class Trainer:
             if step % args.logging_steps == 0 or step == self.total_steps:
                 row = window.row(step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
                 self._log(row)
+                # Totals over ranks, so every rank raises at the same step.
+                self.bad_samples.add(row["bad_samples"], window.global_samples)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window = MetricsWindow()
             if stop_requested:  # every rank saw the same flag in the same collective
@@ -404,6 +390,7 @@ class Trainer:
         self.engine.eval()
         totals = torch.zeros(6, dtype=torch.float64)
         for batch in loader:
+            batch.pop("bad_samples", None)  # eval replacements are not counted in the training ratio
             batch = _to_device(batch, self.dist.device)
             output = self.engine(**batch)
             if "merged_labels" in output and "logits" in output:

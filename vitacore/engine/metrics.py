@@ -109,11 +109,13 @@ class MetricsWindow:
         self.loss, self.micro, self.tokens, self.samples, self.started = 0.0, 0, 0, 0, time.time()
         self.steps = 0
         self.flops = 0.0
+        self.bad = 0  # samples that stood in for bad ones (--on_bad_sample skip)
+        self.global_samples = 0  # samples over all ranks, set by row()
         # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
         # otherwise they are per-micro-batch means, averaged over micro-batches.
         self.per_step = False
 
-    _SAVED = ("loss", "micro", "tokens", "samples", "steps", "flops", "per_step")
+    _SAVED = ("loss", "micro", "tokens", "samples", "steps", "flops", "per_step", "bad")
 
     def state_dict(self) -> dict:
         """The sums so far (a checkpoint between two logged rows keeps them)."""
@@ -121,7 +123,7 @@ class MetricsWindow:
 
     def load_state_dict(self, state: dict) -> None:
         for name in self._SAVED:
-            setattr(self, name, state[name])
+            setattr(self, name, state.get(name, 0))  # "bad" is absent from older checkpoints
 
     def add(self, loss: float, batch: dict, share_of_step: bool) -> None:
         self.per_step = share_of_step
@@ -132,19 +134,22 @@ class MetricsWindow:
         self.samples += batch_size(batch)
 
     def row(self, step: int, epoch: float, lr, grad_norm, dist) -> dict:
-        """The metrics row; loss, tokens and samples are summed over ranks."""
+        """The metrics row; loss, tokens, samples and bad samples are summed over ranks."""
         elapsed = max(1e-9, time.time() - self.started)
-        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops], dtype=torch.float64)
+        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops, self.bad],
+                            dtype=torch.float64)
         if dist.world_size > 1:
             sums = sums.to(dist.device)
             torch.distributed.all_reduce(sums)
             sums = sums.cpu()
-        loss, micro, tokens, samples, flops = sums.tolist()
+        loss, micro, tokens, samples, flops, bad = sums.tolist()
+        self.global_samples = int(samples)
         # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
         mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
         return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
+                "bad_samples": int(bad),
                 **self._utilization(flops, elapsed, dist)}
 
     def _utilization(self, flops: float, elapsed: float, dist) -> dict:

@@ -1,0 +1,70 @@
+"""A Trainer run over data with a missing image and a corrupt wav (``--on_bad_sample skip``).
+
+Real DeepSpeed (ZeRO-0, one gloo process, CPU) and a tiny random text-only Qwen2: the bad records
+are replaced by text records before the model sees them, so the model needs no media towers.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from vitacore.config import RunConfig
+from vitacore.data.conversation import QWEN2P5_INSTRUCT
+from vitacore.data.dataset import Collator, VitaJsonDataset
+from vitacore.data.media import AudioTransform, ImageTransform, write_wav
+from vitacore.data.tokenizer import build_tokenizer
+from vitacore.engine import Trainer
+from vitacore.model.multimodal import VitaModel
+
+
+def _run(tmp_path, dist, max_ratio: float, workers: int = 0):
+    tok = build_tokenizer()
+    write_wav(tmp_path / "fine.wav", 0.3 * np.sin(np.arange(3200) / 10.0), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"say {i}"},
+                                                  {"from": "gpt", "value": f"{i}"}]} for i in range(6)]
+    records.insert(2, {"id": "no-image", "image": "gone.png",
+                       "conversations": [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "x"}]})
+    records.insert(5, {"id": "bad-wav", "audio": "broken.wav",
+                       "conversations": [{"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "y"}]})
+    dataset = VitaJsonDataset(records, str(tmp_path), tok, QWEN2P5_INSTRUCT, ImageTransform(16, (0.5,) * 3, (0.5,) * 3),
+                              AudioTransform(), source="train.json", on_bad_sample="skip", model_max_length=256)
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                       max_position_embeddings=512, pad_token_id=tok.pad_token_id))
+    model = VitaModel(llm, model_max_length=256)
+    cfg = RunConfig()
+    t = cfg.training
+    t.output_dir, t.max_steps, t.per_device_train_batch_size, t.logging_steps = str(tmp_path / "out"), 4, 2, 2
+    t.learning_rate, t.save_strategy, t.seed = 1e-3, "no", 7
+    cfg.data.max_bad_sample_ratio = max_ratio
+    t.dataloader_num_workers = workers
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"name": "all", "params": [p for _, p in params], "param_names": [n for n, _ in params],
+               "lr": t.learning_rate, "weight_decay": 0.0}]
+    return Trainer(cfg, model, groups, dataset, Collator(tok.pad_token_id), dist).fit(), t.output_dir
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # the markers cross from worker processes in the batch
+def test_skip_finishes_and_metrics_count_the_bad_samples(tmp_path, dist, capsys, workers):
+    result, out = _run(tmp_path, dist, max_ratio=0.5, workers=workers)
+    assert result.num_steps == 4
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if "loss" in line]
+    assert len(rows) == 2 and all("bad_samples" in row for row in rows)
+    assert sum(row["bad_samples"] for row in rows) == 2  # one epoch: each bad record drawn once
+    printed = capsys.readouterr()
+    warnings = printed.out + printed.err
+    lines = [line for line in warnings.splitlines() if line.startswith("warning: skipped a bad sample")]
+    assert len(lines) == 2, lines  # each file once
+    assert any("gone.png" in line for line in lines) and any("broken.wav" in line for line in lines)
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path, dist):
+    with pytest.raises(ValueError, match=r"of the \d+ training samples seen so far were bad.*--max_bad_sample_ratio 0.1"):
+        _run(tmp_path, dist, max_ratio=0.1)
