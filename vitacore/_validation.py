@@ -78,8 +78,11 @@ def rule_errors(cfg) -> List[str]:
     one_of("on_bad_sample", ("error", "skip"))
     check(0 <= d.max_bad_sample_ratio <= 1,
           f"--max_bad_sample_ratio {d.max_bad_sample_ratio} must be in [0, 1]")
-    check(d.image_aspect_ratio in (None, "square", "pad"),
-          f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, None")
+    check(d.image_aspect_ratio in (None, "square", "pad", "dynamic"),
+          f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, dynamic, None")
+    check(1 <= d.min_dynamic_patch <= d.max_dynamic_patch,
+          f"--min_dynamic_patch {d.min_dynamic_patch} and --max_dynamic_patch {d.max_dynamic_patch}: "
+          "need 1 <= min <= max")
     projector = m.mm_projector_type
     check(projector in ("linear", "identity") or bool(_PROJECTOR.match(projector)),
           f"--mm_projector_type {projector!r} is not one of: linear, identity, "

@@ -62,7 +62,8 @@ class DataArguments:
     is_multimodal: bool = _f(True, "samples may contain images/audio")
     image_folder: Optional[str] = _f(None, "folder of the images of records without a 'set' "
                                            "(None: the JSON file's folder)")
-    image_aspect_ratio: Optional[str] = _f(None, "square or pad (None: resize as is)")
+    image_aspect_ratio: Optional[str] = _f(None, "square, pad (to a square with the mean colour) or dynamic "
+                                                "(tiles + thumbnail, VITA-1.5); None: resize as is")
     # VITA's default "temp" crashes; None selects the embedded synthetic demo data.
     dataset_use: Optional[str] = _f(None, "dataset names in --data_registry, comma-separated "
                                           "(None and no --data_path: built-in synthetic demo data)")

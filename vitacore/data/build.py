@@ -10,6 +10,7 @@ from vitacore.data.conversation import get_template
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
 from vitacore.data.media import ImageTransform
 from vitacore.data.registry import DataSource, load_sources, sources_from_config
+from vitacore.data.tiling import ImageTiler
 from vitacore.model.audio import audio_transform_for
 from vitacore.model.default import ensure_default_assets
 
@@ -56,11 +57,18 @@ def _user_dataset(sources: list[DataSource], seed: int, bundle, template, image_
 
 
 def _bundle(config, bundle, train: VitaJsonDataset, eval_set: Optional[VitaJsonDataset]) -> DataBundle:
-    """The datasets with the run's bad-sample policy (``--on_bad_sample``, ``--model_max_length``)."""
+    """The datasets with the run's bad-sample policy (``--on_bad_sample``, ``--model_max_length``)
+    and image tiling (``--image_aspect_ratio dynamic``)."""
+    tiler = None
+    tower = bundle.model.vision_tower
+    if config.data.image_aspect_ratio == "dynamic" and tower is not None:
+        tiler = ImageTiler(tower.image_spec.image_size, config.data.min_dynamic_patch,
+                           config.data.max_dynamic_patch, config.data.use_thumbnail)
     for dataset in (train, eval_set):
         if dataset is not None:
             dataset.on_bad_sample = config.data.on_bad_sample
             dataset.model_max_length = config.training.model_max_length
+            dataset.image_tiler = tiler
     return DataBundle(train, eval_set, Collator(bundle.tokenizer.pad_token_id))
 
 

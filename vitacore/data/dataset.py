@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IGNORE_INDEX
@@ -17,39 +17,20 @@ from vitacore.data.lengths import record_length
 from vitacore.data.media import AudioTransform, ImageTransform, load_image
 from vitacore.data.records import as_list as _as_list
 from vitacore.data.records import load_records
+from vitacore.data.tiling import ImageTiler, expand_image_placeholders, expand_placeholders
+from vitacore.data.video import VIDEO_MAX_FRAMES, load_video
 
 __all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_frames"]
 
 
-VIDEO_MAX_FRAMES = 16  # frames kept per video, evenly subsampled
-
-
 def load_video_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> list[Image.Image]:
-    """Frames of an animated image file (GIF/WebP), evenly subsampled to at most ``max_frames``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"video {path!r} does not exist")
-    try:
-        with Image.open(path) as clip:
-            frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path} is not a readable video (expected an animated GIF/WebP): {err}") from None
-    if len(frames) > max_frames:
-        step = len(frames) / max_frames
-        frames = [frames[int(i * step)] for i in range(max_frames)]
-    return frames
+    """Sampled frames of a video (see :func:`vitacore.data.video.load_video`; fps dropped)."""
+    return load_video(path, max_frames)[0]
 
 
 def _expand_videos(conversations: list[dict], frame_counts: list[int]) -> list[dict]:
     """Replace the k-th ``<video>`` (in reading order) with one ``<image>`` per frame of video k."""
-    counts = iter(frame_counts)
-    expanded = []
-    for turn in conversations:
-        pieces = turn["value"].split(DEFAULT_VIDEO_TOKEN)
-        value = pieces[0]
-        for piece in pieces[1:]:
-            value += DEFAULT_IMAGE_TOKEN * next(counts, 0) + piece
-        expanded.append({**turn, "value": value})
-    return expanded
+    return expand_placeholders(conversations, DEFAULT_VIDEO_TOKEN, frame_counts, missing=0)
 
 
 @dataclass
@@ -87,6 +68,8 @@ class VitaJsonDataset(Dataset):
         on_bad_sample: ``error`` raises on a bad record (see :mod:`vitacore.data.bad_samples`);
             ``skip`` returns the next good record instead, marked with ``replaced_from``. The run
             sets it from ``--on_bad_sample`` (default ``skip``); a bare dataset is strict.
+        image_tiler: dynamic tiling (``--image_aspect_ratio dynamic``): each image becomes several
+            tiles and its ``<image>`` as many placeholders. None: one image per ``<image>``.
         model_max_length: the model's longest sequence; a record whose text before its first
             answer token is this long or longer is bad. None: no check.
     """
@@ -95,7 +78,8 @@ class VitaJsonDataset(Dataset):
                  image_transform: Optional[ImageTransform], audio_transform: Optional[AudioTransform],
                  source: str = "<records>", origins: Optional[list[str]] = None,
                  tokens_per_image: Optional[int] = None,
-                 on_bad_sample: str = "error", model_max_length: Optional[int] = None):
+                 on_bad_sample: str = "error", model_max_length: Optional[int] = None,
+                 image_tiler: Optional[ImageTiler] = None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
         self.on_bad_sample = on_bad_sample
@@ -111,6 +95,7 @@ class VitaJsonDataset(Dataset):
         self.audio_transform = audio_transform
         self.source = source
         self.tokens_per_image = tokens_per_image
+        self.image_tiler = image_tiler
         self._modality_lengths: Optional[list[int]] = None
 
     @property
@@ -128,7 +113,8 @@ class VitaJsonDataset(Dataset):
             audio_tokens = getattr(self.audio_transform, "num_tokens_from_header", None)
             self._modality_lengths = [
                 record_length(record, self._path, self.tokenizer, self.template, self.tokens_per_image or 0,
-                              audio_tokens, VIDEO_MAX_FRAMES, _expand_videos)
+                              audio_tokens, VIDEO_MAX_FRAMES, _expand_videos,
+                              image_tiles=self.image_tiler.count_from_header if self.image_tiler else None)
                 for record in self.records]
         return self._modality_lengths
 
@@ -190,9 +176,17 @@ class VitaJsonDataset(Dataset):
         image_paths, video_paths = _as_list(record.get("image")), _as_list(record.get("video"))
         if (image_paths or video_paths) and self.image_transform is None:
             raise ValueError("record has media but the model has no vision tower")
+        tile_counts = []
         for rel in image_paths:
-            images.append(self.image_transform(self._media("image", rel, load_image)))
+            img = self._media("image", rel, load_image)
+            tiles = self.image_tiler(img, self.image_transform) if self.image_tiler else [self.image_transform(img)]
+            images.extend(tiles)
+            tile_counts.append(len(tiles))
             modality = "image"
+        # Expand before videos do: their frames also become <image>, which must not be re-expanded.
+        # A count mismatch is left as is for the placeholder check below to report.
+        if self.image_tiler and sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations) == len(image_paths):
+            conversations = expand_image_placeholders(conversations, tile_counts)
         frame_counts = []
         for rel in video_paths:
             frames = self._media("video", rel, load_video_frames)

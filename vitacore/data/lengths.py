@@ -4,10 +4,13 @@ The grouped sampler (``--group_by_modality_length``) needs one signed length per
 training starts. Decoding every image, video and audio file for that would cost as much as an
 epoch of data loading, so this module reads only what fixes the token count:
 
-* an image is ``tokens_per_image`` tokens whatever its pixels (one tile per image);
-* a video is ``min(frames in the file, max_frames)`` images; the frame count comes from the
-  container (PIL's ``n_frames``, which walks the frame headers without decoding pixels);
-* an audio clip's tokens follow from its sample count, read from the WAV header (see
+* an image is ``tokens_per_image`` tokens per tile: one tile, or with dynamic tiling a count that
+  follows from the image size, read from the file header (PIL decodes pixels lazily);
+* a video is as many images as :func:`vitacore.data.video.load_video` samples; the frame count and
+  rate come from the container's metadata (PyAV) or PIL's ``n_frames`` for GIF/WebP, no pixels
+  decoded;
+* an audio clip's tokens follow from its sample count, read from the WAV header or, for
+  FLAC/MP3, ``soundfile.info`` (see
   :meth:`vitacore.data.media.AudioTransform.num_tokens_from_header`).
 
 The text is tokenized exactly as :func:`vitacore.data.conversation.tokenize_conversation` does for
@@ -18,31 +21,30 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from PIL import Image, UnidentifiedImageError
-
-from vitacore.constants import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.constants import AUDIO_TOKEN_INDEX, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.records import as_list
+from vitacore.data.tiling import expand_image_placeholders
+from vitacore.data.video import count_sampled_frames
 
 __all__ = ["count_video_frames", "record_length"]
 
 
 def count_video_frames(path: str, max_frames: int) -> int:
-    """Frames the dataset keeps of the video at ``path`` (``min(n_frames, max_frames)``), from headers only.
+    """Frames the dataset keeps of the video at ``path``, from container metadata only.
 
-    An unreadable or missing file counts one frame: the bad-sample handling in ``__getitem__`` deals
-    with the file; here it only has to yield a plausible length.
+    Same rule as :func:`vitacore.data.video.load_video` (VITA's 3 fps, 4..16 frames for container
+    video; ``min(n_frames, max_frames)`` for GIF/WebP). An unreadable or missing file counts one
+    frame: the bad-sample handling in ``__getitem__`` deals with the file; here it only has to
+    yield a plausible length.
     """
-    try:
-        with Image.open(path) as clip:
-            return max(1, min(getattr(clip, "n_frames", 1), max_frames))
-    except (OSError, UnidentifiedImageError, ValueError):
-        return 1
+    return count_sampled_frames(path, max_frames) or 1
 
 
 def record_length(record: dict, resolve: Callable[[str], str], tokenizer, template: ChatTemplate,
                   tokens_per_image: int, audio_tokens: Optional[Callable[[str], int]],
-                  max_video_frames: int, expand_videos: Callable) -> int:
+                  max_video_frames: int, expand_videos: Callable,
+                  image_tiles: Optional[Callable[[str], int]] = None) -> int:
     """One record's signed length: tokens of the model input, positive with media, negative without.
 
     Args:
@@ -54,6 +56,7 @@ def record_length(record: dict, resolve: Callable[[str], str], tokenizer, templa
         audio_tokens: audio path -> LLM tokens, from the file's header (None: no audio encoder).
         max_video_frames: the dataset's cap on frames per video.
         expand_videos: the dataset's ``<video>`` -> per-frame ``<image>`` expansion.
+        image_tiles: image path -> tiles (dynamic tiling, from the header); None: one per image.
 
     Returns:
         The length, never 0 (the sampler reads the sign as the modality).
@@ -61,6 +64,9 @@ def record_length(record: dict, resolve: Callable[[str], str], tokenizer, templa
     images, videos = as_list(record.get("image")), as_list(record.get("video"))
     audios = as_list(record.get("audio"))
     conversations = [dict(turn) for turn in record["conversations"]]
+    tile_counts = [image_tiles(resolve(rel)) for rel in images] if image_tiles else [1] * len(images)
+    if image_tiles and sum(t.get("value", "").count(DEFAULT_IMAGE_TOKEN) for t in conversations) == len(images):
+        conversations = expand_image_placeholders(conversations, tile_counts)
     frame_counts = [count_video_frames(resolve(rel), max_video_frames) for rel in videos]
     if frame_counts:
         conversations = expand_videos(conversations, frame_counts)
@@ -72,7 +78,7 @@ def record_length(record: dict, resolve: Callable[[str], str], tokenizer, templa
         # A malformed record (turn order) fails in __getitem__ with its own message; a rough
         # length keeps the sampler going until then.
         text = sum(len(turn.get("value", "")) for turn in conversations) // 4 + 1
-    media = (len(images) + sum(frame_counts)) * tokens_per_image
+    media = (sum(tile_counts) + sum(frame_counts)) * tokens_per_image
     if audios and audio_tokens is not None:
         media += sum(audio_tokens(resolve(rel)) for rel in audios)
     length = max(1, text + media)

@@ -166,13 +166,14 @@ def _pcm_to_float(raw: bytes, sample_width: int) -> np.ndarray:
 
 
 def load_wav(path: PathLike, target_sample_rate: int = 16000) -> torch.Tensor:
-    """Reads a PCM WAV file as a mono float waveform at ``target_sample_rate``.
+    """Reads an audio file as a mono float waveform at ``target_sample_rate``.
 
-    Multi-channel audio is averaged to mono; other sample rates are resampled
-    with :func:`resample`.
+    WAV is read here; FLAC / MP3 / OGG (by extension) through ``soundfile``
+    (:mod:`vitacore.data.audio_files`). Multi-channel audio is averaged to
+    mono; other sample rates are resampled with :func:`resample`.
 
     Args:
-        path: WAV file path (8, 16, 24 or 32-bit integer PCM).
+        path: WAV file path (8, 16, 24 or 32-bit integer PCM), or FLAC/MP3/OGG.
         target_sample_rate: Output sample rate in Hz.
 
     Returns:
@@ -180,11 +181,17 @@ def load_wav(path: PathLike, target_sample_rate: int = 16000) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: If no file exists at ``path``.
-        ValueError: If the file is not a PCM RIFF/WAVE file.
+        ValueError: If the file cannot be decoded (the message names it).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
+    from vitacore.data.audio_files import is_compressed_audio, read_compressed  # needs soundfile
+
+    if is_compressed_audio(path):
+        mono, rate = read_compressed(path)
+        waveform = torch.from_numpy(mono)
+        return resample(waveform, rate, target_sample_rate) if rate != target_sample_rate else waveform
     try:
         with wave.open(path, "rb") as src:
             channels = src.getnchannels()
@@ -375,7 +382,7 @@ def audio_token_length(num_frames: int) -> int:
 
 @dataclass
 class AudioTransform:
-    """Loads a WAV file and returns fbank features plus the LLM token count.
+    """Loads an audio file (WAV/FLAC/MP3) and returns fbank features plus the LLM token count.
 
     Attributes:
         sample_rate: Rate the audio is resampled to before feature extraction.
@@ -389,7 +396,7 @@ class AudioTransform:
         """Processes one audio file.
 
         Args:
-            path: WAV file path.
+            path: audio file path (WAV, FLAC, MP3 or OGG).
 
         Returns:
             ``(features, num_llm_tokens)``: a float32 ``(T, num_mel_bins)``
@@ -420,15 +427,21 @@ class AudioTransform:
 
 
 def wav_num_samples(path: PathLike, target_sample_rate: int) -> int:
-    """Samples per channel of a WAV file once resampled to ``target_sample_rate``, from its header.
+    """Samples per channel of an audio file once resampled to ``target_sample_rate``, from its header.
 
-    Returns 0 for a missing or unreadable file (the loader reports those).
+    WAV headers are read here; FLAC / MP3 / OGG through ``soundfile.info``. Returns 0 for a
+    missing or unreadable file (the loader reports those).
     """
-    try:
-        with wave.open(os.fspath(path), "rb") as src:
-            frames, rate = src.getnframes(), src.getframerate()
-    except (OSError, wave.Error, EOFError, RuntimeError, struct.error):
-        return 0
+    from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio
+
+    if is_compressed_audio(path):
+        frames, rate = compressed_num_frames(os.fspath(path))
+    else:
+        try:
+            with wave.open(os.fspath(path), "rb") as src:
+                frames, rate = src.getnframes(), src.getframerate()
+        except (OSError, wave.Error, EOFError, RuntimeError, struct.error):
+            return 0
     if rate <= 0:
         return 0
     if rate == target_sample_rate:

@@ -38,7 +38,7 @@ def whisper_silence_value(features: torch.Tensor) -> torch.Tensor:
 
 
 class WhisperAudioTransform:
-    """Loads a WAV file and returns Whisper log-mel features of the clip plus its LLM token count.
+    """Loads an audio file (WAV/FLAC/MP3) and returns Whisper log-mel features of the clip plus its LLM token count.
 
     Args:
         feature_extractor: a ``transformers.WhisperFeatureExtractor`` (from the encoder's folder).

@@ -1,0 +1,50 @@
+"""Compressed audio (FLAC, MP3, OGG) through ``soundfile``.
+
+WAV keeps the pure-Python reader in :mod:`vitacore.data.media`; other formats are decoded by
+libsndfile, which the ``soundfile`` wheels bundle (FLAC always, MP3 from libsndfile 1.1), so no
+system library or torchaudio build has to match the installed torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["COMPRESSED_AUDIO_EXTENSIONS", "is_compressed_audio", "read_compressed", "compressed_num_frames"]
+
+COMPRESSED_AUDIO_EXTENSIONS = frozenset({".flac", ".mp3", ".ogg", ".oga"})
+
+
+def is_compressed_audio(path: str) -> bool:
+    """Whether ``path`` is decoded here rather than by the WAV reader (by extension)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in COMPRESSED_AUDIO_EXTENSIONS
+
+
+def read_compressed(path: str) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the file's sample rate.
+
+    Raises:
+        ValueError: libsndfile cannot decode the file; the message names it.
+    """
+    import soundfile
+
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable audio file: {err}") from None
+    if data.shape[0] == 0 or rate <= 0:
+        raise ValueError(f"{path} is not a readable audio file: no samples (rate={rate})")
+    # Average channels in float64 like the WAV reader, so both paths give the same mono mix.
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32), int(rate)
+
+
+def compressed_num_frames(path: str) -> tuple[int, int]:
+    """(frames per channel, sample rate) from the file's metadata; (0, 0) if unreadable."""
+    import soundfile
+
+    try:
+        info = soundfile.info(path)
+    except Exception:  # noqa: BLE001 - any failure means "unknown"; the loader reports it
+        return 0, 0
+    return int(info.frames), int(info.samplerate)
