@@ -78,6 +78,8 @@ class DataArguments:
     max_dynamic_patch: int = _f(12, "most image tiles per image")
     use_thumbnail: bool = _f(True, "add a thumbnail tile to tiled images")
     eval_data_path: Optional[str] = _f(None, "evaluation data (None: no eval set)")
+    system_prompts: Optional[str] = _f(None, "YAML file of system prompts by modality (image, video, lang) "
+                                             "replacing the template's")
     on_bad_sample: str = _f("skip", "a record with a missing/corrupt media file, no answer, or too long: "
                                     "error (stop, naming it) or skip (use the next good record, count it)")
     max_bad_sample_ratio: float = _f(0.01, "stop the run once more than this share of the samples seen "

@@ -230,7 +230,7 @@ def test_malformed_json_names_file_and_position(tmp_path):
     ({"conversations": ["hi"]}, "field 'conversations[0]' is a str"),
     ({"image": 7, "conversations": _conv("<image>")}, "field 'image' must be a path"),
     ({"audio": ["a.wav", ""], "conversations": _conv("<audio><audio>")}, "field 'audio' must be a path"),
-    ({"set": ["a"], "conversations": _conv("q")}, "field 'set' must be a string"),
+    ({"set": {"a": 1}, "conversations": _conv("q")}, "field 'set' must be a string"),
     ({"inserted_id": 5, "conversations": _conv("q")}, "field 'inserted_id' is 5"),
     ({"inserted_id": 0, "conversations": _conv("q")}, "field 'inserted_id' is 0"),
     ({"end_tag": "yes", "conversations": _conv("q")}, "field 'end_tag' must be true or false"),
@@ -292,3 +292,22 @@ def test_training_run_from_a_registry_with_all_media_kinds(tmp_path, vitacore_ca
     assert losses and all(np.isfinite(losses))
     assert max(row["step"] for row in rows) == 4
     assert any(np.isfinite(row.get("eval_loss", np.nan)) for row in rows)
+
+
+def test_packed_records_give_each_image_its_own_set(tmp_path):
+    """VITA's packed records list one ``set`` per image (then per video)."""
+    from vitacore.data.registry import DataSource, load_source
+
+    chat = tmp_path / "packed.json"
+    conversation = [{"from": "human", "value": "<image><image> compare"}, {"from": "gpt", "value": "same"}]
+    records = [{"set": ["a", "b"], "image": ["1.png", "2.png"], "conversations": conversation},
+               {"set": ["a", "a", "a"], "image": ["1.png", "2.png"], "conversations": conversation},
+               {"set": ["a", "b", "a"], "image": ["1.png", "2.png"], "conversations": conversation}]
+    chat.write_text(json.dumps(records[:2]))
+    source = DataSource(str(chat), "test", set_folders={"a": str(tmp_path / "A"), "b": str(tmp_path / "B")})
+    loaded, _ = load_source(source, seed=0)
+    assert loaded[0]["image"] == [str(tmp_path / "A" / "1.png"), str(tmp_path / "B" / "2.png")]
+    assert loaded[1]["image"] == [str(tmp_path / "A" / "1.png"), str(tmp_path / "A" / "2.png")]
+    chat.write_text(json.dumps(records[2:]))
+    with pytest.raises(ValueError, match=r"field 'set' lists 3 names for 2 image\(s\)"):
+        load_source(source, seed=0)

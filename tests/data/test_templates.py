@@ -1,5 +1,7 @@
 """The llama3, nemo, mixtral_two and plain templates: exact token strings and supervised spans."""
 
+import re
+
 import pytest
 import torch
 
@@ -131,3 +133,32 @@ def test_pad_equal_to_eos_keeps_the_answers_eos_supervised_and_attended():
     assert batch["labels"][1, n - 1] == eos and (batch["labels"][1, n:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][1, n:] == eos).all()  # padded with eos, yet masked by length
     assert batch["attention_mask"][0].all() and torch.equal(batch["labels"][0], torch.tensor(long_labels))
+
+
+def test_system_prompts_from_yaml_replace_the_templates_by_modality(tmp_path):
+    from vitacore.data.conversation import get_template, load_system_prompts, with_system_prompts
+
+    path = tmp_path / "prompts.yaml"
+    path.write_text("image: Look closely at the picture.\nlang: Be brief.\n")
+    base = get_template("qwen2p5_instruct")
+    template = with_system_prompts(base, load_system_prompts(str(path)))
+    assert template.system_prompts["image"] == "Look closely at the picture."
+    assert template.system_prompts["lang"] == "Be brief."
+    assert template.system_prompts["video"] == base.system_prompts["video"]  # left out: the template's
+    assert base.system_prompts["lang"] != "Be brief."  # the registered template is unchanged
+
+
+@pytest.mark.parametrize("text, message", [
+    ("audio: hi\n", "unknown modality 'audio'"),
+    ("image: [1, 2]\n", "the 'image' prompt must be text"),
+    ("- a list\n", "expected a mapping"),
+    ("image: [unclosed\n", "not valid YAML"),
+])
+def test_bad_system_prompt_files_name_the_file_and_the_problem(tmp_path, text, message):
+    from vitacore.data.conversation import load_system_prompts
+
+    path = tmp_path / "prompts.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_system_prompts(str(path))
+    assert str(path) in str(err.value)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from vitacore.data.conversation import get_template
+from vitacore.data.conversation import get_template, load_system_prompts, with_system_prompts
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
 from vitacore.data.media import ImageTransform
 from vitacore.data.registry import DataSource, load_sources, sources_from_config
@@ -89,6 +89,8 @@ def build_data(config, bundle, selection: SyntheticSelection = SyntheticSelectio
         raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
                          "which this data pipeline does not produce yet; set it to False")
     template = get_template(config.model.version)  # build_model resolved it from the LLM when not given
+    if config.data.system_prompts:
+        template = with_system_prompts(template, load_system_prompts(config.data.system_prompts))
     tower = bundle.model.vision_tower
     spec = tower.image_spec
     image_transform = ImageTransform(spec.image_size, spec.mean, spec.std,

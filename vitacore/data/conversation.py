@@ -9,6 +9,8 @@ it, so it is one token there.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -106,6 +108,41 @@ TEMPLATES = {
     "mixtral_two": MIXTRAL_TWO,
     "plain": PLAIN,
 }
+
+
+PROMPT_MODALITIES = ("image", "video", "lang")
+
+
+def load_system_prompts(path: str) -> dict:
+    """Read ``--system_prompts``: a YAML mapping of ``image`` / ``video`` / ``lang`` to prompt text.
+
+    Modalities left out keep the template's prompt (``lang`` is the fallback for the others).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and the bad key or value.
+    """
+    import yaml
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--system_prompts {path!r}: no such file")
+    with open(path) as fh:
+        try:
+            prompts = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--system_prompts {path}: not valid YAML: {err}") from None
+    if not isinstance(prompts, dict) or not prompts:
+        raise ValueError(f"--system_prompts {path}: expected a mapping of {', '.join(PROMPT_MODALITIES)} to text")
+    for key, value in prompts.items():
+        if key not in PROMPT_MODALITIES:
+            raise ValueError(f"--system_prompts {path}: unknown modality {key!r}; use {', '.join(PROMPT_MODALITIES)}")
+        if not isinstance(value, str):
+            raise ValueError(f"--system_prompts {path}: the {key!r} prompt must be text, got {type(value).__name__}")
+    return prompts
+
+
+def with_system_prompts(template: ChatTemplate, prompts: dict) -> ChatTemplate:
+    """``template`` with ``prompts`` replacing its system prompts, modality by modality."""
+    return dataclasses.replace(template, system_prompts={**template.system_prompts, **prompts})
 
 
 def get_template(version: Optional[str]) -> ChatTemplate:

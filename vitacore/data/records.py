@@ -53,8 +53,10 @@ def record_problem(record) -> Optional[str]:
             return f"field '{name}' must be a path or a list of paths (non-empty strings), got {value!r}"
     for name in ("set", "id"):
         value = record.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-            return f"field '{name}' must be a string, got {value!r}"
+        # Lists come from VITA's packed records (one name per image / video).
+        if value is not None and not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                         for v in as_list(value)):
+            return f"field '{name}' must be a string or a list of strings, got {value!r}"
     inserted = record.get("inserted_id")
     if inserted is not None:
         if isinstance(inserted, bool) or not isinstance(inserted, int):

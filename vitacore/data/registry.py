@@ -179,18 +179,37 @@ def _resolve(record: dict, source: DataSource, where: str) -> dict:
     json_dir = os.path.dirname(source.chat_path)
     out = dict(record)
     if record.get("image") is not None:
-        folder = source.image_folder
-        if record.get("set") is not None and source.set_folders:
-            set_name = str(record["set"])
-            if set_name not in source.set_folders:
-                raise ValueError(f"{where}: field 'set' is {set_name!r}, which {source.label} maps to no image "
-                                 f"folder; known sets: {', '.join(sorted(source.set_folders))}")
-            folder = source.set_folders[set_name]
-        out["image"] = _join(record["image"], folder or json_dir)
+        images = as_list(record["image"])
+        folders = [_set_folder(name, source, where) or json_dir for name in _image_sets(record, len(images), where)]
+        joined = [os.path.join(folder, path) for folder, path in zip(folders, images)]
+        out["image"] = joined if isinstance(record["image"], list) else joined[0]
     for name, folder in (("audio", source.audio_folder), ("video", source.video_folder)):
         if record.get(name) is not None:
             out[name] = _join(record[name], folder or json_dir)
     return out
+
+
+def _image_sets(record: dict, num_images: int, where: str) -> list:
+    """The ``set`` of each image: one name for all, or VITA's packed lists (one per image, then videos)."""
+    sets = record.get("set")
+    if not isinstance(sets, list):
+        return [sets] * num_images
+    if len(sets) in (num_images, num_images + len(as_list(record.get("video")))):
+        return sets[:num_images]
+    if len({str(name) for name in sets}) == 1:
+        return [sets[0]] * num_images
+    raise ValueError(f"{where}: field 'set' lists {len(sets)} names for {num_images} image(s); give one per image "
+                     "(then one per video), or a single name")
+
+
+def _set_folder(set_name, source: DataSource, where: str) -> Optional[str]:
+    """The image folder of ``set_name`` (records without ``set``, or sources without a set map: image_folder)."""
+    if set_name is None or not source.set_folders:
+        return source.image_folder
+    if str(set_name) not in source.set_folders:
+        raise ValueError(f"{where}: field 'set' is {str(set_name)!r}, which {source.label} maps to no image "
+                         f"folder; known sets: {', '.join(sorted(source.set_folders))}")
+    return source.set_folders[str(set_name)]
 
 
 def _join(value, folder: str):
