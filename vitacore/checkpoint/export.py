@@ -18,7 +18,6 @@ loading it never needs the paths the model was first built from (see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+from vitacore.partition import gathered, is_partitioned
 
 # vitacore.model is imported inside functions: this package is imported before vitacore.model is.
 
@@ -65,12 +66,8 @@ class _Entry:
     nbytes: int
 
 
-def _is_partitioned(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "ds_id")
-
-
 def _full_shape(tensor: torch.Tensor) -> torch.Size:
-    return tensor.ds_shape if _is_partitioned(tensor) else tensor.shape
+    return tensor.ds_shape if is_partitioned(tensor) else tensor.shape
 
 
 def _export_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
@@ -248,13 +245,7 @@ def _write_encoder_configs(model: nn.Module, staging: str) -> None:
 
 def _gather_shard(shard: list[_Entry], dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
     """Gather one shard's partitioned tensors (collective) and, when ``keep``, copy them to CPU."""
-    partitioned = [e.tensor for e in shard if _is_partitioned(e.tensor)]
-    context = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-    with context:
+    with gathered(e.tensor for e in shard):
         if not keep:
             return {}
         return {e.key: e.tensor.detach().to("cpu", _export_dtype(e.tensor, dtype), copy=True).contiguous()

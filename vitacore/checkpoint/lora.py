@@ -14,7 +14,6 @@ Gathering is collective under ZeRO-3: every rank calls these functions; only the
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
 from vitacore.freeze.policy import LORA_BIAS, LORA_MARKER
+from vitacore.partition import gathered, is_partitioned
 
 # vitacore.model is imported inside functions: importing the model package from here at import time
 # would close an import cycle (model.build -> checkpoint.artifacts -> this package).
@@ -50,13 +50,7 @@ def _is_lora_tensor(name: str) -> bool:
 def _gathered(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """CPU copies of ``named`` parameters, gathering only those ZeRO-3 partitioned (a collective then)."""
     named = list(named)
-    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
-    context = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-    with context:
+    with gathered(p for _, p in named):
         return {name: p.detach().cpu().clone() for name, p in named}
 
 
@@ -208,14 +202,7 @@ def load_non_lora_trainables(path: str, model: nn.Module) -> list[str]:
     if unknown or mismatched:
         raise ValueError(f"{path!r} does not fit this model: {len(unknown)} keys fit no parameter "
                          f"{unknown[:5]}, {len(mismatched)} shapes differ {mismatched[:5]}")
-    chosen = [params[n] for n in targets]
-    partitioned = [p for p in chosen if hasattr(p, "ds_id")]
-    context = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
-    with context, torch.no_grad():
+    with gathered((params[n] for n in targets), modifier_rank=0), torch.no_grad():
         for name, value in targets.items():
             params[name].data.copy_(value.to(params[name].dtype))
     return sorted(targets)
@@ -235,7 +222,7 @@ def merge_lora(model: nn.Module) -> None:
         raise ValueError("the LLM is loaded in 4/8 bits (--bits); merging LoRA into quantized weights would "
                          "re-quantize them and lose precision. Reload the base LLM with --bits 16, load the "
                          "adapter (PeftModel.from_pretrained or --lora_weight_path), then merge")
-    if any(hasattr(p, "ds_id") for p in llm.parameters()):
+    if any(is_partitioned(p) for p in llm.parameters()):
         raise ValueError("the LLM's weights are ZeRO-3 partitioned; merge after loading the saved adapter into a "
                          "base model outside DeepSpeed")
     model.llm = llm.merge_and_unload()

@@ -30,6 +30,7 @@ from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
 from vitacore.model.vision import VisionTower, build_vision_tower
 from vitacore.model.vita_layout import from_vita_name, is_llm_key
+from vitacore.partition import gathered, is_partitioned
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -213,15 +214,12 @@ def _load_parts(directory: str, reader: ShardReader, parts: dict[str, nn.Module]
     for part, module in parts.items():
         if part in fresh:
             continue
-        partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
-        if not partitioned:
+        if not any(is_partitioned(p) for p in module.parameters()):
             values = reader.read(by_part[part].values())
             module.load_state_dict({local: values[key] for local, key in by_part[part].items()}, strict=True)
             continue
-        import deepspeed
-
         buffers = {name for name, _ in module.named_buffers()}
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        with gathered(module.parameters(), modifier_rank=0):
             keys = by_part[part] if rank == 0 else {k: v for k, v in by_part[part].items() if k in buffers}
             values = reader.read(keys.values())
             module.load_state_dict({local: values[key] for local, key in keys.items()}, strict=rank == 0)

@@ -18,6 +18,8 @@ import os
 import torch
 import torch.nn as nn
 
+from vitacore.partition import gathered
+
 TARGETS_FLAG = "--lora_target_modules"
 WEIGHTS_FLAG = "--lora_weight_path"
 _EXCLUDED_TARGETS = ("lm_head",)  # VITA never adapts the output head
@@ -201,7 +203,7 @@ def load_lora_weights(peft_llm: nn.Module, directory: str) -> list[str]:
     # Only adapter tensors and biases can be in the file: never gather a partitioned base weight.
     touched = [p for n, p in peft_llm.named_parameters() if "lora_" in n or n.endswith(".bias")]
     try:
-        with _gathered_for_write(touched):
+        with gathered(touched, modifier_rank=0):
             result = set_peft_model_state_dict(peft_llm, state)
     except RuntimeError as err:  # size mismatch
         raise ValueError(f"{WEIGHTS_FLAG} {directory!r} does not fit this model (different --lora_r or "
@@ -228,18 +230,6 @@ def _check_saved_config(peft_llm: nn.Module, directory: str) -> None:
         if key in saved and saved[key] != getattr(ours, key):
             raise ValueError(f"{WEIGHTS_FLAG} {directory!r} was trained with {key}={saved[key]} but this run "
                              f"has {flag} {getattr(ours, key)}; set {flag} {saved[key]}")
-
-
-def _gathered_for_write(params):
-    """Under ZeRO-3, gather ``params`` so rank 0 may write them (a no-op otherwise)."""
-    import contextlib
-
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def apply_lora(model: nn.Module, args) -> None:
