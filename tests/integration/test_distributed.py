@@ -71,9 +71,15 @@ def test_two_processes_match_one_with_the_same_global_batch(vitacore_cache, tmp_
     dumps = driver_run(vitacore_cache, tmp_path, 2, "--stage", stage, "--per_device_train_batch_size", "4",
                        "--deepspeed", os.path.join(REPO, "configs", f"{zero}.json"))
     expected = reference(stage)
-    assert len(expected) == 5 and dumps[0]["losses"] == dumps[1]["losses"]
-    for got, want in zip(dumps[0]["losses"], expected):
-        assert abs(got - want) < 1e-4, (dumps[0]["losses"], expected)
+    got = dumps[0]["losses"]
+    assert len(expected) == 5 and got == dumps[1]["losses"]
+    # Step 1 runs the same weights on the same samples: only the order of the float sums differs.
+    assert abs(got[0] - expected[0]) < 1e-6, (got, expected)
+    # After it, those last-bit differences grow through each update (Adam's step is nearly sign-sized
+    # for near-zero gradients): about x10 a step, 1.6e-4 by step 4 on some CPUs. A loss or gradient
+    # weighted per rank instead of per token would differ by percents.
+    for step, (value, want) in enumerate(zip(got, expected), start=1):
+        assert abs(value - want) < 1e-3 * want, (step, got, expected)
     if zero == "zero3":
         # Really partitioned: each rank holds about half of every parameter, and nothing outside a gather.
         for rank_dump in dumps:
@@ -129,7 +135,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(vitacore_cache, t
                             env=env_for(vitacore_cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     wait_for_rows(out / "metrics.jsonl", 3, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train_stage.py" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "train_stage.py" in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGTERM)  # one rank only; the other learns it at the step's end
     _, stderr = proc.communicate(timeout=180)
