@@ -6,7 +6,8 @@ audio and text records), then, for ``--rounds`` rounds, alternating which goes f
   (a) a ``DataLoader`` with 0 workers and one with ``--workers`` workers (persistent, prefetching)
       over the same seeded shuffled order, each timed over ``--batches`` batches after one
       untimed batch (worker start-up is a one-off cost, not throughput);
-  (b) ``vitacore.Trainer(...).fit()`` of stage 4 for ``--warmup + --steps`` optimizer steps, timed
+  (b) the stage run's ``recipe.build_trainer().fit()`` (``vitacore.StageRecipe``) of stage 4 for
+      ``--warmup + --steps`` optimizer steps, timed
       as ``bench/step_time.py`` times it (a post-hook on the optimizer stamps every step).
 
 It prints samples/s for both loaders, their ratio, and data time per batch (0 workers, the
@@ -31,10 +32,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
-import vitacore  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import build, make_config, per_step_seconds  # noqa: E402
+from step_time import build, make_config, per_step_seconds, trainer_in  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -75,9 +74,9 @@ def loader_samples_per_s(data, args, workers: int, seed: int) -> float:
     return samples / seconds
 
 
-def train_step_seconds(config, model, groups, data, dist, args) -> float:
-    """Mean seconds per timed stage-4 optimizer step of ``Trainer.fit()`` (0 loader workers)."""
-    trainer = vitacore.Trainer(config, model, groups, data.train, data.collator, dist)
+def train_step_seconds(recipe, output_dir: str, args) -> float:
+    """Mean seconds per timed stage-4 optimizer step of the stage run's ``Trainer.fit()`` (0 loader workers)."""
+    trainer = trainer_in(recipe, output_dir)
     stamps: list[float] = []
     trainer.engine.optimizer.register_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
     trainer.fit()
@@ -90,12 +89,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     out = tempfile.mkdtemp(prefix="vitacore-bench-data-")
-    config, stage = make_config(args, out, stage_key="4")  # stage 4 reads every media kind
-    dist = vitacore.init_distributed()
+    config = make_config(args, out, stage_key="4")  # stage 4 reads every media kind
     print(f"building the embedded default (cache: {os.environ.get('VITACORE_CACHE', '~/.cache/vitacore')}) ...",
           flush=True)
-    bundle, groups, policy = build(config)
-    data = vitacore.build_data(config, bundle, stage.demo_data)
+    recipe = build(config)  # the stage run's parts: model, freeze policy, param groups, data, checkpointer
+    policy, stage, data = recipe.policy, recipe.stage, recipe.data
     print(f"stage {stage.key} ({', '.join(policy.trained_units())} train), {len(data.train)} samples "
           f"({', '.join(stage.demo_data.train)}), micro-batch {args.batch_size}, {torch.get_num_threads()} torch "
           f"threads, {os.cpu_count()} CPUs; {args.batches} timed batches per loader, {args.warmup} + {args.steps} "
@@ -108,8 +106,7 @@ def main(argv=None) -> int:
         order = (0, w) if round_index % 2 == 0 else (w, 0)
         for workers in order:
             rates[workers].append(loader_samples_per_s(data, args, workers, seed=round_index))
-        config.training.output_dir = os.path.join(out, f"round{round_index}")
-        steps.append(train_step_seconds(config, bundle.model, groups, data, dist, args))
+        steps.append(train_step_seconds(recipe, os.path.join(out, f"round{round_index}"), args))
         print(f"round {round_index + 1}: 0 workers {rates[0][-1]:7.1f} samples/s   {w} workers "
               f"{rates[w][-1]:7.1f} samples/s   training step {steps[-1] * 1e3:7.1f} ms", flush=True)
 

@@ -13,7 +13,9 @@ image of 729 tokens = 1753 LLM positions). Nothing is downloaded or installed.
 The models are built directly (no checkpoint on disk) while a ``transformers.integrations.HfDeepSpeedConfig``
 is held alive, exactly as ``vitacore.build_model`` does it, so the LLM and the tower are born partitioned.
 With ``--model_name_or_path``, ``--vision_tower`` and ``--audio_encoder`` (local folders) the script
-instead goes through ``vitacore.build_model`` with those paths (the LLM folder needs its tokenizer).
+instead goes through ``vitacore.recipes.build_model_from_config`` with those paths (the LLM folder needs
+its tokenizer). Either way ``vitacore.prepare_for_training`` then sets the run-time switches a stage run
+sets (activation checkpointing, TF32, the FLOP count of the metrics rows on GPUs).
 
 It times ``--steps`` optimizer steps after ``--warmup`` untimed ones (clock stamped, after a CUDA
 synchronize, when DeepSpeed finishes each optimizer update) and prints tokens/s, samples/s, the
@@ -51,7 +53,6 @@ def peak_tflops(device_name: str) -> Optional[float]:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ holds mfu_flops.py
 from mfu_flops import FORMULA, Shapes, model_flops, part_flops, stage3_parts, training_flops  # noqa: E402
-
 
 # ---------------------------------------------------------------------------------------------------
 # The run (CUDA; or --cpu_smoke).
@@ -117,7 +118,8 @@ def make_config(args, seq_len: int):
         config.set("vision_tower", args.vision_tower, "flag")
         if args.audio_encoder:
             config.set("audio_encoder", args.audio_encoder, "flag")
-    vitacore.apply_stage(config, embedded_default=False)
+    # VITA's stage-3 values (not the embedded demo's), even for the random models; a resolved copy.
+    _, config = vitacore.resolve_stage(config, embedded_default=False)
     t = config.training
     t.output_dir = tempfile.mkdtemp(prefix="vitacore-gpu-mfu-")
     t.deepspeed = args.deepspeed
@@ -141,13 +143,14 @@ def build_random(config, sizes: Sizes, ds_config: dict):
     from transformers import AutoModelForCausalLM, Qwen2Config, SiglipVisionConfig, SiglipVisionModel
     from transformers.integrations import HfDeepSpeedConfig
 
+    from vitacore.data.images import ImageSpec
     from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
-    from vitacore.model.build import compute_dtype
     from vitacore.model.multimodal import VitaModel
     from vitacore.model.projector import build_projector
-    from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, ImageSpec, VisionTower
+    from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, VisionTower
+    from vitacore.recipes import compute_dtype
 
-    dtype = compute_dtype(config.training)
+    dtype = compute_dtype(config)
     torch.manual_seed(config.training.seed)
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     # A weak global: it must stay referenced for the whole construction, or the models load unpartitioned.
@@ -270,6 +273,8 @@ def main(argv=None) -> int:
     import transformers
 
     import vitacore
+    from vitacore.recipes import build_model_from_config, plan_model
+    from vitacore.recipes.specs import loop_config, optim_config
 
     transformers.logging.set_verbosity_error()
     dist = vitacore.init_distributed()
@@ -283,19 +288,30 @@ def main(argv=None) -> int:
         image_tokens = (sizes.tower["image_size"] // sizes.tower["patch_size"]) ** 2
     seq_len = args.text_tokens + image_tokens
     config = make_config(args, seq_len)
+    if args.model_name_or_path:
+        plan = plan_model(config, with_data=False)  # the LLM's size and family from its config, no weights
+        config, hidden = plan.config, plan.hidden_size
+    else:
+        hidden = sizes.llm["hidden_size"]
     t = config.training
-    hidden = vitacore.llm_hidden_size(config, log=say) if args.model_name_or_path else sizes.llm["hidden_size"]
-    ds_config, notes = vitacore.resolve_deepspeed_config(t, dist.world_size, hidden)
+    loop, optim = loop_config(config), optim_config(config)  # the Trainer's typed configs, as a stage run derives them
+    ds_config, _ = vitacore.resolve_deepspeed_config(t.deepspeed, loop=loop, optim=optim, world_size=dist.world_size,
+                                                     hidden_size=hidden, bf16=t.bf16, fp16=t.fp16)
 
     what = ("the given checkpoints" if args.model_name_or_path else "random models (tiny --cpu_smoke sizes)"
             if args.cpu_smoke else "random models (Qwen2.5-0.5B-sized LLM, SigLIP-so400m-sized tower)")
     say(f"building {what} ...", flush=True)
     build_started = time.time()
     if args.model_name_or_path:
-        model = vitacore.build_model(config, log=say, deepspeed_config=ds_config).model
+        vitacore.enable_console()  # vitacore's lines about the given checkpoints (model type, loading), rank 0
+        bundle, config = build_model_from_config(config, deepspeed_config=ds_config)
+        model = bundle.model
     else:
         model = build_random(config, sizes, ds_config)
     build_seconds = time.time() - build_started
+    # What the Trainer used to switch on itself, as a stage run does it: activation checkpointing on the LLM,
+    # TF32, dummy encoder passes with several processes, and (on GPUs) the FLOP count of the metrics rows.
+    vitacore.prepare_for_training(model, t.gradient_checkpointing, t.tf32, dist.world_size, dist.device)
     shapes = shapes_of(model, args.text_tokens)
     seq = shapes.text_tokens + shapes.image_tokens
     if seq > t.model_max_length:
@@ -304,7 +320,7 @@ def main(argv=None) -> int:
 
     policy = vitacore.policy_from_config(config)
     policy.apply(model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.param_groups_for_run(model, vitacore.UNIT_PREFIXES, t)
+    groups = vitacore.param_groups_for_run(model, vitacore.UNIT_PREFIXES, optim)
 
     def numel(p):
         return getattr(p, "ds_numel", p.numel())
@@ -316,7 +332,10 @@ def main(argv=None) -> int:
     total_steps = args.warmup + args.steps
     dataset = SyntheticSamples(samples_per_step * total_steps, args.text_tokens, shapes.vocab,
                                model.vision_tower.image_spec.image_size, t.seed)
-    trainer = vitacore.Trainer(config, model, groups, dataset, collate, dist, deepspeed_config=ds_config)
+    checkpointer = vitacore.Checkpointer(
+        vitacore.CheckpointConfig(t.output_dir, t.save_total_limit, t.resume_from_checkpoint), dist)
+    trainer = vitacore.Trainer(model, groups, dataset, collate, dist, loop=loop, optim=optim,
+                               deepspeed_config=ds_config, checkpointer=checkpointer)
     stamps: list[float] = []
     install_step_stamp(stamps, cuda)
     if cuda:
@@ -338,7 +357,8 @@ def main(argv=None) -> int:
     peak = args.peak_tflops or (peak_tflops(device_name) if cuda else None)
 
     say()
-    say(f"device: {device_name} x {dist.world_size}; torch {torch.__version__}, transformers {transformers.__version__}; "
+    say(f"device: {device_name} x {dist.world_size}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; "
         f"{'bf16' if t.bf16 else 'fp32'}, ZeRO-{ds_config['zero_optimization']['stage']} "
         f"({os.path.relpath(t.deepspeed, REPO) if t.deepspeed.startswith(REPO) else t.deepspeed}); "
         f"activation checkpointing on the LLM: {'on' if t.gradient_checkpointing else 'off'}")
@@ -356,7 +376,8 @@ def main(argv=None) -> int:
         f"{samples_per_step / step_s:,.2f} samples/s")
     say("\nFLOPs per sample and step:")
     for part in parts:
-        say(f"  {part.name:55s} {fmt_flops(part_flops(part)):>14s}  (without recomputation {fmt_flops(model_flops(part))})")
+        say(f"  {part.name:55s} {fmt_flops(part_flops(part)):>14s}  "
+            f"(without recomputation {fmt_flops(model_flops(part))})")
     say(f"  {'total':55s} {fmt_flops(hardware / samples_per_step):>14s}  "
         f"(without recomputation {fmt_flops(model_only / samples_per_step)})")
     say(FORMULA)

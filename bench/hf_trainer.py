@@ -7,7 +7,8 @@ DeepSpeed config (``configs/zero3.json`` with its ``"auto"`` values filled by
 ``vitacore.resolve_deepspeed_config``), the same dataset and collator, micro-batch and accumulation,
 and the same number of optimizer steps. Only the loop differs:
 
-  (a) ``vitacore.Trainer(...).fit()``;
+  (a) ``vitacore.Trainer(...).fit()``, built as a stage run builds it (``vitacore.StageRecipe``:
+      ``build_parts()`` then ``build_trainer()``);
   (b) ``transformers.Trainer(...).train()``, with ``create_optimizer`` / ``create_scheduler``
       overridden to return the AdamW over vitacore's groups and the same ``LambdaLR``.
 
@@ -57,7 +58,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="per-process micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     args = parser.parse_args(argv)
-    if "WORLD_SIZE" in os.environ and not any(a == "--nproc" or a.startswith("--nproc=") for a in (argv or sys.argv[1:])):
+    given = argv or sys.argv[1:]
+    if "WORLD_SIZE" in os.environ and not any(a == "--nproc" or a.startswith("--nproc=") for a in given):
         args.nproc = int(os.environ["WORLD_SIZE"])  # launched by torchrun (or relaunched without the flag)
     if args.steps is None:
         args.steps = 150 if args.nproc == 1 else 100
@@ -92,10 +94,11 @@ def relaunch(argv: list[str]) -> int:
 # After this point the script runs in every process of the job.
 
 import torch  # noqa: E402
+from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import vitacore  # noqa: E402
-from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
+from vitacore.recipes import build_run_model, model_inputs, plan_model, start_weights  # noqa: E402
 
 STAMPS: list[float] = []
 GC_PAUSES: list[tuple[float, float]] = []  # (start, end) of every cyclic-GC pass, generation 2 included
@@ -135,34 +138,40 @@ def quiet(*args, **kwargs) -> None:
     pass
 
 
-def make_config(args, output_dir: str):
-    """Stage 1 of the embedded default on ZeRO-3, with the benchmark's batch and step counts."""
-    config = vitacore.RunConfig()
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    t = config.training
-    t.output_dir = output_dir
-    t.deepspeed = ZERO3
-    t.per_device_train_batch_size = args.batch_size
-    t.gradient_accumulation_steps = args.accumulation
-    t.max_steps = args.warmup + args.steps
-    t.logging_steps = 10**9  # vitacore: only the final step writes a metrics row
-    t.eval_strategy = "no"
-    t.save_strategy = "no"
-    vitacore.validate(config)
-    return config, stage
+def make_recipe(args, output_dir: str) -> vitacore.StageRecipe:
+    """Stage 1 of the embedded default on ZeRO-3, with the benchmark's batch and step counts as flags
+    (the stage preset fills in the rest); the recipe is resolved and validated, nothing is built yet."""
+    return vitacore.StageRecipe(vitacore.parse_args([
+        "--stage", "1", "--output_dir", output_dir, "--deepspeed", ZERO3,
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.accumulation), "--max_steps", str(args.warmup + args.steps),
+        "--logging_steps", str(10**9),  # vitacore: only the final step writes a metrics row
+        "--eval_strategy", "no", "--save_strategy", "no",
+    ]))
 
 
-def build(config, stage, ds_config: dict | None):
-    """The embedded default with the stage's policy, its param groups and data, as
-    ``examples/train_stage.py`` sets them up. ``ds_config`` None: rely on a live ``HfDeepSpeedConfig``
-    (the HF ``TrainingArguments``) for the ZeRO-3 construction, as HF users do."""
-    t = config.training
-    bundle = vitacore.build_model(config, log=quiet, deepspeed_config=ds_config)
-    policy = vitacore.policy_from_config(config)
+def hf_parts(recipe: vitacore.StageRecipe, dist, make_training_args):
+    """The parts :meth:`vitacore.StageRecipe.build_parts` builds (same config, same steps), for the HF side.
+
+    The DeepSpeed config is resolved as the recipe resolves it and handed to ``make_training_args``, which
+    creates the HF ``TrainingArguments`` before the model exists. The model is then built with no DeepSpeed
+    config of its own: the live ``HfDeepSpeedConfig`` of those ``TrainingArguments`` makes the ZeRO-3
+    construction, as HF users do. Returns (training_args, bundle, groups, policy, data).
+    """
+    plan = plan_model(recipe.config)
+    specs = vitacore.derive_specs(plan.config, plan.assets, recipe.stage.demo_data,
+                                  from_export=plan.exported is not None)
+    ds_config, _ = vitacore.resolve_deepspeed_config(
+        specs.deepspeed, loop=specs.loop, optim=specs.optim, world_size=dist.world_size,
+        hidden_size=plan.hidden_size, bf16=specs.bf16, fp16=specs.fp16)
+    # Created BEFORE the model: its HfDeepSpeedConfig is what makes from_pretrained build partitioned.
+    hf_args = make_training_args(ds_config)
+    bundle = build_run_model(specs.model, plan.exported, start_weights(plan.config), None)
+    policy = vitacore.policy_from_config(plan.config)
     policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, t)
-    data = vitacore.build_data(config, bundle, stage.demo_data)
-    return bundle, groups, policy, data
+    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, specs.optim)
+    data = vitacore.build_data(specs.data, bundle.tokenizer, model_inputs(bundle.model))
+    return hf_args, bundle, groups, policy, data
 
 
 def trainable(model, groups) -> tuple[int, frozenset]:
@@ -196,18 +205,18 @@ def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[floa
 
 def engine_settings(engine) -> dict:
     """The config DeepSpeed ended up with (for the like-for-like check)."""
-    return dict(engine.config) if isinstance(getattr(engine, "config", None), dict) else dict(engine._config._param_dict)
+    if isinstance(getattr(engine, "config", None), dict):
+        return dict(engine.config)
+    return dict(engine._config._param_dict)
 
 
 def run_vitacore(args, dist, out: str) -> dict:
-    config, stage = make_config(args, out)
-    t = config.training
-    ds_config, _ = vitacore.resolve_deepspeed_config(t, dist.world_size, vitacore.llm_hidden_size(config, log=quiet))
-    bundle, groups, policy, data = build(config, stage, ds_config)
-    count, names = trainable(bundle.model, groups)
-    partitioned = built_partitioned(bundle.model)
-    trainer = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
-                               deepspeed_config=ds_config)
+    recipe = make_recipe(args, out)
+    recipe.build_parts()  # as a stage run: the model built partitioned under the resolved ZeRO-3 config
+    groups, policy, data = recipe.param_groups, recipe.policy, recipe.data
+    count, names = trainable(recipe.model, groups)
+    partitioned = built_partitioned(recipe.model)
+    trainer = recipe.build_trainer()
     STAMPS.clear()
     GC_PAUSES.clear()
     result = trainer.fit()
@@ -223,30 +232,32 @@ def run_vitacore(args, dist, out: str) -> dict:
 def run_hf(args, dist, out: str) -> dict:
     import transformers
 
-    config, stage = make_config(args, out)
-    t = config.training
-    ds_config, _ = vitacore.resolve_deepspeed_config(t, dist.world_size, vitacore.llm_hidden_size(config, log=quiet))
+    recipe = make_recipe(args, out)
+    t = recipe.config.training
     total = t.max_steps
     multiplier = lr_multiplier(t.lr_scheduler_type, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), total)
 
-    # Created BEFORE the model: its HfDeepSpeedConfig is what makes from_pretrained build partitioned.
-    hf_args = transformers.TrainingArguments(
-        output_dir=out, deepspeed=ds_config, use_cpu=dist.device.type == "cpu",
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=total,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
-        lr_scheduler_type=t.lr_scheduler_type, logging_steps=10**9, save_strategy="no", eval_strategy="no",
-        report_to=[], remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
-        seed=t.seed, bf16=t.bf16, fp16=t.fp16,
-    )
-    bundle, groups, policy, data = build(config, stage, None)
+    def training_args(ds_config: dict):
+        return transformers.TrainingArguments(
+            output_dir=out, deepspeed=ds_config, use_cpu=dist.device.type == "cpu",
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=total,
+            learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+            lr_scheduler_type=t.lr_scheduler_type, logging_steps=10**9, save_strategy="no", eval_strategy="no",
+            report_to=[], remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
+            seed=t.seed, bf16=t.bf16, fp16=t.fp16,
+        )
+
+    # The TrainingArguments exist (and hold the HfDeepSpeedConfig) before the model is built.
+    hf_args, bundle, groups, policy, data = hf_parts(recipe, dist, training_args)
     model = bundle.model
     count, names = trainable(model, groups)
     partitioned = built_partitioned(model)
-    # vitacore's Trainer turns this on under ZeRO-3 (every encoder runs every step, so no rank waits in a
-    # collective for a module another skipped); the HF Trainer does not know the flag: same model, same work.
-    model.run_all_encoders = True
+    # vitacore.prepare_for_training (StageRecipe.build_parts) turns this on with several processes (every
+    # encoder runs every step, so no rank waits in a collective for a module another skipped); the HF Trainer
+    # does not know the flag, so it is set here by the same rule: both sides do the same work.
+    model.run_all_encoders = dist.world_size > 1
 
     class GroupsTrainer(transformers.Trainer):
         """The HF Trainer with vitacore's param groups and schedule (DeepSpeed ignores ``optimizers=``)."""
@@ -355,8 +366,8 @@ def main(argv=None) -> int:
                            "the tiny default on CPU is overhead-dominated (Python, DeepSpeed ZeRO-3 hooks and "
                            "gathers, the data pipeline); these ratios say nothing about large-model throughput.",
                            started)
-    say(f"ratio vitacore/HF Trainer step time (ZeRO-3, {dist.world_size} process{'es' if dist.world_size > 1 else ''}): "
-        f"{statistics.median(ratios):.2f}")
+    processes = f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
+    say(f"ratio vitacore/HF Trainer step time (ZeRO-3, {processes}): {statistics.median(ratios):.2f}")
     return 0
 
 

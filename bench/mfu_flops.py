@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
-
 @dataclass(frozen=True)
 class Part:
     """A piece of the model, for FLOP counting. All counts are per sample.

@@ -33,5 +33,6 @@ def print_summary(say: Callable[..., None], ours: str, theirs: str, means: dict,
     say(f"per-round ratios {ours}/{theirs} (median single step): {', '.join(f'{r:.3f}' for r in step_ratios)}")
     say(f"note: {note}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    say(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f})")
+    say(f"(total wall time {time.time() - started:.0f}s; {os.cpu_count()} CPUs, "
+        f"1-min load average at the end {load:.1f})")
     return ratios

@@ -1,9 +1,10 @@
 """Step time of ``vitacore.Trainer`` (DeepSpeed ZeRO-0) against a plain PyTorch loop, side by side.
 
-One process builds the embedded default model twice from the same seed, applies the stage-1 freeze
-policy to both (only the vision projector trains), and then alternates, for ``--rounds`` rounds:
+One process builds the embedded default model twice from the same seed, as a stage run builds it
+(``vitacore.StageRecipe(config).build_parts()``: the stage-1 freeze policy on both, so only the vision
+projector trains), and then alternates, for ``--rounds`` rounds:
 
-  (a) ``vitacore.Trainer(...).fit()`` for ``--warmup + --steps`` optimizer steps, and
+  (a) the stage run's ``recipe.build_trainer().fit()`` for ``--warmup + --steps`` optimizer steps, and
   (b) a hand-written loop: ``torch.optim.AdamW`` on the same parameter groups, the same
       ``LambdaLR`` multiplier, the same sampler / batch size / collator, ``loss.backward()``,
       ``clip_grad_norm_``, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad()``.
@@ -22,6 +23,7 @@ The first run builds the embedded default into $VITACORE_CACHE (about 30 s, once
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -31,10 +33,10 @@ import time
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import vitacore  # noqa: E402
-from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
 
 
@@ -51,32 +53,36 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_config(args, output_dir: str, stage_key: str = "1"):
-    """A stage of the embedded default, as ``examples/train_stage.py --stage <key>`` sets it up, for timing."""
-    config = vitacore.RunConfig()
-    config.stage = stage_key
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    t = config.training
-    t.output_dir = output_dir
-    t.per_device_train_batch_size = args.batch_size
-    t.gradient_accumulation_steps = 1
-    t.max_steps = args.warmup + args.steps
-    t.logging_steps = 10**9  # only the final step writes a metrics row
-    t.eval_strategy = "no"
-    t.save_strategy = "no"
-    vitacore.validate(config)
-    return config, stage
+def make_config(args, output_dir: str, stage_key: str = "1") -> vitacore.RunConfig:
+    """A stage of the embedded default with the benchmark's settings as flags, as
+    ``examples/train_stage.py --stage <key> --per_device_train_batch_size ...`` parses them (the stage's
+    preset fills in everything else when :class:`vitacore.StageRecipe` resolves it)."""
+    return vitacore.parse_args([
+        "--stage", stage_key, "--output_dir", output_dir,
+        "--per_device_train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
+        "--max_steps", str(args.warmup + args.steps),
+        "--logging_steps", str(10**9),  # only the final step writes a metrics row
+        "--eval_strategy", "no", "--save_strategy", "no",
+    ])
 
 
-def build(config):
-    """The embedded default with the stage's freeze policy and its parameter groups, set up as
-    ``examples/train_stage.py`` does; returns (bundle, groups, policy)."""
-    t = config.training
-    bundle = vitacore.build_model(config, log=lambda *a, **k: None)
-    policy = vitacore.policy_from_config(config)
-    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, t)
-    return bundle, groups, policy
+def build(config) -> vitacore.StageRecipe:
+    """Every part of the stage run, built as ``examples/train_stage.py`` builds them
+    (:meth:`vitacore.StageRecipe.build_parts`): the embedded default with the stage's freeze policy, its
+    parameter groups (``recipe.param_groups``), the data (``recipe.data``) and the checkpointer."""
+    recipe = vitacore.StageRecipe(config)
+    recipe.build_parts()
+    return recipe
+
+
+def trainer_in(recipe: vitacore.StageRecipe, output_dir: str) -> vitacore.Trainer:
+    """The stage run's Trainer (:meth:`vitacore.StageRecipe.build_trainer`), writing to ``output_dir``: each
+    round is a run of its own, with its own folder (nothing to resume, a fresh ``metrics.jsonl``)."""
+    old = recipe.checkpointer
+    recipe.checkpointer = vitacore.Checkpointer(
+        dataclasses.replace(recipe.specs.checkpoint, output_dir=output_dir), recipe.dist, old.artifacts,
+        write_run_config=old.write_run_config)
+    return recipe.build_trainer()
 
 
 def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:
@@ -91,9 +97,10 @@ def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[floa
     return (timed[-1] - timed[0]) / steps, statistics.median(durations)
 
 
-def run_vitacore(config, model, groups, data, dist, args) -> tuple[tuple[float, float], int]:
+def run_vitacore(recipe, output_dir: str, args) -> tuple[tuple[float, float], int]:
     """``Trainer.fit()`` for warmup + steps optimizer steps; returns (s/step, text tokens in timed steps)."""
-    trainer = vitacore.Trainer(config, model, groups, data.train, data.collator, dist)
+    model = recipe.model
+    trainer = trainer_in(recipe, output_dir)
     stamps: list[float] = []
     trainer.engine.optimizer.register_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
     tokens: list[int] = []
@@ -107,19 +114,20 @@ def run_vitacore(config, model, groups, data, dist, args) -> tuple[tuple[float, 
     return per_step_seconds(stamps, args.warmup, args.steps), sum(tokens[args.warmup:args.warmup + args.steps])
 
 
-def run_raw(config, model, groups, data, args) -> tuple[tuple[float, float], int]:
-    """The same steps as a plain PyTorch loop; returns (s/step, text tokens in timed steps)."""
-    t = config.training
+def run_raw(recipe, model, groups, data, args) -> tuple[tuple[float, float], int]:
+    """The same steps as a plain PyTorch loop (the stage run's loop and optimizer settings, ``recipe.specs``);
+    returns (s/step, text tokens in timed steps)."""
+    loop, o = recipe.specs.loop, recipe.specs.optim
     total = args.warmup + args.steps
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    multiplier = lr_multiplier(t.lr_scheduler_type, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), total)
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
+    multiplier = lr_multiplier(o.lr_scheduler_type, warmup_steps_for(total, o.warmup_steps, o.warmup_ratio), total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=t.seed, drop_last=False)
-    loader = DataLoader(data.train, batch_size=t.per_device_train_batch_size, sampler=sampler,
-                        collate_fn=data.collator, num_workers=t.dataloader_num_workers)
+    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=loop.seed, drop_last=False)
+    loader = DataLoader(data.train, batch_size=loop.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=data.collator, num_workers=loop.dataloader_num_workers)
     stamps: list[float] = []
     optimizer.register_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
     tokens: list[int] = []
@@ -134,8 +142,8 @@ def run_raw(config, model, groups, data, args) -> tuple[tuple[float, float], int
             loss_value = loss.item()
             if not torch.isfinite(torch.tensor(loss_value)):
                 raise RuntimeError(f"non-finite loss at step {step + 1}")
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if o.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -153,23 +161,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     out = tempfile.mkdtemp(prefix="vitacore-bench-")
-    config, stage = make_config(args, out)
+    config = make_config(args, out)
     dist = vitacore.init_distributed()
     print(f"building the embedded default twice (cache: {os.environ.get('VITACORE_CACHE', '~/.cache/vitacore')}) ...",
           flush=True)
-    bundle_a, groups_a, policy = build(config)
-    bundle_b, groups_b, _ = build(config)
+    recipe_a = build(config)  # the vitacore side: its Trainer comes from recipe_a.build_trainer()
+    recipe_b = build(config)  # the raw side: the same build, timed through a hand-written loop
+    bundle_a, groups_a, policy, stage = recipe_a.bundle, recipe_a.param_groups, recipe_a.policy, recipe_a.stage
+    bundle_b, groups_b = recipe_b.bundle, recipe_b.param_groups
     same = all(torch.equal(p, q) for p, q in zip(bundle_a.model.parameters(), bundle_b.model.parameters()))
     if not same:
         raise RuntimeError("the two builds differ; the comparison would not be like for like")
-    data = vitacore.build_data(config, bundle_a, stage.demo_data)
+    data = recipe_a.data  # both sides read this dataset and collator
     trainable = sum(p.numel() for g in groups_a for p in g["params"])
     total = sum(p.numel() for p in bundle_a.model.parameters())
     print(f"model: the embedded default, {total:,} parameters, {trainable:,} trainable (stage {stage.key}: "
           f"{', '.join(policy.trained_units())}); fp32 on {dist.device.type}, "
           f"{torch.get_num_threads()} torch threads; {len(data.train)} training samples")
     print(f"each side: {args.warmup} warm-up + {args.steps} timed optimizer steps, micro-batch {args.batch_size}, "
-          f"no accumulation, clipping {config.training.max_grad_norm}, {args.rounds} rounds\n")
+          f"no accumulation, clipping {recipe_a.specs.optim.max_grad_norm}, {args.rounds} rounds\n")
 
     means = {"vitacore": [], "raw": []}
     medians = {"vitacore": [], "raw": []}
@@ -178,10 +188,9 @@ def main(argv=None) -> int:
         order = ("vitacore", "raw") if round_index % 2 == 0 else ("raw", "vitacore")
         for side in order:
             if side == "vitacore":
-                config.training.output_dir = os.path.join(out, f"round{round_index}")
-                (mean, median), n_tokens = run_vitacore(config, bundle_a.model, groups_a, data, dist, args)
+                (mean, median), n_tokens = run_vitacore(recipe_a, os.path.join(out, f"round{round_index}"), args)
             else:
-                (mean, median), n_tokens = run_raw(config, bundle_b.model, groups_b, data, args)
+                (mean, median), n_tokens = run_raw(recipe_b, bundle_b.model, groups_b, data, args)
             means[side].append(mean)
             medians[side].append(median)
             rates[side].append(n_tokens / (mean * args.steps))

@@ -1,10 +1,16 @@
 """Your own model and dataset on vitacore's engine: a frozen encoder and a trained head.
 
+No VITA flag parser here: the script has its own few flags and builds the Trainer's typed parts.
+
     python examples/custom_script.py --output_dir out [--max_steps 60 ...]
     torchrun --nproc_per_node 2 examples/custom_script.py --deepspeed configs/zero3.json --output_dir out
 """
 
-import hashlib, json, os, sys
+import argparse
+import hashlib
+import json
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -49,22 +55,37 @@ def digest(module):  # every rank must call it: gathering is a collective under 
     return hashlib.sha256(b"".join(t.numpy().tobytes() for t in gathered_state(module).values())).hexdigest()
 
 
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_steps", type=int, default=80)
+    parser.add_argument("--learning_rate", type=float, default=5e-2)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config (default: ZeRO-0 / ZeRO-2)")
+    return parser.parse_args(argv)
+
+
 def main(argv):
-    # Defaults for this task first; the user's flags come later and win.
-    config = vitacore.parse_args(["--learning_rate", "5e-2", "--logging_steps", "1", "--max_steps", "80",
-                                  "--per_device_train_batch_size", "16", *argv])
-    args, dist = config.training, vitacore.init_distributed()
+    args = parse(argv)
+    vitacore.enable_console()
+    dist = vitacore.init_distributed()
     say = print if dist.is_main else (lambda *a: None)
-    ds_config, notes = vitacore.resolve_deepspeed_config(args, dist.world_size, hidden_size=WIDTH)
+    loop = vitacore.LoopConfig(max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+                               logging_steps=1, seed=args.seed)
+    optim = vitacore.OptimConfig(learning_rate=args.learning_rate)
+    ds_config, notes = vitacore.resolve_deepspeed_config(args.deepspeed, loop=loop, optim=optim,
+                                                         world_size=dist.world_size, hidden_size=WIDTH)
     for note in notes:
         say(f"note: {note}")
     model = build_model(args.seed)
     POLICY.apply(model, UNITS)
-    groups = vitacore.build_param_groups(model, UNITS, args.learning_rate, args.weight_decay)
+    groups = vitacore.build_param_groups(model, UNITS, optim.learning_rate, optim.weight_decay)
     say(vitacore.format_report(vitacore.build_report(model, UNITS, POLICY, groups)))
     frozen_before = digest(model.encoder)
-    result = vitacore.Trainer(config, model, groups, points(1024, args.seed), collate, dist,
-                              deepspeed_config=ds_config).fit()
+    checkpointer = vitacore.Checkpointer(vitacore.CheckpointConfig(args.output_dir), dist)
+    result = vitacore.Trainer(model, groups, points(1024, args.seed), collate, dist, loop=loop, optim=optim,
+                              deepspeed_config=ds_config, checkpointer=checkpointer).fit()
     say(f"{result.num_steps} steps on {dist.world_size} process(es): "
         f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
     head, frozen_after = gathered_state(model.head, "head."), digest(model.encoder)

@@ -1,15 +1,16 @@
 """Stage presets: config defaults, the policy they lead to, overrides, user stages (no DeepSpeed)."""
 
+import copy
 import os
 
 import pytest
 import torch
-
 from tiny_models import build_tiny_vita
+
 from vitacore.config import parse_args
 from vitacore.freeze import policy_from_config
 from vitacore.model.multimodal import UNIT_PREFIXES
-from vitacore.stages import BUILTIN_PRESETS, apply_stage, describe_sources, get_preset, load_stage_file
+from vitacore.recipes.stages import BUILTIN_PRESETS, describe_sources, get_preset, load_stage_file, resolve_stage
 
 EXPECTED_UNITS = {
     "1": {"mm_projector"},
@@ -23,8 +24,7 @@ EXPECTED_LR = {"1": 5e-4, "2": 5e-4, "3": 2e-5, "4": 2e-5, "neg": 2e-5, "fo": 1e
 
 
 def staged(argv, embedded=False):
-    cfg = parse_args(argv)
-    preset = apply_stage(cfg, embedded_default=embedded)
+    preset, cfg = resolve_stage(parse_args(argv), embedded_default=embedded)
     return cfg, preset
 
 
@@ -98,6 +98,14 @@ def test_embedded_default_uses_demo_settings():
     assert cfg.training.learning_rate == 3e-3 and cfg.training.max_steps == 600
     assert cfg.source_of("max_steps") == "embedded-default demo setting"
     assert cfg.training.output_dir == "output/demo-stage-1"
+    # The parsed config is left as it was: the preset's values go into the returned copy only.
+    parsed = parse_args([])
+    before, sources_before = copy.deepcopy(parsed), dict(parsed.field_sources)
+    _, resolved = resolve_stage(parsed, embedded_default=True)
+    assert resolved is not parsed and resolved.training.max_steps == 600
+    assert parsed == before and parsed.field_sources == sources_before
+    assert parsed.training.max_steps == -1 and parsed.training.output_dir == "output"
+    assert parsed.source_of("max_steps") == "default"
 
 
 def test_demo_stage_picks_up_an_earlier_stage_output(tmp_path, monkeypatch):

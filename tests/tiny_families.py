@@ -8,11 +8,20 @@ pad / bos / eos / unk roles: Mistral and Llama 3 ship without a pad token.
 import numpy as np
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
-    Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
 
-from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
 
 LLMS = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),

@@ -7,10 +7,11 @@ import shutil
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from vitacore.data.images import ImageSpec
 from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
-from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, ImageSpec, VisionTower
+from vitacore.model.vision import SIGLIP_MEAN, SIGLIP_STD, VisionTower
 
 TINY = {
     "vocab_size": 64,

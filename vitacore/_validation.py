@@ -1,10 +1,10 @@
 """Value rules for the run config: ranges, choices and combinations, each error naming the flag."""
 
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 from vitacore import _flags
-from vitacore._flags import ConfigError
+from vitacore.freeze import UNITS, parse_unit_lr
 
 _SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 _STRATEGIES = ("epoch", "no", "steps")
@@ -105,7 +105,7 @@ def rule_errors(cfg) -> List[str]:
         check(value is None or value > 0, f"--{name} {value} must be > 0 (or None)")
     if t.unit_lr:
         try:
-            parse_unit_lr(t.unit_lr)
+            parse_unit_lr(t.unit_lr, UNITS)
         except ValueError as err:
             errors.append(str(err))
     for name in ("trainable_regex", "frozen_regex"):
@@ -116,34 +116,3 @@ def rule_errors(cfg) -> List[str]:
             except re.error as err:
                 errors.append(f"--{name} {pattern!r} is not a valid regular expression: {err}")
     return errors
-
-
-def parse_unit_lr(text: str, units: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """Parse ``--unit_lr`` (``unit=lr,unit=lr``) into ``{unit: lr}``.
-
-    Args:
-        text: the flag's value.
-        units: the model's unit names to check against (None: vitacore's seven units).
-
-    Raises:
-        ConfigError: malformed entry, unknown unit or non-positive rate.
-    """
-    from vitacore.freeze.units import UNITS
-
-    units = list(units) if units is not None else list(UNITS)
-    rates: Dict[str, float] = {}
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        unit, sep, value = entry.partition("=")
-        unit = unit.strip()
-        if not sep:
-            raise ConfigError(f"--unit_lr entry {entry!r} must look like unit=lr, e.g. audio_adapter=1e-4")
-        if unit not in units:
-            raise ConfigError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(units)}")
-        try:
-            rate = float(value)
-        except ValueError:
-            raise ConfigError(f"--unit_lr {unit}={value!r}: not a number") from None
-        if rate <= 0:
-            raise ConfigError(f"--unit_lr {unit}={rate} must be > 0")
-        rates[unit] = rate
-    return rates

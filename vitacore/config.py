@@ -17,11 +17,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from vitacore import _flags, _validation
 from vitacore._flags import ConfigError
-from vitacore._validation import parse_unit_lr
 
 __all__ = [
     "ConfigError", "DataArguments", "ModelArguments", "RunConfig", "TrainingArguments",
-    "load_yaml_config", "parse_args", "parse_unit_lr", "validate",
+    "load_yaml_config", "parse_args", "validate",
 ]
 
 

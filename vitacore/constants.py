@@ -7,3 +7,6 @@ AUDIO_TOKEN_INDEX = -500
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_VIDEO_TOKEN = "<video>"
 DEFAULT_AUDIO_TOKEN = "<audio>"
+
+# bitsandbytes' packed weight classes (4-bit, 8-bit), by name so that no caller needs bitsandbytes to import.
+QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")

@@ -19,23 +19,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny_models import TINY, build_tiny_vita  # noqa: E402
 
 from vitacore.checkpoint import (  # noqa: E402
-    load_non_lora_trainables, lora_state_dict, non_lora_trainables, save_lora_artifacts,
+    load_non_lora_trainables,
+    lora_state_dict,
+    non_lora_trainables,
+    save_lora_artifacts,
 )
-from vitacore.config import TrainingArguments, parse_args  # noqa: E402
+from vitacore.config import parse_args  # noqa: E402
 from vitacore.freeze import FreezePolicy, policy_from_config  # noqa: E402
-from vitacore.model import UNIT_PREFIXES, apply_lora, build_model  # noqa: E402
+from vitacore.model import UNIT_PREFIXES, LoraSpec, apply_lora  # noqa: E402
+from vitacore.recipes import build_model_from_config  # noqa: E402
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
          # Threshold 0: even tiny tensors are partitioned, so a missing gather cannot hide.
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def lora_vita(args, llm=None):
+def lora_vita(spec, llm=None):
     model = build_tiny_vita()
     if llm is not None:
         model.llm = llm
-    apply_lora(model, args)
-    FreezePolicy({"llm": "lora", "mm_projector": "full"}, lora_bias=args.lora_bias).apply(model, UNIT_PREFIXES)
+    apply_lora(model, spec, torch.float32)
+    FreezePolicy({"llm": "lora", "mm_projector": "full"}, lora_bias=spec.bias).apply(model, UNIT_PREFIXES)
     return model
 
 
@@ -46,8 +50,8 @@ def engine_for(model, lr):
 
 
 def check_artifacts(out_dir, rank):
-    args = TrainingArguments(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="all")
-    model = lora_vita(args)
+    # --lora_enable True --lora_r 4 --lora_alpha 8 --lora_dropout 0 --lora_bias all
+    model = lora_vita(LoraSpec(r=4, alpha=8, dropout=0.0, bias="all"))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for param in model.parameters():
@@ -76,7 +80,8 @@ def check_kbit_training(paths, bits):
     config = parse_args(["--model_name_or_path", paths["llm"], "--vision_tower", paths["tower"],
                          "--audio_encoder", paths["audio"], "--bits", str(bits), "--lora_enable", "True",
                          "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"])
-    model = build_model(config, log=lambda *a: None, deepspeed_config=ZERO3).model
+    bundle, config = build_model_from_config(config, deepspeed_config=ZERO3)
+    model = bundle.model
     assert any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.llm.parameters())
     policy_from_config(config).apply(model, UNIT_PREFIXES)
     engine = engine_for(model, lr=1e-2)

@@ -10,9 +10,10 @@ from vitacore.checkpoint.artifacts import (
     AUDIO_ADAPTER_FILE,
     MM_PROJECTOR_FILE,
     atomic_torch_save,
-    load_adapter_file,
+    read_adapter_file,
     save_stage_artifacts,
 )
+from vitacore.model import load_adapter_weights
 from vitacore.model.audio import AudioAdapter
 from vitacore.model.projector import build_projector
 
@@ -34,6 +35,11 @@ class Holder(nn.Module):
 def model():
     torch.manual_seed(0)
     return Holder()
+
+
+def load_adapter_file(path, module, key_marker, flag):
+    """The old one-call loader: read the file (vitacore.checkpoint), then fill the module (vitacore.model)."""
+    load_adapter_weights(module, read_adapter_file(path, key_marker, flag))
 
 
 def _load(path):

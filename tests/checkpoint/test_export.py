@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import os
 import shutil
 
@@ -9,20 +10,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY, build_tiny_vita
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tiny_models import TINY, build_tiny_vita
-from vitacore.checkpoint import export as export_module
 from vitacore.checkpoint.export import load_full_export, save_full_export
+from vitacore.checkpoint.export import writer as export_writer
+from vitacore.checkpoint.vita_layout import to_vita_name
 from vitacore.config import parse_args
 from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.data.audio import audio_token_length
 from vitacore.data.dataset import Collator, Sample
-from vitacore.data.media import audio_token_length
-from vitacore.data.tokenizer import build_tokenizer
-from vitacore.model.build import build_model, llm_hidden_size
-from vitacore.model.vita_layout import to_vita_name
+from vitacore.demo.tokenizer import build_tokenizer
+from vitacore.recipes import build_model_from_config, plan_model
 
-QUIET = lambda *a: None  # noqa: E731
 MM_PREFIXES = ("model.mm_projector.", "model.vision_tower.vision_tower.", "model.audio_encoder.encoder.",
                "model.audio_encoder.adpter.", "model.audio_encoder.prompt_embeddings.", "predictor_head.")
 
@@ -65,7 +65,7 @@ def logits(model, data=None):
 
 def reload(path, tmp_path, *flags):
     config = parse_args(["--model_name_or_path", str(path), "--output_dir", str(tmp_path / "run"), *flags])
-    return build_model(config, log=QUIET)
+    return build_model_from_config(config)[0]
 
 
 def keys_of(path):
@@ -205,7 +205,7 @@ def test_interrupted_export_leaves_the_earlier_one_and_other_files_intact(tmp_pa
     def killed(staging, directory):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(export_module, "_publish", killed)
+    monkeypatch.setattr(export_writer, "_publish", killed)
     with pytest.raises(KeyboardInterrupt):
         save_full_export(second, tokenizer, str(out), is_main=True, dtype=torch.float32)
     monkeypatch.undo()
@@ -254,14 +254,15 @@ def test_stray_or_missing_tensors_are_errors_naming_file_and_keys(tmp_path, toke
         reload(export, tmp_path)
 
 
-def test_a_missing_llm_tensor_is_reported_not_fatal(tmp_path, tokenizer):
+def test_a_missing_llm_tensor_is_reported_not_fatal(tmp_path, tokenizer, caplog):
     export = tmp_path / "export"
     save_full_export(tiny(seed=8), tokenizer, str(export), is_main=True, dtype=torch.float32)
     weights = load_file(export / "model.safetensors")
     del weights["model.norm.weight"]
     save_file(weights, export / "model.safetensors", metadata={"format": "pt"})
-    notes = []
-    build_model(parse_args(["--model_name_or_path", str(export), "--output_dir", str(tmp_path)]), log=notes.append)
+    with caplog.at_level(logging.INFO, logger="vitacore"):
+        build_model_from_config(parse_args(["--model_name_or_path", str(export), "--output_dir", str(tmp_path)]))
+    notes = [record.getMessage() for record in caplog.records]
     assert any("WARNING" in n and "model.norm.weight" in n for n in notes), notes
 
 
@@ -278,8 +279,8 @@ def test_a_vita_style_checkpoint_folder_loads(tmp_path, tokenizer):
                   mm_vision_tower=str(tmp_path / "tower"), mm_audio_encoder=str(tmp_path / "audio"))
     (export / "config.json").write_text(json.dumps(config))
     run = parse_args(["--model_name_or_path", str(export), "--output_dir", str(tmp_path / "run")])
-    assert llm_hidden_size(run) == TINY["llm_hidden"]
-    loaded = build_model(run, log=QUIET).model
+    assert plan_model(run, with_data=False).hidden_size == TINY["llm_hidden"]
+    loaded = build_model_from_config(run)[0].model
     assert torch.equal(logits(loaded), logits(model))
     assert loaded.mm_config["mm_vision_tower"] == str(tmp_path / "tower")
 
@@ -287,7 +288,7 @@ def test_a_vita_style_checkpoint_folder_loads(tmp_path, tokenizer):
 def test_load_full_export_and_adapter_override(tmp_path, tokenizer):
     model = tiny(seed=9)
     save_full_export(model, tokenizer, str(tmp_path / "export"), is_main=True, dtype=torch.float32)
-    bundle = load_full_export(str(tmp_path / "export"), log=QUIET)
+    bundle = load_full_export(str(tmp_path / "export"))
     assert torch.equal(logits(bundle.model), logits(model))
     assert bundle.tokenizer.get_vocab() == tokenizer.get_vocab()
 
@@ -310,11 +311,11 @@ def test_zero3_partitioned_export_equals_the_unpartitioned_one(tmp_path, tokeniz
     save_full_export(model, tokenizer, str(tmp_path / "plain"), is_main=True, dtype=torch.float32,
                      max_shard_size="40KB")
     config = parse_args(["--model_name_or_path", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "run")])
-    built = build_model(config, log=QUIET, deepspeed_config=ZERO3).model
+    built = build_model_from_config(config, deepspeed_config=ZERO3)[0].model
     # LLM and tower arrive partitioned (zero.Init); initialize partitions the rest.
     assert all(hasattr(p, "ds_id") for p in built.llm.parameters())
     assert all(hasattr(p, "ds_id") for p in built.vision_tower.parameters())
-    trainable = [p for p in built.mm_projector.parameters()]
+    trainable = list(built.mm_projector.parameters())
     engine, *_ = deepspeed.initialize(model=built, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ZERO3,
                                       dist_init_required=False)
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())

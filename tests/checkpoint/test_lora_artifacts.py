@@ -8,24 +8,31 @@ import torch
 import torch.nn as nn
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_models import TINY, build_tiny_vita
 from transformers import AutoModelForCausalLM
 
-from tiny_models import TINY, build_tiny_vita
 from vitacore.checkpoint import (
-    load_non_lora_trainables, lora_state_dict, merge_lora, non_lora_trainables, save_lora_artifacts,
+    load_non_lora_trainables,
+    lora_state_dict,
+    merge_lora,
+    non_lora_trainables,
+    save_lora_artifacts,
 )
-from vitacore.config import TrainingArguments
 from vitacore.freeze import FreezePolicy
-from vitacore.model import UNIT_PREFIXES, apply_lora
+from vitacore.model import UNIT_PREFIXES, LoraSpec, QuantSpec, apply_lora
 from vitacore.model.lora import disable_bnb_cpu_repacking, kbit_load_kwargs
 
 FILES = {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin"}
 
 
-def lora_args(**overrides):
-    values = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    values.update(overrides)
-    return TrainingArguments(**values)
+def lora_spec(bias="none"):
+    """``--lora_enable True --lora_r 4 --lora_alpha 8 --lora_dropout 0 --lora_bias BIAS``."""
+    return LoraSpec(r=4, alpha=8, dropout=0.0, bias=bias)
+
+
+def kbit_kwargs(**quant):
+    """``from_pretrained`` arguments for ``--bits ...`` with LoRA on, in float32 (no --bf16 / --fp16)."""
+    return kbit_load_kwargs(QuantSpec(**quant), torch.float32, lora_enabled=True)
 
 
 def trained_vita(lora_bias="none", llm=None, seed=0, trainable_regex=None):
@@ -33,8 +40,7 @@ def trained_vita(lora_bias="none", llm=None, seed=0, trainable_regex=None):
     model = build_tiny_vita(seed=seed)
     if llm is not None:
         model.llm = llm
-    args = lora_args(lora_bias=lora_bias, bits=16 if llm is None else 4)
-    apply_lora(model, args)
+    apply_lora(model, lora_spec(lora_bias), torch.float32)
     FreezePolicy({"llm": "lora", "mm_projector": "full", "audio_adapter": "full"}, lora_bias=lora_bias,
                  trainable_regex=trainable_regex).apply(model, UNIT_PREFIXES)
     generator = torch.Generator().manual_seed(seed + 7)
@@ -109,7 +115,7 @@ def test_peft_from_pretrained_reproduces_the_trained_llm(tmp_path, lora_bias):
 def test_4bit_adapter_round_trip(tmp_path):
     llm_dir = str(tmp_path / "llm")
     build_tiny_vita().llm.save_pretrained(llm_dir)
-    kwargs = kbit_load_kwargs(lora_args(bits=4, quant_type="nf4"))
+    kwargs = kbit_kwargs(bits=4, quant_type="nf4")
 
     def load_4bit():
         return AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32, **kwargs)
@@ -150,7 +156,7 @@ def test_non_lora_trainables_round_trip(tmp_path):
     assert "base_model.model.lm_head.weight" in saved
 
     fresh = build_tiny_vita(seed=3)
-    apply_lora(fresh, lora_args())
+    apply_lora(fresh, lora_spec(), torch.float32)
     loaded = load_non_lora_trainables(written["non_lora_trainables.bin"], fresh)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
     assert loaded == trainable
@@ -196,7 +202,7 @@ def test_merge_lora_gives_a_plain_llm_with_the_same_logits():
 def test_merge_lora_refuses_a_quantized_base(tmp_path):
     build_tiny_vita().llm.save_pretrained(tmp_path)
     llm = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
-                                               **kbit_load_kwargs(lora_args(bits=4)))
+                                               **kbit_kwargs(bits=4))
     model = trained_vita("none", llm=llm)
     with pytest.raises(ValueError, match="--bits 16"):
         merge_lora(model)
@@ -212,7 +218,7 @@ def test_artifacts_and_kbit_training_under_zero3_on_two_ranks(tmp_path):
 
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
+    from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
     from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
     paths = {"llm": str(tmp_path / "llm"), "tower": str(tmp_path / "tower"), "audio": str(tmp_path / "audio")}

@@ -6,8 +6,14 @@ import os
 import pytest
 
 from vitacore.checkpoint.resumable import (
-    COMPLETE_MARKER, CheckpointMismatchError, check_identity, clean_partial_saves, latest_checkpoint,
-    list_checkpoints, resolve_resume, rotate,
+    COMPLETE_MARKER,
+    CheckpointMismatchError,
+    check_identity,
+    clean_partial_saves,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+    rotate,
 )
 
 

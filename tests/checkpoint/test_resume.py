@@ -29,9 +29,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dropout_llm(vitacore_cache, tmp_path_factory):
     """The embedded default LLM with attention dropout on, so resuming must restore the RNG."""
-    from vitacore.model.default import ensure_default_assets
+    from vitacore.demo.embedded import ensure_default_assets
 
-    assets = ensure_default_assets(log=lambda *a: None)
+    assets = ensure_default_assets()
     path = str(tmp_path_factory.mktemp("dropout_llm") / "llm")
     shutil.copytree(assets.llm, path)
     with open(os.path.join(path, "config.json")) as fh:

@@ -68,7 +68,7 @@ def test_deepspeeds_zero_to_fp32_consolidates_the_checkpoint(zero2_run, tmp_path
 
 def test_export_tool_writes_a_full_export_with_the_trained_projector(zero2_run, tmp_path, vitacore_cache):
     from vitacore.checkpoint.export import load_full_export
-    from vitacore.model.default import ensure_default_assets
+    from vitacore.demo.embedded import ensure_default_assets
 
     checkpoint, out = zero2_run / "checkpoint-6", tmp_path / "export"
     result = subprocess.run([sys.executable, "-m", "vitacore.checkpoint", "export", str(checkpoint), str(out),
@@ -81,11 +81,11 @@ def test_export_tool_writes_a_full_export_with_the_trained_projector(zero2_run, 
             weights.update(load_file(out / name))
     for key, value in torch.load(checkpoint / "mm_projector.bin", weights_only=True).items():
         assert torch.equal(weights[key], value), key
-    base_llm = load_file(os.path.join(ensure_default_assets(log=lambda *a: None).llm, "model.safetensors"))
+    base_llm = load_file(os.path.join(ensure_default_assets().llm, "model.safetensors"))
     for key, value in base_llm.items():
         if key in weights:
             assert torch.equal(weights[key], value), key
-    model = load_full_export(str(out), log=lambda *a: None).model
+    model = load_full_export(str(out)).model
     assert torch.equal(model.mm_projector[0].weight, weights["model.mm_projector.0.weight"])
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vitacore.data.media import AudioTransform, load_wav, wav_num_samples, write_wav
+from vitacore.data.audio import AudioTransform, load_wav, wav_num_samples, write_wav
 
 soundfile = pytest.importorskip("soundfile")
 

@@ -9,11 +9,12 @@ import pytest
 
 from vitacore.config import ConfigError, RunConfig, parse_args
 from vitacore.constants import IGNORE_INDEX
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.bad_samples import BadSample, BadSampleLog
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset
-from vitacore.data.media import AudioTransform, ImageTransform, write_wav
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.data.images import ImageTransform
+from vitacore.demo.tokenizer import build_tokenizer
 
 SIZE, MEAN, STD = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

@@ -14,7 +14,7 @@ from vitacore.data.conversation import (
     get_template,
     tokenize_conversation,
 )
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer
 
 END = "<|im_end|>"
 
@@ -188,7 +188,7 @@ def test_unknown_version_lists_known_templates():
 
 
 def test_audio_query_forces_the_state_token():
-    from vitacore.data.tokenizer import build_tokenizer
+    from vitacore.demo.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     template = get_template("qwen2p5_instruct")

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset, load_records, load_video_frames
-from vitacore.data.media import AudioTransform, ImageTransform, write_wav
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.data.images import ImageTransform
+from vitacore.demo.tokenizer import build_tokenizer
 
 SIZE = 16
 MEAN = (0.5, 0.25, 0.125)
@@ -134,7 +135,8 @@ def test_audio_record_features_and_token_lengths(tmp_path, tok):
 def test_collator_pads_everything(tmp_path, tok):
     records = [
         {"id": "img", "image": _png(tmp_path / "a.png", (1, 2, 3)), "conversations": _conv("<image>", "short")},
-        {"id": "aud", "audio": _wav(tmp_path / "x.wav", 0.3), "conversations": _conv("<audio>\nA longer question here?", "a much longer answer than before")},
+        {"id": "aud", "audio": _wav(tmp_path / "x.wav", 0.3),
+         "conversations": _conv("<audio>\nA longer question here?", "a much longer answer than before")},
         {"id": "both", "image": _png(tmp_path / "b.png", (4, 5, 6)), "audio": _wav(tmp_path / "y.wav", 0.6),
          "conversations": _conv("<image><audio>", "x")},
         {"id": "txt", "conversations": _conv("hi", "hello")},

@@ -8,16 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitacore.data.media import (
-    AudioTransform,
-    ImageTransform,
-    audio_token_length,
-    fbank,
-    load_image,
-    load_wav,
-    resample,
-    write_wav,
-)
+from vitacore.data.audio import AudioTransform, audio_token_length, fbank, load_wav, resample, write_wav
+from vitacore.data.images import ImageTransform, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

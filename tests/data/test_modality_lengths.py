@@ -6,32 +6,34 @@ embedded default model, so token counts come from the real tower and audio encod
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import vitacore
 from vitacore.constants import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.dataset import VIDEO_MAX_FRAMES, VitaJsonDataset
 from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
 from vitacore.data.lengths import count_video_frames
-from vitacore.data.media import AudioTransform, write_wav
 
 
 @pytest.fixture(scope="module")
 def stage4(vitacore_cache, tmp_path_factory):
-    """(config, bundle, data) for stage 4 on the embedded default."""
+    """(recipe, bundle, data) for stage 4 on the embedded default (the recipe's parts: specs, dist, ...)."""
     config = vitacore.RunConfig()
     config.stage = "4"
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    t = config.training
-    t.output_dir = str(tmp_path_factory.mktemp("grouped"))
-    t.eval_strategy, t.save_strategy, t.logging_steps = "no", "no", 10**9
-    vitacore.validate(config)
-    bundle = vitacore.build_model(config, log=lambda *a, **k: None)
+    config.set("output_dir", str(tmp_path_factory.mktemp("grouped")), "flag")
+    for name, value in (("eval_strategy", "no"), ("save_strategy", "no"), ("logging_steps", 10**9)):
+        config.set(name, value, "flag")
+    recipe = vitacore.StageRecipe(config)  # resolves stage 4's preset (embedded default) and validates
+    recipe.build_parts()
+    bundle = recipe.bundle
     for name, param in bundle.model.named_parameters():  # only the order matters here: a cheap backward
         param.requires_grad = name == "llm.model.norm.weight"
-    return config, bundle, vitacore.build_data(config, bundle, stage.demo_data)
+    return recipe, bundle, recipe.data
 
 
 def _exact_length(dataset: VitaJsonDataset, index: int) -> int:
@@ -68,7 +70,7 @@ def test_images_without_tokens_per_image_is_an_error(stage4):
     bare = VitaJsonDataset(train.records, train.media_root, train.tokenizer, train.template,
                            train.image_transform, train.audio_transform)
     with pytest.raises(ValueError, match="tokens_per_image"):
-        bare.modality_lengths
+        _ = bare.modality_lengths
 
 
 @pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100])
@@ -97,32 +99,37 @@ def test_video_frames_counted_without_decoding(tmp_path, frames, expected):
     assert count_video_frames(str(tmp_path / "missing.gif"), VIDEO_MAX_FRAMES) == 1
 
 
-def _run(config, bundle, train, collator, dist, **training) -> list[list[str]]:
-    """Train with ``training`` overrides; return the sample ids of every training micro-batch."""
-    for key, value in training.items():
-        setattr(config.training, key, value)
+def _run(recipe, bundle, train, collator, dist, **training) -> list[list[str]]:
+    """Train with ``training`` overrides of the loop config; return the sample ids of every training micro-batch."""
+    loop = dataclasses.replace(recipe.specs.loop, **training)
+    optim = recipe.specs.optim
     model = bundle.model
-    groups = vitacore.param_groups_for_run(model, vitacore.UNIT_PREFIXES, config.training)
+    groups = vitacore.param_groups_for_run(model, vitacore.UNIT_PREFIXES, optim)
+    ds_config, _ = vitacore.resolve_deepspeed_config(
+        recipe.specs.deepspeed, loop=loop, optim=optim, world_size=dist.world_size,
+        hidden_size=model.llm.config.hidden_size, bf16=recipe.specs.bf16, fp16=recipe.specs.fp16)
+    checkpointer = vitacore.Checkpointer(recipe.specs.checkpoint, dist)
     seen: list[list[str]] = []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(list(kw["sample_ids"])) if m.training else None, with_kwargs=True)
     try:
-        vitacore.Trainer(config, model, groups, train, collator, dist).fit()
+        vitacore.Trainer(model, groups, train, collator, dist, loop=loop, optim=optim, deepspeed_config=ds_config,
+                         checkpointer=checkpointer).fit()
     finally:
         hook.remove()
     return seen
 
 
 def test_grouped_trainer_micro_batches_are_single_modality(stage4, dist):
-    config, bundle, data = stage4
+    recipe, bundle, data = stage4
     train = data.train
     sign = {str(r["id"]): length > 0 for r, length in zip(train.records, train.modality_lengths)}
-    batches = _run(config, bundle, train, data.collator, dist, group_by_modality_length=True,
+    batches = _run(recipe, bundle, train, data.collator, dist, group_by_modality_length=True,
                    per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=12)
     assert len(batches) == 12
     assert all(len({sign[i] for i in batch}) == 1 for batch in batches)
     # The whole epoch's order: 1560 media and 120 text records, both multiples of 8, so no mixed tail.
-    sampler = ModalityLengthGroupedSampler(train.modality_lengths, 8, 1, 0, seed=config.training.seed)
+    sampler = ModalityLengthGroupedSampler(train.modality_lengths, 8, 1, 0, seed=recipe.specs.loop.seed)
     epoch = sampler.epoch_order(0)
     chunks = [epoch[s:s + 8] for s in range(0, len(epoch), 8)]
     assert all(len({train.modality_lengths[i] > 0 for i in chunk}) == 1 for chunk in chunks)
@@ -130,15 +137,14 @@ def test_grouped_trainer_micro_batches_are_single_modality(stage4, dist):
 
 
 def test_persistent_workers_give_the_same_batches_across_epochs(stage4, dist):
-    config, bundle, data = stage4
+    recipe, bundle, data = stage4
     full = data.train
     small = VitaJsonDataset(full.records[::40], full.media_root, full.tokenizer, full.template,
                             full.image_transform, full.audio_transform, tokens_per_image=full.tokens_per_image)
     common = dict(group_by_modality_length=True, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                   max_steps=14)  # 42 samples: 11 micro-batches an epoch, so the run crosses into a second
-    plain = _run(config, bundle, small, data.collator, dist, dataloader_num_workers=0, **common)
-    workers = _run(config, bundle, small, data.collator, dist, dataloader_num_workers=2,
+    plain = _run(recipe, bundle, small, data.collator, dist, dataloader_num_workers=0, **common)
+    workers = _run(recipe, bundle, small, data.collator, dist, dataloader_num_workers=2,
                    dataloader_persistent_workers=True, dataloader_prefetch_factor=3, **common)
-    config.training.dataloader_num_workers = 0
     assert workers == plain
     assert plain[11:] != plain[:3]  # epochs differ, so the equality covers the per-epoch re-seeding

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from vitacore.config import ConfigError, parse_args
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import VitaJsonDataset
-from vitacore.data.media import AudioTransform, ImageTransform, write_wav
+from vitacore.data.images import ImageTransform
 from vitacore.data.records import load_records
 from vitacore.data.registry import load_registry, load_sources, sources_from_config
-from vitacore.data.synthetic import SAMPLE_RATE, draw_shape, tone
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.demo.synthetic import SAMPLE_RATE, draw_shape, tone
+from vitacore.demo.tokenizer import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

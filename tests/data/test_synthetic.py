@@ -1,4 +1,4 @@
-"""Tests for vitacore.data.synthetic: determinism and answers that match the media."""
+"""Tests for vitacore.demo.synthetic: determinism and answers that match the media."""
 
 import json
 import os
@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitacore.data.audio import AudioTransform, load_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import VitaJsonDataset, load_video_frames
-from vitacore.data.media import AudioTransform, ImageTransform, load_wav
-from vitacore.data.synthetic import (
-    COLOURS, DIRECTIONS, SAMPLE_RATE, SHAPES, TONES, SyntheticSizes, generate, text_warmup_records,
+from vitacore.data.images import ImageTransform
+from vitacore.demo.synthetic import (
+    COLOURS,
+    DIRECTIONS,
+    SAMPLE_RATE,
+    SHAPES,
+    TONES,
+    SyntheticSizes,
+    generate,
+    text_warmup_records,
 )
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer
 
 SIZES = SyntheticSizes(num_image=6, num_video=3, num_audio=6, num_text=6, num_neg=3, num_eval_image=6,
                        num_eval_audio=4, image_size=64, num_video_frames=3)

@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-
 from tiny_families import family_tokenizer
+
 from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vitacore.data.conversation import SYSTEM_PROMPTS, TEMPLATES, get_template, tokenize_conversation
 from vitacore.data.dataset import Collator, Sample

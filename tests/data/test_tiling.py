@@ -9,9 +9,9 @@ from vitacore.config import parse_args
 from vitacore.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset
-from vitacore.data.media import ImageTransform
+from vitacore.data.images import ImageTransform
 from vitacore.data.tiling import ImageTiler, expand_image_placeholders, num_tiles, tile_grid, tile_image
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer
 from vitacore.model.merge import merge_media_embeddings
 
 T = 448
@@ -168,12 +168,13 @@ def test_build_data_with_dynamic_tiling_on_the_embedded_default(vitacore_cache, 
 
     config = vitacore.RunConfig()
     config.stage = "4"
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    config.data.image_aspect_ratio, config.data.max_dynamic_patch = "dynamic", 4
-    config.training.output_dir = str(tmp_path)
-    vitacore.validate(config)
-    bundle = vitacore.build_model(config, log=lambda *a, **k: None)
-    train = vitacore.build_data(config, bundle, stage.demo_data).train
+    config.set("image_aspect_ratio", "dynamic", "flag")
+    config.set("max_dynamic_patch", 4, "flag")
+    config.set("output_dir", str(tmp_path), "flag")
+    recipe = vitacore.StageRecipe(config)  # stage 4's preset on the embedded default; validated
+    recipe.build_parts()
+    bundle = recipe.bundle
+    train = recipe.data.train
     tiler = train.image_tiler
     assert tiler is not None and tiler.tile_size == bundle.model.vision_tower.image_spec.image_size
     assert (tiler.min_tiles, tiler.max_tiles) == (1, 4)

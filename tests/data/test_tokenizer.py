@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vitacore.data.tokenizer import (
+from vitacore.demo.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     DEFAULT_CORPUS_PATH,
     MEDIA_PLACEHOLDERS,

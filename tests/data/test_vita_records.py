@@ -13,11 +13,12 @@ from PIL import Image
 from vitacore.constants import AUDIO_TOKEN_INDEX as AUD
 from vitacore.constants import IGNORE_INDEX as IGN
 from vitacore.constants import IMAGE_TOKEN_INDEX as IMG
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT, SYSTEM_PROMPTS
 from vitacore.data.dataset import VitaJsonDataset, load_records
-from vitacore.data.media import AudioTransform, ImageTransform, write_wav
+from vitacore.data.images import ImageTransform
 from vitacore.data.tiling import ImageTiler
-from vitacore.data.tokenizer import build_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer
 
 SIZE = 16
 RATE = 16000

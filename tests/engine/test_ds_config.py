@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vitacore.config import TrainingArguments
+from vitacore.engine import LoopConfig, OptimConfig
 from vitacore.engine.ds_config import builtin_config, complete_config, load_user_config
 
 HIDDEN = 64
@@ -35,16 +35,23 @@ def vita_zero3():
     }
 
 
+_LOOP_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+_PRECISION_FIELDS = ("bf16", "fp16")
+
+
 def _training(**overrides):
+    """The run's settings as complete_config takes them: {loop, optim, bf16, fp16}."""
     values = dict(bf16=True, fp16=False, per_device_train_batch_size=4, gradient_accumulation_steps=3,
                   learning_rate=2e-4, weight_decay=0.01, max_grad_norm=0.5, adam_beta1=0.8, adam_beta2=0.95,
                   adam_epsilon=1e-6)
     values.update(overrides)
-    return TrainingArguments(**values)
+    loop = {k: values.pop(k) for k in _LOOP_FIELDS}
+    precision = {k: values.pop(k) for k in _PRECISION_FIELDS}
+    return dict(loop=LoopConfig(**loop), optim=OptimConfig(**values), **precision)
 
 
 def _complete(raw, training=None, world_size=2, total_steps=100, warmup_steps=10):
-    return complete_config(raw, training=training or _training(), world_size=world_size, hidden_size=HIDDEN,
+    return complete_config(raw, **(training or _training()), world_size=world_size, hidden_size=HIDDEN,
                            total_steps=total_steps, warmup_steps=warmup_steps, source="--deepspeed zero3.json")
 
 
@@ -162,7 +169,7 @@ def test_explicit_scheduler_values_are_kept():
 
 
 def test_builtin_config_completes_without_zero3_keys():
-    cfg = complete_config(builtin_config(1), training=_training(bf16=False), world_size=1, hidden_size=HIDDEN,
+    cfg = complete_config(builtin_config(1), **_training(bf16=False), world_size=1, hidden_size=HIDDEN,
                           total_steps=10, warmup_steps=0)
     assert cfg["zero_optimization"] == {"stage": 0}
     assert cfg["train_batch_size"] == 4 * 3

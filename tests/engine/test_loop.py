@@ -9,18 +9,27 @@ here by hand with plain PyTorch on a fresh copy of the model, never read back fr
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
 import math
-import importlib.util
 import os
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from vitacore.config import RunConfig
+from vitacore.checkpoint import CheckpointConfig, Checkpointer
 from vitacore.data.dataset import Collator, Sample
-from vitacore.engine import NonFiniteLossError, Trainer, lr_multiplier
+from vitacore.engine import (
+    LoopConfig,
+    NonFiniteLossError,
+    OptimConfig,
+    Trainer,
+    lr_multiplier,
+    resolve_deepspeed_config,
+)
+from vitacore.model import prepare_for_training
 from vitacore.model.multimodal import VitaModel
 
 VOCAB, HIDDEN, PAD = 64, 32, 0
@@ -73,30 +82,55 @@ def param_groups(model, learning_rate: float, weight_decay: float = 0.0) -> list
     return groups
 
 
-def make_config(tmp_path, **training) -> RunConfig:
-    cfg = RunConfig()
-    t = cfg.training
-    t.output_dir = str(tmp_path)
-    t.max_steps = 2
-    t.per_device_train_batch_size = 2
-    t.gradient_accumulation_steps = 1
-    t.learning_rate = 1e-2
-    t.logging_steps = 1
-    t.lr_scheduler_type = "constant"
-    t.warmup_steps = 0
-    t.max_grad_norm = 1.0
-    t.seed = 7
-    t.save_strategy = "no"
-    for key, value in training.items():
-        setattr(t, key, value)
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a test run is built from: each component's own config, plus the precision flags (which
+    complete the DeepSpeed config) and the run-time switches (set on the model before the Trainer)."""
+
+    loop: LoopConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    tf32: bool | None = None
+
+
+_LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
+_OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
+_CHECKPOINT_FIELDS = {f.name for f in dataclasses.fields(CheckpointConfig)}
+_RUN_FIELDS = {"bf16", "fp16", "gradient_checkpointing", "tf32"}
+
+
+def make_config(tmp_path, **fields) -> RunSettings:
+    """The tests' defaults, then ``fields``, each routed to the config that owns it."""
+    values = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                  learning_rate=1e-2, logging_steps=1, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                  seed=7, save_strategy="no")
+    values.update(fields)
+    unknown = set(values) - _LOOP_FIELDS - _OPTIM_FIELDS - _CHECKPOINT_FIELDS - _RUN_FIELDS
+    assert not unknown, f"make_config: no config has {sorted(unknown)}"
+    pick = lambda names: {k: v for k, v in values.items() if k in names}  # noqa: E731
+    return RunSettings(LoopConfig(**pick(_LOOP_FIELDS)), OptimConfig(**pick(_OPTIM_FIELDS)),
+                       CheckpointConfig(**pick(_CHECKPOINT_FIELDS)), **pick(_RUN_FIELDS))
+
+
+def build_run(dist, cfg: RunSettings, model, train, eval_dataset=None, groups=None) -> tuple[Trainer, list[str]]:
+    """The Trainer as a stage run builds it, and every note of the set-up (DeepSpeed config, run-time
+    switches, Trainer)."""
+    if groups is None:
+        groups = param_groups(model, cfg.optim.learning_rate, cfg.optim.weight_decay)
+    ds_config, notes = resolve_deepspeed_config(None, loop=cfg.loop, optim=cfg.optim, world_size=dist.world_size,
+                                                hidden_size=HIDDEN, bf16=cfg.bf16, fp16=cfg.fp16)
+    notes += prepare_for_training(model, cfg.gradient_checkpointing, cfg.tf32, dist.world_size, dist.device)
+    trainer = Trainer(model, groups, train, Collator(PAD), dist, loop=cfg.loop, optim=cfg.optim,
+                      deepspeed_config=ds_config, checkpointer=Checkpointer(cfg.checkpoint, dist),
+                      eval_dataset=eval_dataset)
+    return trainer, notes + trainer.notes
 
 
 def make_trainer(dist, cfg, model, train, eval_dataset=None, groups=None) -> Trainer:
-    t = cfg.training
-    if groups is None:
-        groups = param_groups(model, t.learning_rate, t.weight_decay)
-    return Trainer(cfg, model, groups, train, Collator(PAD), dist, eval_dataset=eval_dataset)
+    return build_run(dist, cfg, model, train, eval_dataset=eval_dataset, groups=groups)[0]
 
 
 def read_metrics(output_dir) -> list[dict]:
@@ -142,7 +176,8 @@ def params_of(model) -> dict[str, torch.Tensor]:
 def assert_params_close(actual: dict, expected: dict, atol: float = 1e-6) -> None:
     assert actual.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -166,7 +201,7 @@ def test_run_writes_a_metrics_row_per_logging_step(dist, tmp_path, capsys, loggi
     assert [r["step"] for r in rows] == expected_steps
     assert rows == result.rows
     for row in rows:
-        assert ROW_KEYS <= row.keys(), row
+        assert row.keys() >= ROW_KEYS, row
         assert math.isfinite(row["loss"]) and row["loss"] > 0
         assert row["lr"] == pytest.approx(1e-2)  # constant schedule
         assert row["grad_norm"] is not None and row["grad_norm"] > 0
@@ -434,9 +469,9 @@ def test_fp16_on_cpu_is_refused_naming_the_flag(dist, tmp_path):
 
 def test_tf32_on_cpu_is_ignored_with_a_note(dist, tmp_path):
     cfg = make_config(tmp_path, tf32=True)
-    trainer = make_trainer(dist, cfg, make_model(), pair_samples(4))
-    assert any("tf32" in note.lower() and "ignored" in note for note in trainer.notes), trainer.notes
-    assert make_trainer(dist, make_config(tmp_path / "b"), make_model(), pair_samples(4)).notes == []
+    _, notes = build_run(dist, cfg, make_model(), pair_samples(4))
+    assert any("tf32" in note.lower() and "ignored" in note for note in notes), notes
+    assert build_run(dist, make_config(tmp_path / "b"), make_model(), pair_samples(4))[1] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +491,7 @@ def test_gradient_checkpointing_recomputes_frozen_layers(dist, tmp_path):
             param.requires_grad_(name == "llm.model.embed_tokens.weight")
         layer = model.llm.model.layers[0]
         counter = []
-        layer.mlp.register_forward_pre_hook(lambda module, args: counter.append(1))
+        layer.mlp.register_forward_pre_hook(lambda module, args, counter=counter: counter.append(1))
         cfg = make_config(tmp_path / str(checkpointing), max_steps=3, gradient_accumulation_steps=2,
                           gradient_checkpointing=checkpointing, logging_steps=1)
         trainer = make_trainer(dist, cfg, model, pair_samples(12))
@@ -483,7 +518,7 @@ def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path):
 
     cfg = make_config(tmp_path, report_to="tensorboard")
     notes: list = []
-    log = TensorBoardLog.create(cfg.training, is_main=True, notes=notes)
+    log = TensorBoardLog.create(cfg.loop.report_to, cfg.checkpoint.output_dir, is_main=True, notes=notes)
     if importlib.util.find_spec("tensorboard") is None:
         assert log.writer is None and "tensorboard" in notes[0] and "pip install tensorboard" in notes[0]
         return
@@ -496,7 +531,9 @@ def test_report_to_none_makes_no_writer(tmp_path):
     from vitacore.engine.metrics import TensorBoardLog
 
     notes: list = []
-    assert TensorBoardLog.create(make_config(tmp_path).training, True, notes).writer is None and not notes
+    cfg = make_config(tmp_path)
+    writer = TensorBoardLog.create(cfg.loop.report_to, cfg.checkpoint.output_dir, True, notes).writer
+    assert writer is None and not notes
 
 
 # ---------------------------------------------------------------------------------------------

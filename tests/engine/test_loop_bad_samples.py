@@ -5,6 +5,7 @@ are replaced by text records before the model sees them, so the model needs no m
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -12,12 +13,13 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from vitacore.config import RunConfig
+from vitacore.checkpoint import CheckpointConfig, Checkpointer
+from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset
-from vitacore.data.media import AudioTransform, ImageTransform, write_wav
-from vitacore.data.tokenizer import build_tokenizer
-from vitacore.engine import Trainer
+from vitacore.data.images import ImageTransform
+from vitacore.demo.tokenizer import build_tokenizer
+from vitacore.engine import LoopConfig, OptimConfig, Trainer, resolve_deepspeed_config
 from vitacore.model.multimodal import VitaModel
 
 
@@ -38,33 +40,35 @@ def _run(tmp_path, dist, max_ratio: float, workers: int = 0):
                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                        max_position_embeddings=512, pad_token_id=tok.pad_token_id))
     model = VitaModel(llm, model_max_length=256)
-    cfg = RunConfig()
-    t = cfg.training
-    t.output_dir, t.max_steps, t.per_device_train_batch_size, t.logging_steps = str(tmp_path / "out"), 4, 2, 2
-    t.learning_rate, t.save_strategy, t.seed = 1e-3, "no", 7
-    cfg.data.max_bad_sample_ratio = max_ratio
-    t.dataloader_num_workers = workers
+    loop = LoopConfig(max_steps=4, per_device_train_batch_size=2, logging_steps=2, save_strategy="no", seed=7,
+                      max_bad_sample_ratio=max_ratio, dataloader_num_workers=workers)
+    optim = OptimConfig(learning_rate=1e-3)
+    checkpointer = Checkpointer(CheckpointConfig(str(tmp_path / "out")), dist)
+    ds_config, _ = resolve_deepspeed_config(None, loop=loop, optim=optim, world_size=dist.world_size, hidden_size=32)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"name": "all", "params": [p for _, p in params], "param_names": [n for n, _ in params],
-               "lr": t.learning_rate, "weight_decay": 0.0}]
-    return Trainer(cfg, model, groups, dataset, Collator(tok.pad_token_id), dist).fit(), t.output_dir
+               "lr": optim.learning_rate, "weight_decay": 0.0}]
+    trainer = Trainer(model, groups, dataset, Collator(tok.pad_token_id), dist, loop=loop, optim=optim,
+                      deepspeed_config=ds_config, checkpointer=checkpointer)
+    return trainer.fit(), checkpointer.output_dir
 
 
 @pytest.mark.parametrize("workers", [0, 2])  # the markers cross from worker processes in the batch
-def test_skip_finishes_and_metrics_count_the_bad_samples(tmp_path, dist, capsys, workers):
-    result, out = _run(tmp_path, dist, max_ratio=0.5, workers=workers)
+def test_skip_finishes_and_metrics_count_the_bad_samples(tmp_path, dist, caplog, workers):
+    with caplog.at_level(logging.INFO, logger="vitacore"):
+        result, out = _run(tmp_path, dist, max_ratio=0.5, workers=workers)
     assert result.num_steps == 4
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if "loss" in line]
     assert len(rows) == 2 and all("bad_samples" in row for row in rows)
     assert sum(row["bad_samples"] for row in rows) == 2  # one epoch: each bad record drawn once
-    printed = capsys.readouterr()
-    warnings = printed.out + printed.err
+    warnings = "\n".join(record.getMessage() for record in caplog.records)
     lines = [line for line in warnings.splitlines() if line.startswith("warning: skipped a bad sample")]
     assert len(lines) == 2, lines  # each file once
     assert any("gone.png" in line for line in lines) and any("broken.wav" in line for line in lines)
 
 
 def test_too_many_bad_samples_stop_the_run(tmp_path, dist):
-    with pytest.raises(ValueError, match=r"of the \d+ training samples seen so far were bad.*--max_bad_sample_ratio 0.1"):
+    too_many = r"of the \d+ training samples seen so far were bad.*--max_bad_sample_ratio 0.1"
+    with pytest.raises(ValueError, match=too_many):
         _run(tmp_path, dist, max_ratio=0.1)

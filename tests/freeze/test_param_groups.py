@@ -136,7 +136,8 @@ def test_groups_per_unit_with_unit_rates(vita):
     assert set(by_name["mm_projector"]["param_names"]) == {"mm_projector.0.weight", "mm_projector.2.weight"}
     assert set(by_name["mm_projector.no_decay"]["param_names"]) == {"mm_projector.0.bias", "mm_projector.2.bias"}
     assert set(by_name["audio_adapter.no_decay"]["param_names"]) == {
-        "audio_adapter.conv1d2.bias", "audio_adapter.bn2.weight", "audio_adapter.bn2.bias", "audio_adapter.project.bias"}
+        "audio_adapter.conv1d2.bias", "audio_adapter.bn2.weight", "audio_adapter.bn2.bias",
+        "audio_adapter.project.bias"}
     # ordered by unit (UNITS order), decay group before no-decay group
     order = [(UNITS.index(g["name"].split(".")[0]), g["name"].endswith(".no_decay")) for g in groups]
     assert order == sorted(order)
@@ -150,7 +151,7 @@ def test_per_unit_rates_survive_an_optimizer_step(vita):
 
 
 def test_unit_learning_rates_defaults_to_learning_rate():
-    assert unit_learning_rates(1e-3) == {unit: 1e-3 for unit in UNITS}
+    assert unit_learning_rates(1e-3) == dict.fromkeys(UNITS, 0.001)
 
 
 def test_vision_tower_lr_defaults_to_projector_lr():

@@ -5,7 +5,14 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from vitacore.freeze import (
-    MODES, UNITS, FreezePolicy, assign_units, build_param_groups, build_report, format_report, unit_summary,
+    MODES,
+    UNITS,
+    FreezePolicy,
+    assign_units,
+    build_param_groups,
+    build_report,
+    format_report,
+    unit_summary,
 )
 from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
 from vitacore.model.multimodal import UNIT_PREFIXES, VitaModel

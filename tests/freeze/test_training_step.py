@@ -2,16 +2,19 @@
 
 import pytest
 import torch
-
 from tiny_models import TINY, build_tiny_vita
+
+from vitacore.checkpoint import CheckpointConfig, Checkpointer
 from vitacore.config import parse_args
 from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.data.audio import audio_token_length
 from vitacore.data.dataset import Collator, Sample
-from vitacore.data.media import audio_token_length
-from vitacore.engine import Trainer
+from vitacore.engine import Trainer, resolve_deepspeed_config
 from vitacore.freeze import build_report, param_groups_for_run, policy_from_config, unit_learning_rates
+from vitacore.model import prepare_for_training
 from vitacore.model.multimodal import UNIT_PREFIXES
-from vitacore.stages import apply_stage
+from vitacore.recipes.specs import loop_config, optim_config
+from vitacore.recipes.stages import resolve_stage
 
 
 def multimodal_samples(count: int) -> list[Sample]:
@@ -33,16 +36,23 @@ def multimodal_samples(count: int) -> list[Sample]:
 
 def configure(tmp_path, argv):
     cfg = parse_args(argv + ["--output_dir", str(tmp_path), "--logging_steps", "1", "--max_grad_norm", "0"])
-    apply_stage(cfg, embedded_default=False)
+    _, cfg = resolve_stage(cfg, embedded_default=False)
     return cfg
 
 
 def run(dist, cfg, model):
     t = cfg.training
+    loop, optim = loop_config(cfg), optim_config(cfg)
     policy = policy_from_config(cfg)
     policy.apply(model, UNIT_PREFIXES)
-    groups = param_groups_for_run(model, UNIT_PREFIXES, t)
-    trainer = Trainer(cfg, model, groups, multimodal_samples(6), Collator(pad_token_id=0), dist)
+    groups = param_groups_for_run(model, UNIT_PREFIXES, optim)
+    ds_config, _ = resolve_deepspeed_config(t.deepspeed, loop=loop, optim=optim, world_size=dist.world_size,
+                                            hidden_size=TINY["llm_hidden"], bf16=t.bf16, fp16=t.fp16)
+    # The run-time switches a stage run sets (the stage presets turn gradient checkpointing on).
+    prepare_for_training(model, t.gradient_checkpointing, t.tf32, dist.world_size, dist.device)
+    checkpointer = Checkpointer(CheckpointConfig(t.output_dir, t.save_total_limit, t.resume_from_checkpoint), dist)
+    trainer = Trainer(model, groups, multimodal_samples(6), Collator(pad_token_id=0), dist, loop=loop, optim=optim,
+                      deepspeed_config=ds_config, checkpointer=checkpointer)
     return policy, groups, trainer
 
 

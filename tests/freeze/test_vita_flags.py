@@ -112,7 +112,7 @@ def test_resolve_is_a_pure_function_of_names():
 
 
 def test_freeze_translation_imports_no_deepspeed():
-    code = ("import sys; import vitacore.freeze, vitacore.stages; from vitacore.config import RunConfig; "
+    code = ("import sys; import vitacore.freeze, vitacore.recipes.stages; from vitacore.config import RunConfig; "
             "vitacore.freeze.policy_from_config(RunConfig()); "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

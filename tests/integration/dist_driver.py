@@ -7,6 +7,7 @@ With ``--dump_changes``: the names of the parameters whose gathered values chang
 ``OUT_JSON.trained.pt`` with the final values of the trainable ones.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -17,6 +18,7 @@ import vitacore
 from vitacore.checkpoint import gathered_state
 from vitacore.data.dataset import VitaJsonDataset
 from vitacore.data.sampler import ResumableSampler
+from vitacore.recipes import model_inputs
 
 
 class AlternatingModalities(torch.utils.data.Dataset):
@@ -38,45 +40,39 @@ def main(argv):
     alternate = "--alternate_modalities" in argv
     dump_changes = "--dump_changes" in argv
     argv = [a for a in argv if a not in ("--alternate_modalities", "--dump_changes")]
-    config = vitacore.parse_args(argv)
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    args = config.training
-    dist = vitacore.init_distributed()
-    ds_config, _ = vitacore.resolve_deepspeed_config(args, dist.world_size, vitacore.llm_hidden_size(config))
-    bundle = vitacore.build_model(config, log=lambda *a: None, deepspeed_config=ds_config)
-    policy = vitacore.policy_from_config(config)
-    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, args)
-    data = vitacore.build_data(config, bundle, stage.demo_data)
-    train = data.train
+    recipe = vitacore.StageRecipe(vitacore.parse_args(argv))
+    recipe.build_parts()
+    dist, model, loop = recipe.dist, recipe.model, recipe.specs.loop
+    recipe.data.eval = None  # the losses of training are what is compared; no final evaluation
+    train = recipe.data.train
     if alternate:
-        texts = vitacore.build_data(config, bundle, vitacore.SyntheticSelection(("text",), "eval_image")).train
-        train = AlternatingModalities(data.train, texts, 4 * dist.world_size * args.max_steps)
-    trainer = vitacore.Trainer(config, bundle.model, groups, train, data.collator, dist,
-                               deepspeed_config=ds_config)
+        texts = dataclasses.replace(recipe.specs.data, bundled=dataclasses.replace(
+            recipe.specs.data.bundled, train=(recipe.assets.subset("text"),)))
+        text_set = vitacore.build_data(texts, recipe.bundle.tokenizer, model_inputs(model)).train
+        train = AlternatingModalities(recipe.data.train, text_set, 4 * dist.world_size * loop.max_steps)
+    trainer = recipe.build_trainer(train)
     if alternate:  # fixed order, so the modality pattern per rank is the one described above
-        trainer.sampler = ResumableSampler(train, dist.world_size, dist.rank, seed=args.seed, shuffle=False)
-        trainer.loader = DataLoader(train, batch_size=args.per_device_train_batch_size, sampler=trainer.sampler,
-                                    collate_fn=data.collator, generator=trainer.loader_generator)
-    shards = {name: int(p.ds_tensor.numel()) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_tensor")}
-    full = {name: int(p.ds_numel) for name, p in bundle.model.named_parameters() if hasattr(p, "ds_numel")}
-    local = {name: int(p.numel()) for name, p in bundle.model.named_parameters()}
-    before = gathered_state(bundle.model) if dump_changes else {}
+        trainer.sampler = ResumableSampler(train, dist.world_size, dist.rank, seed=loop.seed, shuffle=False)
+        trainer.loader = DataLoader(train, batch_size=loop.per_device_train_batch_size, sampler=trainer.sampler,
+                                    collate_fn=recipe.data.collator, generator=trainer.loader_generator)
+    shards = {name: int(p.ds_tensor.numel()) for name, p in model.named_parameters() if hasattr(p, "ds_tensor")}
+    full = {name: int(p.ds_numel) for name, p in model.named_parameters() if hasattr(p, "ds_numel")}
+    local = {name: int(p.numel()) for name, p in model.named_parameters()}
+    before = gathered_state(model) if dump_changes else {}
     result = trainer.fit()
-    vitacore.save_run_artifacts(bundle.model, args.output_dir, set(policy.trained_units()), dist.is_main,
-                                lora_bias=args.lora_bias)
+    recipe.checkpointer.artifacts.write(recipe.checkpointer.output_dir, dist.is_main)
     changed = []
     if dump_changes:
-        after = gathered_state(bundle.model)
+        after = gathered_state(model)
         changed = sorted(name for name in after if not torch.equal(before[name], after[name]))
         if dist.is_main:
-            trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             torch.save({n: after[n] for n in trainable}, f"{out_path}.trained.pt")
     losses = [row["loss"] for row in result.rows if "loss" in row]
     with open(f"{out_path}.rank{dist.rank}", "w") as fh:
         json.dump({"losses": losses, "shards": shards, "full": full, "local": local, "steps": result.num_steps,
                    "world_size": dist.world_size, "stopped_by": result.stopped_by, "changed": changed,
-                   "trainable": sorted(n for n, p in bundle.model.named_parameters() if p.requires_grad)}, fh)
+                   "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}, fh)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import torch
 import vitacore
 from vitacore.checkpoint import latest_checkpoint
 from vitacore.checkpoint.export import load_full_export
-from vitacore.checkpoint.tools import merge_lora_folder
+from vitacore.recipes import build_model_from_config
+from vitacore.recipes.tools import merge_lora_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
@@ -18,28 +19,15 @@ sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 from test_distributed import driver_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
-QUIET = lambda *a: None  # noqa: E731
 
 
 def train_in_process(flags, dist):
-    """The example's flow, in this process: returns the bundle, the result and the args."""
-    config = vitacore.parse_args(flags)
-    stage = vitacore.apply_stage(config, embedded_default=True)
-    vitacore.validate(config)
-    args = config.training
-    bundle = vitacore.build_model(config, log=QUIET)
-    policy = vitacore.policy_from_config(config)
-    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.param_groups_for_run(bundle.model, vitacore.UNIT_PREFIXES, args)
-    data = vitacore.build_data(config, bundle, stage.demo_data)
-    trained = set(policy.trained_units())
-
-    def save(folder):
-        return vitacore.save_run_artifacts(bundle.model, folder, trained, dist.is_main, lora_bias=args.lora_bias)
-
-    result = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist,
-                              save_artifacts=save).fit()
-    return bundle, result, args, trained
+    """The example's flow, in this process: returns the bundle, the result, the model spec and the trained units."""
+    recipe = vitacore.StageRecipe(vitacore.parse_args(flags))
+    recipe.build_parts()
+    recipe.data.eval = None  # training and the saved artifacts are what is checked
+    result = recipe.build_trainer().fit()
+    return recipe.bundle, result, recipe.specs.model, set(recipe.policy.trained_units())
 
 
 def llm_logits(llm, ids):
@@ -54,12 +42,12 @@ def test_stage4_lora_trains_saves_and_peft_reproduces_it(vitacore_cache, dist, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from vitacore.model.default import ensure_default_assets
+    from vitacore.demo.embedded import ensure_default_assets
     from vitacore.model.lora import disable_bnb_cpu_repacking, kbit_load_kwargs
 
     monkeypatch.chdir(tmp_path)  # no earlier demo output is picked up
     out = tmp_path / "run"
-    bundle, result, args, trained = train_in_process(
+    bundle, result, spec, trained = train_in_process(
         ["--stage", "4", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--bits", str(bits),
          "--max_steps", "40", "--logging_steps", "5", "--learning_rate", "1e-3", "--output_dir", str(out)], dist)
     assert trained == {"llm", "mm_projector"}
@@ -75,8 +63,8 @@ def test_stage4_lora_trains_saves_and_peft_reproduces_it(vitacore_cache, dist, t
     non_lora = torch.load(os.path.join(checkpoint, "non_lora_trainables.bin"), weights_only=True)
     assert set(non_lora) == {f"base_model.model.model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
 
-    base_path = ensure_default_assets(log=QUIET).llm
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kbit_load_kwargs(args))
+    base_path = ensure_default_assets().llm
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kbit_load_kwargs(spec.quant, spec.dtype, True))
     # bitsandbytes' eval-only CPU kernel (AVX512-BF16) rounds through bf16 (logits move by ~0.04);
     # compare the same 4-bit arithmetic the run used.
     disable_bnb_cpu_repacking(base)
@@ -89,13 +77,13 @@ def test_stage4_lora_trains_saves_and_peft_reproduces_it(vitacore_cache, dist, t
     if bits == 16:
         # merge-lora: the merged export loads with plain from_pretrained and matches the LoRA model.
         merged = tmp_path / "merged"
-        merge_lora_folder(checkpoint, str(merged), torch.float32, log=QUIET)
+        merge_lora_folder(checkpoint, str(merged), torch.float32)
         plain = AutoModelForCausalLM.from_pretrained(merged)
         assert not hasattr(plain, "peft_config")
         difference = (llm_logits(plain, ids) - expected).abs().max().item()
         print(f"merge-lora export vs LoRA model, max |logit difference| {difference:.3g}")
         assert difference <= 1e-5
-        full = load_full_export(str(merged), log=QUIET).model
+        full = load_full_export(str(merged)).model
         assert torch.equal(full.mm_projector[0].weight, bundle.model.mm_projector[0].weight.detach())
 
 
@@ -104,7 +92,7 @@ def test_lora_with_full_projector_under_two_process_zero3(vitacore_cache, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from vitacore.checkpoint.lora import load_non_lora_trainables
-    from vitacore.model.default import ensure_default_assets
+    from vitacore.demo.embedded import ensure_default_assets
 
     dumps = driver_run(vitacore_cache, tmp_path, 2, "--stage", "4", "--lora_enable", "True", "--lora_r", "8",
                        "--deepspeed", os.path.join(REPO, "configs", "zero3.json"), "--per_device_train_batch_size",
@@ -117,14 +105,14 @@ def test_lora_with_full_projector_under_two_process_zero3(vitacore_cache, tmp_pa
     trained = torch.load(str(tmp_path / "dump2.trained.pt"), weights_only=True)
     out = tmp_path / "o2"
     # The artifacts reload: the adapter onto the base LLM, the projector through VITA's names.
-    base = AutoModelForCausalLM.from_pretrained(ensure_default_assets(log=QUIET).llm)
+    base = AutoModelForCausalLM.from_pretrained(ensure_default_assets().llm)
     peft_llm = PeftModel.from_pretrained(base, str(out))
     for name, param in peft_llm.named_parameters():
         if "lora_" in name:
             assert torch.equal(param.detach(), trained["llm." + name]), name
     config = vitacore.parse_args(["--stage", "4", "--output_dir", str(tmp_path / "fresh")])
-    vitacore.apply_stage(config, embedded_default=True)
-    model = vitacore.build_model(config, log=QUIET).model
+    _, config = vitacore.resolve_stage(config, embedded_default=True)
+    model = build_model_from_config(config)[0].model
     load_non_lora_trainables(str(out / "non_lora_trainables.bin"), model)
     for name, param in model.mm_projector.named_parameters():
         assert torch.equal(param.detach(), trained["mm_projector." + name]), name
@@ -135,7 +123,7 @@ def test_lora_with_full_projector_under_two_process_zero3(vitacore_cache, tmp_pa
 def test_qlora_stage4_in_bf16_on_a_gpu(vitacore_cache, dist, tmp_path, monkeypatch):
     """The GPU recipe: 4-bit NF4 base, bf16 compute, LoRA on the LLM, projector in full."""
     monkeypatch.chdir(tmp_path)
-    bundle, result, args, trained = train_in_process(
+    bundle, result, spec, trained = train_in_process(
         ["--stage", "4", "--lora_enable", "True", "--lora_r", "8", "--bits", "4", "--bf16", "True",
          "--max_steps", "40", "--logging_steps", "5", "--learning_rate", "1e-3", "--output_dir", str(tmp_path / "run")],
         dist)

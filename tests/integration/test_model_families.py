@@ -1,17 +1,19 @@
 """Real LLM families, towers and Whisper, loaded by path: tiny random checkpoints built here, a step each."""
 
+import logging
 import os
 
 import pytest
 import torch
+from tiny_families import LLMS, WHISPER_MEL, save_tiny_llm, save_tiny_whisper
+from tiny_models import write_tiny_internvit
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 import vitacore
-from tiny_families import LLMS, WHISPER_MEL, save_tiny_llm, save_tiny_whisper
-from tiny_models import write_tiny_internvit
 from vitacore.data.whisper_audio import WhisperAudioTransform
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 from vitacore.model.whisper import WhisperAudioEncoder
+from vitacore.recipes import model_inputs
 
 TOWERS = {
     "siglip": (SiglipVisionConfig, SiglipVisionModel),
@@ -50,34 +52,32 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("tower", sorted(TOWERS))
 @pytest.mark.parametrize("llm", sorted(LLMS))
-def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cache, tmp_path, llm, tower):
+def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cache, tmp_path, caplog, llm, tower):
     config = vitacore.parse_args([
         "--model_name_or_path", checkpoints[llm], "--vision_tower", checkpoints[tower],
         "--audio_encoder", checkpoints["audio"], "--output_dir", str(tmp_path), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-        "--model_max_length", "256", "--gradient_checkpointing", "False"])
-    stage = vitacore.apply_stage(config, embedded_default=False)
-    lines = []
-    bundle = vitacore.build_model(config, log=lines.append)
-    policy = vitacore.policy_from_config(config)
-    policy.apply(bundle.model, vitacore.UNIT_PREFIXES)
-    groups = vitacore.build_param_groups(bundle.model, vitacore.UNIT_PREFIXES, 1e-3, 0.0)
-    data = vitacore.build_data(config, bundle, stage.demo_data)  # the synthetic images, resized for this tower
+        "--model_max_length", "256", "--gradient_checkpointing", "False", "--learning_rate", "1e-3"])
+    recipe = vitacore.StageRecipe(config)
+    with caplog.at_level(logging.INFO, logger="vitacore"):
+        recipe.build_parts()  # the synthetic images, resized for this tower
+    bundle, data, config = recipe.bundle, recipe.data, recipe.config
+    data.eval = None  # two steps, no evaluation
     model_type, version = INFERRED[llm]
-    log = "\n".join(map(str, lines))
+    log = caplog.text
     assert (config.model.model_type, config.model.version, data.train.template.name) == (model_type, version, version)
     assert (f"--model_type {model_type} (stage 1 preset" if llm == "qwen2" else
             f"--model_type not given: {model_type}, inferred from the LLM's config") in log
     assert llm == "qwen2" or f"--version not given: template {version}" in log
     assert bundle.tokenizer.pad_token == PAD[llm] and "attention for the LLM: sdpa (no CUDA device)" in log
     projector_before = {n: p.detach().clone() for n, p in bundle.model.mm_projector.named_parameters()}
-    result = vitacore.Trainer(config, bundle.model, groups, data.train, data.collator, dist).fit()
+    result = recipe.build_trainer().fit()
     assert result.num_steps == 2 and all(r["loss"] > 0 for r in result.rows if "loss" in r)
     assert type(bundle.model.llm).__name__.lower().startswith(llm)
     # InternViT's 2x2 pixel shuffle: the projector takes 4x the tower's width (VITA's mm_hidden_size)
     assert bundle.model.mm_projector[0].in_features == 16 * (4 if tower == "internvit" else 1)
     assert any(not torch.equal(projector_before[n], p) for n, p in bundle.model.mm_projector.named_parameters())
-    written = vitacore.save_stage_artifacts(bundle.model, str(tmp_path), set(policy.trained_units()), True)
+    written = vitacore.save_stage_artifacts(bundle.model, str(tmp_path), set(recipe.policy.trained_units()), True)
     assert set(written) == {"mm_projector.bin"}
 
 
@@ -88,22 +88,22 @@ def _logits(model, batch):
 
 
 @pytest.mark.slow
-def test_stage2_step_with_whisper_then_export_reloads(checkpoints, dist, vitacore_cache, tmp_path):
+def test_stage2_step_with_whisper_then_export_reloads(checkpoints, dist, vitacore_cache, tmp_path, caplog):
     """Qwen2 + SigLIP + Whisper by path: Whisper features, token counts, an adapter step, export and reload."""
     config = vitacore.parse_args([
         "--stage", "2", "--model_name_or_path", checkpoints["qwen2"], "--vision_tower", checkpoints["siglip"],
         "--audio_encoder", checkpoints["whisper"], "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-        "--model_max_length", "256", "--gradient_checkpointing", "False"])
-    stage = vitacore.apply_stage(config, embedded_default=False)
-    lines = []
-    bundle = vitacore.build_model(config, log=lines.append)
+        "--model_max_length", "256", "--gradient_checkpointing", "False", "--learning_rate", "1e-3"])
+    recipe = vitacore.StageRecipe(config)
+    with caplog.at_level(logging.INFO, logger="vitacore"):
+        recipe.build_parts()  # the synthetic tones
+    bundle, data, policy = recipe.bundle, recipe.data, recipe.policy
+    data.eval = None  # two steps, no evaluation
     model = bundle.model
+    lines = [record.getMessage() for record in caplog.records]
     assert isinstance(model.audio_encoder, WhisperAudioEncoder) and sum("window" in line for line in lines) == 1
-    policy = vitacore.policy_from_config(config)
-    policy.apply(model, vitacore.UNIT_PREFIXES)
     assert set(policy.trained_units()) == {"audio_adapter"}
-    data = vitacore.build_data(config, bundle, stage.demo_data)  # the synthetic tones
     assert isinstance(data.train.audio_transform, WhisperAudioTransform)
     batch = data.collator([data.train[i] for i in range(3)])
     assert batch["audios"].shape[-1] == WHISPER_MEL
@@ -113,8 +113,7 @@ def test_stage2_step_with_whisper_then_export_reloads(checkpoints, dist, vitacor
 
     adapter_before = {n: p.detach().clone() for n, p in model.audio_adapter.named_parameters()}
     encoder_before = {n: p.detach().clone() for n, p in model.audio_encoder.named_parameters()}
-    groups = vitacore.build_param_groups(model, vitacore.UNIT_PREFIXES, 1e-3, 0.0)
-    result = vitacore.Trainer(config, model, groups, data.train, data.collator, dist).fit()
+    result = recipe.build_trainer().fit()
     assert result.num_steps == 2 and all(r["loss"] > 0 for r in result.rows if "loss" in r)
     assert any(not torch.equal(adapter_before[n], p) for n, p in model.audio_adapter.named_parameters())
     assert all(torch.equal(encoder_before[n], p) for n, p in model.audio_encoder.named_parameters())
@@ -130,8 +129,8 @@ def test_stage2_step_with_whisper_then_export_reloads(checkpoints, dist, vitacor
         keys = set(reader.keys())
     assert {"model.audio_encoder.encoder.encoder.conv1.weight", "model.audio_encoder.adpter.project.weight"} <= keys
     assert not any("decoder" in key for key in keys)
-    reloaded = vitacore.load_full_export(export, log=lambda *a: None)
+    reloaded = vitacore.load_full_export(export)
     assert isinstance(reloaded.model.audio_encoder, WhisperAudioEncoder)
-    assert isinstance(reloaded.audio_transform, WhisperAudioTransform)
+    assert isinstance(model_inputs(reloaded.model).audio_transform, WhisperAudioTransform)
     batch.pop("sample_ids")
     assert torch.equal(_logits(reloaded.model, batch), _logits(model, batch))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from vitacore.data.media import audio_token_length
+from vitacore.data.audio import audio_token_length
 from vitacore.model.audio import (
     AUDIO_CONFIG_FILE,
     AudioAdapter,

@@ -44,8 +44,8 @@ def test_mfu_against_the_peak_table():
 
 def test_model_records_flops_and_training_the_llm_adds_two_n_t():
     import torch
-
     from tiny_models import TINY, build_tiny_vita
+
     from vitacore.constants import IMAGE_TOKEN_INDEX
 
     model = build_tiny_vita()

@@ -12,20 +12,19 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import INTERNVIT_MEAN, INTERNVIT_STD, write_tiny_internvit
 from transformers import AutoModel, Qwen2Config, Qwen2ForCausalLM
 
-from tiny_models import INTERNVIT_MEAN, INTERNVIT_STD, write_tiny_internvit
 from vitacore.checkpoint.export import save_full_export
 from vitacore.config import ConfigError, parse_args
 from vitacore.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vitacore.data.dataset import Collator, Sample
-from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
+from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
-from vitacore.model.build import build_model
 from vitacore.model.vision import TOWERS, load_vision_tower, vita_pixel_shuffle
+from vitacore.recipes import build_model_from_config
 
 IMAGE, PATCH, HIDDEN = 28, 7, 16  # a 4×4 patch grid -> 4 tokens of width 64 after the shuffle
-QUIET = lambda *a: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +121,12 @@ def _flags(parts, tmp_path, *extra):
             "--output_dir", str(tmp_path), "--model_max_length", "256", *extra]
 
 
+def _build(flags, deepspeed_config=None):
+    """The model a run with ``flags`` builds."""
+    bundle, _ = build_model_from_config(parse_args(flags), deepspeed_config=deepspeed_config)
+    return bundle
+
+
 def _image_batch(vocab_size):
     generator = torch.Generator().manual_seed(3)
     text = torch.randint(3, vocab_size, (10,), generator=generator).tolist()
@@ -131,7 +136,7 @@ def _image_batch(vocab_size):
 
 
 def test_full_export_reloads_from_its_own_vision_tower_folder(parts, tmp_path):
-    model = build_model(parse_args(_flags(parts, tmp_path / "run")), log=QUIET).model.eval()
+    model = _build(_flags(parts, tmp_path / "run")).model.eval()
     export = tmp_path / "export"
     save_full_export(model, parts["tokenizer"], str(export), is_main=True, dtype=torch.float32)
     files = sorted(os.listdir(export / "vision_tower"))
@@ -144,8 +149,7 @@ def test_full_export_reloads_from_its_own_vision_tower_folder(parts, tmp_path):
     # The recorded tower path is gone: the export's vision_tower/ folder (with its code) must suffice.
     moved = shutil.move(parts["tower"], str(tmp_path / "moved_tower"))
     try:
-        loaded = build_model(parse_args(["--model_name_or_path", str(export), "--output_dir", str(tmp_path / "r")]),
-                             log=QUIET).model.eval()
+        loaded = _build(["--model_name_or_path", str(export), "--output_dir", str(tmp_path / "r")]).model.eval()
     finally:
         shutil.move(moved, parts["tower"])
     assert loaded.vision_tower.pixel_shuffle and loaded.vision_tower.hidden_size == 4 * HIDDEN
@@ -164,10 +168,10 @@ def test_zero3_build_partitions_the_remote_tower_and_exports_the_same_tensors(pa
     zero3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
              "zero_allow_untested_optimizer": True,
              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    model = build_model(parse_args(_flags(parts, tmp_path / "run")), log=QUIET).model.eval()
+    model = _build(_flags(parts, tmp_path / "run")).model.eval()
     save_full_export(model, parts["tokenizer"], str(tmp_path / "plain"), is_main=True, dtype=torch.float32)
-    config = parse_args(["--model_name_or_path", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "r")])
-    built = build_model(config, log=QUIET, deepspeed_config=zero3).model
+    built = _build(["--model_name_or_path", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "r")],
+                   deepspeed_config=zero3).model
     assert all(hasattr(p, "ds_id") for p in built.vision_tower.parameters())  # zero.Init through AutoModel
     engine, *_ = deepspeed.initialize(model=built, optimizer=torch.optim.AdamW(built.mm_projector.parameters()),
                                       config=zero3, dist_init_required=False)

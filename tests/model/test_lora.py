@@ -4,24 +4,27 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import TINY, build_tiny_vita
 from transformers import AutoModelForCausalLM
 
 import vitacore
-from tiny_models import TINY, build_tiny_vita
-from vitacore.config import ConfigError, TrainingArguments, parse_args
+from vitacore.checkpoint import read_lora_weights
+from vitacore.config import ConfigError, parse_args
 from vitacore.freeze import FreezePolicy
-from vitacore.model import UNIT_PREFIXES, apply_lora, find_lora_targets
+from vitacore.model import UNIT_PREFIXES, LoraSpec, QuantSpec, apply_lora, find_lora_targets
 from vitacore.model.lora import kbit_load_kwargs
+from vitacore.recipes import build_model_from_config, start_weights
 
 QWEN2_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 WRAPPER = "llm.base_model.model."
 BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
-def lora_args(**overrides):
-    values = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+def lora_spec(**overrides):
+    """``--lora_enable True --lora_r 4 --lora_alpha 8 --lora_dropout 0`` (other LoRA flags at their defaults)."""
+    values = dict(r=4, alpha=8, dropout=0.0)
     values.update(overrides)
-    return TrainingArguments(**values)
+    return LoraSpec(**values)
 
 
 def adapted_layers(model):
@@ -42,10 +45,10 @@ def llm_dir(tmp_path_factory):
 
 
 def kbit_vita(llm_dir, bits, **overrides):
-    args = lora_args(bits=bits, **overrides)
     model = build_tiny_vita()
-    model.llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32, **kbit_load_kwargs(args))
-    apply_lora(model, args)
+    model.llm = AutoModelForCausalLM.from_pretrained(
+        llm_dir, dtype=torch.float32, **kbit_load_kwargs(QuantSpec(bits=bits), torch.float32, lora_enabled=True))
+    apply_lora(model, lora_spec(**overrides), torch.float32)
     return model
 
 
@@ -63,24 +66,24 @@ def test_apply_lora_adapts_only_the_llm():
     model = build_tiny_vita()
     expected = plain_linear_names(model.llm)
     assert any(isinstance(m, nn.Linear) for m in model.mm_projector.modules())  # would be found model-wide
-    apply_lora(model, lora_args())
+    apply_lora(model, lora_spec(), torch.float32)
     assert adapted_layers(model) == expected
     lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora_names and all(n.startswith(WRAPPER) for n in lora_names)
     assert type(model.llm).__name__ == "PeftModelForCausalLM"
     with pytest.raises(ValueError, match="already"):
-        apply_lora(model, lora_args())
+        apply_lora(model, lora_spec(), torch.float32)
 
 
 def test_explicit_targets():
     model = build_tiny_vita()
-    apply_lora(model, lora_args(lora_target_modules=" q_proj, v_proj "))
+    apply_lora(model, lora_spec(target_modules=" q_proj, v_proj "), torch.float32)
     assert adapted_layers(model) == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
 
 
 def test_a_target_matching_nothing_names_the_flag_and_the_choices():
     with pytest.raises(ValueError) as err:
-        apply_lora(build_tiny_vita(), lora_args(lora_target_modules="q_proj,qkv_proj"))
+        apply_lora(build_tiny_vita(), lora_spec(target_modules="q_proj,qkv_proj"), torch.float32)
     message = str(err.value)
     assert "--lora_target_modules" in message and "'qkv_proj'" in message
     assert "available: " + ", ".join(QWEN2_TARGETS) in message
@@ -122,10 +125,11 @@ def test_kbit_lora_training_lowers_the_loss(llm_dir, bits, layer):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kbit_bf16_keeps_norms_and_head_fp32_and_runs_without_autocast(llm_dir, bits):
-    args = lora_args(bits=bits, bf16=True)
+    # --bits N --bf16 True: the compute dtype is bf16
     model = build_tiny_vita().to(torch.bfloat16)
-    model.llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.bfloat16, **kbit_load_kwargs(args))
-    apply_lora(model, args)
+    model.llm = AutoModelForCausalLM.from_pretrained(
+        llm_dir, dtype=torch.bfloat16, **kbit_load_kwargs(QuantSpec(bits=bits), torch.bfloat16, lora_enabled=True))
+    apply_lora(model, lora_spec(), torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.llm.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or "lm_head" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" in n or "embed_tokens" in n)
@@ -171,7 +175,7 @@ def test_bits_without_lora_enable_is_refused():
         parse_args(["--bits", "4"])
     assert "--bits 4" in str(err.value) and "--lora_enable True" in str(err.value)
     with pytest.raises(ValueError, match="--lora_enable True"):
-        kbit_load_kwargs(TrainingArguments(bits=8))
+        kbit_load_kwargs(QuantSpec(bits=8), torch.float32, lora_enabled=False)
     parse_args(["--bits", "8", "--lora_enable", "True"])
 
 
@@ -186,14 +190,16 @@ def test_lora_flags_without_lora_enable_are_refused(flag, value):
 def test_bad_lora_weight_path(tmp_path):
     for path in (tmp_path / "missing", tmp_path):  # no folder; a folder without adapter weights
         with pytest.raises(FileNotFoundError, match="--lora_weight_path"):
-            apply_lora(build_tiny_vita(), lora_args(lora_weight_path=str(path)))
+            read_lora_weights(str(path))
+        with pytest.raises(FileNotFoundError, match="--lora_weight_path"):  # as a run reads the flag
+            start_weights(parse_args(["--lora_enable", "True", "--lora_weight_path", str(path)]))
 
 
 def test_lora_weight_path_starts_from_a_saved_adapter(tmp_path):
     from vitacore.checkpoint.lora import save_lora_artifacts
 
     trained = build_tiny_vita()
-    apply_lora(trained, lora_args())
+    apply_lora(trained, lora_spec(), torch.float32)
     with torch.no_grad():
         for name, param in trained.named_parameters():
             if "lora_" in name:
@@ -201,15 +207,16 @@ def test_lora_weight_path_starts_from_a_saved_adapter(tmp_path):
     save_lora_artifacts(trained, str(tmp_path), "none", is_main=True)
 
     resumed = build_tiny_vita(seed=1)
-    apply_lora(resumed, lora_args(lora_weight_path=str(tmp_path)))
+    apply_lora(resumed, lora_spec(), torch.float32, weights=read_lora_weights(str(tmp_path)))
     want = {n: p for n, p in trained.named_parameters() if "lora_" in n}
     got = dict(resumed.named_parameters())
     assert all(torch.equal(got[n], p) for n, p in want.items())
 
     with pytest.raises(ValueError, match="--lora_r"):
-        apply_lora(build_tiny_vita(), lora_args(lora_r=8, lora_weight_path=str(tmp_path)))
+        apply_lora(build_tiny_vita(), lora_spec(r=8), torch.float32, weights=read_lora_weights(str(tmp_path)))
     with pytest.raises(ValueError, match="--lora_target_modules"):
-        apply_lora(build_tiny_vita(), lora_args(lora_target_modules="q_proj", lora_weight_path=str(tmp_path)))
+        apply_lora(build_tiny_vita(), lora_spec(target_modules="q_proj"), torch.float32,
+                   weights=read_lora_weights(str(tmp_path)))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +224,7 @@ def model_paths(tmp_path_factory, llm_dir):
     """A tokenizer beside the tiny LLM, plus a tower and an audio encoder saved as folders."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from vitacore.data.tokenizer import build_tokenizer, save_tokenizer
+    from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
     from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
     root = tmp_path_factory.mktemp("paths")
@@ -234,7 +241,8 @@ def test_build_model_loads_the_llm_in_4bit_and_wraps_it(model_paths):
     config = parse_args(["--model_name_or_path", model_paths["llm"], "--vision_tower", model_paths["tower"],
                          "--audio_encoder", model_paths["audio"], "--bits", "4", "--lora_enable", "True",
                          "--lora_r", "4", "--lora_bias", "lora_only"])
-    model = vitacore.build_model(config, log=lambda *a: None).model
+    bundle, config = build_model_from_config(config)
+    model = bundle.model
     assert hasattr(model.llm, "peft_config") and model.llm.peft_config["default"].bias == "lora_only"
     assert adapted_layers(model) == plain_linear_names(build_tiny_vita().llm)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.llm.modules()) == len(QWEN2_TARGETS)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from vitacore.constants import AUDIO_TOKEN_INDEX as AUD
 from vitacore.constants import IGNORE_INDEX as IGN
 from vitacore.constants import IMAGE_TOKEN_INDEX as IMG
-from vitacore.data.media import audio_token_length
+from vitacore.data.audio import audio_token_length
 from vitacore.model.merge import merge_media_embeddings
 from vitacore.model.multimodal import UNIT_PREFIXES
 

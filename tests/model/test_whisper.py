@@ -8,19 +8,24 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from tiny_families import WHISPER_MEL, WHISPER_SECONDS, save_tiny_whisper, tone
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from tiny_families import WHISPER_MEL, WHISPER_SECONDS, save_tiny_whisper, tone
+from vitacore.data.audio import AudioTransform, load_wav, write_wav
 from vitacore.data.dataset import Collator, Sample
-from vitacore.data.media import AudioTransform, load_wav, write_wav
 from vitacore.data.whisper_audio import WhisperAudioTransform, whisper_token_length
-from vitacore.model.audio import AudioAdapter, audio_transform_for, build_audio_encoder, load_audio_encoder
+from vitacore.model.audio import AudioAdapter, build_audio_encoder, load_audio_encoder
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.whisper import WhisperAudioEncoder
+from vitacore.recipes import model_inputs
 
-QUIET = lambda *a: None  # noqa: E731
 SECONDS = (0.05, 0.4, 1.0, 1.37, WHISPER_SECONDS)
+
+
+def audio_transform_for(encoder):
+    """The data pipeline's audio transform for a model with ``encoder``, as a run picks it."""
+    return model_inputs(VitaModel(nn.Identity(), audio_encoder=encoder)).audio_transform
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(whisper_path):
-    return load_audio_encoder(whisper_path, torch.float32, QUIET).eval()
+    return load_audio_encoder(whisper_path, torch.float32).eval()
 
 
 def test_loads_the_encoder_weights_of_the_checkpoint(whisper_path, encoder):
@@ -122,14 +127,14 @@ def test_tiny_encoder_gets_fbank_of_its_own_mel_bins(tmp_path):
 
 
 def test_build_without_weights_has_the_same_shapes(whisper_path, encoder):
-    built = build_audio_encoder(whisper_path, torch.float32, "recorded/path", QUIET)
+    built = build_audio_encoder(whisper_path, torch.float32, "recorded/path")
     assert isinstance(built, WhisperAudioEncoder) and built.source == "recorded/path"
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in encoder.state_dict().items()}
 
 
-def test_cost_is_said_once_at_load(whisper_path):
-    lines = []
-    load_audio_encoder(whisper_path, torch.float32, lines.append)
+def test_cost_is_said_once_at_load(whisper_path, vitacore_log):
+    load_audio_encoder(whisper_path, torch.float32)
+    lines = vitacore_log.lines
     notes = [line for line in lines if "window" in line]
     assert len(notes) == 1 and f"{WHISPER_SECONDS} s" in notes[0] and "encoder pass" in notes[0]
     assert any("attention for the Whisper encoder: sdpa" in line for line in lines)
@@ -150,7 +155,7 @@ def test_checkpoint_without_feature_extractor_names_the_flag_and_file(tmp_path, 
     shutil.copytree(whisper_path, bare)
     os.remove(bare / "preprocessor_config.json")
     with pytest.raises(FileNotFoundError) as err:
-        load_audio_encoder(str(bare), torch.float32, QUIET)
+        load_audio_encoder(str(bare), torch.float32)
     assert "--audio_encoder" in str(err.value) and "preprocessor_config.json" in str(err.value)
 
 
@@ -159,7 +164,7 @@ def test_mismatched_feature_extractor_is_refused(tmp_path, whisper_path):
     shutil.copytree(whisper_path, other)
     WhisperFeatureExtractor(feature_size=WHISPER_MEL, chunk_length=WHISPER_SECONDS + 1).save_pretrained(other)
     with pytest.raises(ValueError, match="frames per clip"):
-        load_audio_encoder(str(other), torch.float32, QUIET)
+        load_audio_encoder(str(other), torch.float32)
 
 
 def test_other_folders_are_refused_naming_both_kinds(tmp_path):

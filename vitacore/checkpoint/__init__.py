@@ -1,24 +1,50 @@
-"""Checkpoints and stage artifacts (VITA's file and key names)."""
+"""Checkpoints and artifacts: the checkpointer, VITA's adapter files and key names, LoRA files, the full export."""
 
 from vitacore.checkpoint.artifacts import (
-    AUDIO_ADAPTER_FILE, MM_PROJECTOR_FILE, atomic_torch_save, load_adapter_file, save_stage_artifacts,
+    AUDIO_ADAPTER_FILE,
+    MM_PROJECTOR_FILE,
+    atomic_torch_save,
+    atomic_write,
+    read_adapter_file,
+    save_stage_artifacts,
+)
+from vitacore.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+from vitacore.checkpoint.export import (
+    is_full_export,
+    llm_config_for,
+    load_export_bundle,
+    load_full_export,
+    read_export_config,
+    save_full_export,
 )
 from vitacore.checkpoint.gather import gathered_state
-from vitacore.checkpoint.export import is_full_export, load_full_export, save_full_export
 from vitacore.checkpoint.lora import (
-    load_non_lora_trainables, lora_state_dict, merge_lora, non_lora_trainables, save_lora_artifacts,
+    load_non_lora_trainables,
+    lora_state_dict,
+    merge_lora,
+    non_lora_trainables,
+    read_lora_weights,
+    save_lora_artifacts,
 )
 from vitacore.checkpoint.resumable import (
-    CheckpointMismatchError, latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, rotate,
+    CheckpointMismatchError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    rotate,
+    run_identity,
     save_checkpoint,
 )
-from vitacore.checkpoint.run_artifacts import is_lora_model, needs_full_export, save_run_artifacts
+from vitacore.checkpoint.run_artifacts import StageArtifacts, is_lora_model, needs_full_export, save_run_artifacts
+from vitacore.checkpoint.vita_layout import from_vita_name, to_vita_name
 
 __all__ = [
-    "AUDIO_ADAPTER_FILE", "MM_PROJECTOR_FILE", "atomic_torch_save", "gathered_state",
-    "load_adapter_file", "save_stage_artifacts",
-    "is_full_export", "load_full_export", "save_full_export",
-    "CheckpointMismatchError", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "resolve_resume", "rotate",
-    "save_checkpoint", "is_lora_model", "needs_full_export", "save_run_artifacts",
-    "load_non_lora_trainables", "lora_state_dict", "merge_lora", "non_lora_trainables", "save_lora_artifacts",
+    "AUDIO_ADAPTER_FILE", "CheckpointConfig", "CheckpointMismatchError", "Checkpointer", "MM_PROJECTOR_FILE",
+    "StageArtifacts", "atomic_torch_save", "atomic_write", "from_vita_name", "gathered_state", "is_full_export",
+    "is_lora_model", "latest_checkpoint", "list_checkpoints", "llm_config_for", "load_checkpoint",
+    "load_export_bundle", "load_full_export", "load_non_lora_trainables", "lora_state_dict", "merge_lora",
+    "needs_full_export", "non_lora_trainables", "read_adapter_file", "read_export_config", "read_lora_weights",
+    "resolve_resume", "rotate", "run_identity", "save_checkpoint", "save_full_export", "save_lora_artifacts",
+    "save_run_artifacts", "save_stage_artifacts", "to_vita_name",
 ]

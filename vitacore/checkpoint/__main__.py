@@ -1,7 +1,7 @@
-"""``python -m vitacore.checkpoint export|merge-lora ...`` (see :mod:`vitacore.checkpoint.tools`)."""
+"""``python -m vitacore.checkpoint export|merge-lora ...``: an entry point (see :mod:`vitacore.recipes.tools`)."""
 
 import sys
 
-from vitacore.checkpoint.tools import main
+from vitacore.recipes.tools import main
 
 sys.exit(main())

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from vitacore.checkpoint.gather import gathered_state
+from vitacore.model import AdapterWeights
 
 MM_PROJECTOR_FILE = "mm_projector.bin"
 AUDIO_ADAPTER_FILE = "audio_adpter.bin"  # VITA's spelling, kept so its loaders find the file
@@ -59,12 +60,17 @@ def save_stage_artifacts(model: nn.Module, output_dir: str, trainable_units: set
     return written
 
 
-def load_adapter_file(path: str, module: nn.Module, key_marker: str, flag: str) -> None:
-    """Load a VITA-style adapter file into ``module`` with VITA's rule: keep keys containing
-    ``key_marker``, strip everything through it, load strictly.
+def read_adapter_file(path: str, key_marker: str, flag: str) -> AdapterWeights:
+    """Read a VITA-style adapter file with VITA's rule: keep keys containing ``key_marker`` and strip
+    everything through it (``model.mm_projector.0.weight`` -> ``0.weight``).
+
+    Args:
+        path: the file (``mm_projector.bin``, ``audio_adpter.bin``, or VITA's own).
+        key_marker: ``mm_projector.`` or ``audio_encoder.adpter.``.
+        flag: the flag that named the file, for messages.
 
     Raises:
-        FileNotFoundError / ValueError: naming ``flag``, the file, and any shape that does not fit.
+        FileNotFoundError / ValueError: naming ``flag`` and the file.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
@@ -72,14 +78,4 @@ def load_adapter_file(path: str, module: nn.Module, key_marker: str, flag: str) 
     state = {k.split(key_marker, 1)[1]: v for k, v in weights.items() if key_marker in k}
     if not state:
         raise ValueError(f"{flag} {path!r}: no key contains {key_marker!r}; is this the right file?")
-    expected = module.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise ValueError(f"{flag} {path!r}: {key_marker}{key} has shape {tuple(value.shape)} but this model "
-                             f"needs {tuple(expected[key].shape)}; the file was trained for another tower/LLM")
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{flag} {path!r}: keys do not fit (missing {sorted(missing)}, unexpected {sorted(unexpected)})")
-    module.load_state_dict(state, strict=True)
-
+    return AdapterWeights(state, f"{flag} {path!r}", key_marker)

@@ -21,13 +21,14 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
-from vitacore.freeze.policy import LORA_BIAS, LORA_MARKER
+from vitacore.checkpoint.vita_layout import to_vita_name
+from vitacore.constants import QUANTIZED_PARAM_TYPES
+from vitacore.freeze import LORA_BIAS, LORA_MARKER
+from vitacore.model import LoraWeights, is_quantized
 from vitacore.partition import gathered, is_partitioned
-
-# vitacore.model is imported inside functions: importing the model package from here at import time
-# would close an import cycle (model.build -> checkpoint.artifacts -> this package).
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -62,13 +63,12 @@ def _adapter_names(llm: nn.Module, lora_bias: str) -> list[str]:
     adapted = {n.split(".lora_A.", 1)[0] for n in names if ".lora_A." in n}
     chosen = []
     for name in names:
-        if _is_lora_tensor(name):
+        any_bias = name.endswith(".bias") and lora_bias == "all"
+        # peft keeps an adapted layer's bias at X.base_layer.bias
+        adapted_bias = lora_bias == "lora_only" and name.endswith(".base_layer.bias") and \
+            name[: -len(".base_layer.bias")] in adapted
+        if _is_lora_tensor(name) or any_bias or adapted_bias:
             chosen.append(name)
-        elif name.endswith(".bias") and lora_bias == "all":
-            chosen.append(name)
-        elif name.endswith(".base_layer.bias") and lora_bias == "lora_only":
-            if name[: -len(".base_layer.bias")] in adapted:  # peft keeps an adapted layer's bias there
-                chosen.append(name)
     return chosen
 
 
@@ -99,8 +99,6 @@ def _non_lora_key(name: str) -> str:
     """VITA's key in ``non_lora_trainables.bin`` for a ``VitaModel`` parameter name."""
     # VITA names these from the peft model wrapping the whole VITA model; an adapted layer's own
     # tensors sit at ``X.base_layer.*`` in peft but at ``X.*`` in the base model VITA loads into.
-    from vitacore.model.vita_layout import to_vita_name
-
     return _PEFT_PREFIX + to_vita_name(name).replace(".base_layer.", ".")
 
 
@@ -136,8 +134,6 @@ def save_lora_artifacts(model: nn.Module, directory: str, lora_bias: str, is_mai
     Returns:
         ``{file name: path}``.
     """
-    from safetensors.torch import save_file
-
     llm = _peft_llm(model)
     adapter = lora_state_dict(model, lora_bias)
     others = non_lora_trainables(model, lora_bias)
@@ -182,8 +178,6 @@ def load_non_lora_trainables(path: str, model: nn.Module) -> list[str]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r}: no such file (a LoRA run writes {NON_LORA_FILE} beside its adapter)")
-    from vitacore.model.lora import QUANTIZED_PARAM_TYPES
-
     state = torch.load(path, map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     by_key = {_vita_loader_key(_non_lora_key(n)): n for n in params}
@@ -215,8 +209,6 @@ def merge_lora(model: nn.Module) -> None:
         ValueError: no adapters; a 4/8-bit base (merging would re-quantize the weights: reload
             the base with ``--bits 16``, load the adapter, then merge); partitioned (ZeRO-3) weights.
     """
-    from vitacore.model.lora import is_quantized
-
     llm = _peft_llm(model)
     if is_quantized(llm):
         raise ValueError("the LLM is loaded in 4/8 bits (--bits); merging LoRA into quantized weights would "
@@ -226,3 +218,23 @@ def merge_lora(model: nn.Module) -> None:
         raise ValueError("the LLM's weights are ZeRO-3 partitioned; merge after loading the saved adapter into a "
                          "base model outside DeepSpeed")
     model.llm = llm.merge_and_unload()
+
+
+def read_lora_weights(directory: str, flag: str = "--lora_weight_path") -> LoraWeights:
+    """Read a saved PEFT adapter folder (``adapter_model.safetensors`` or ``.bin``, and its config).
+
+    Raises:
+        FileNotFoundError: no such folder, or no adapter weights in it, naming ``flag``.
+    """
+    from peft.utils import load_peft_weights  # peft takes seconds to import: LoRA runs only
+
+    files = (ADAPTER_WEIGHTS_FILE, "adapter_model.bin")
+    if not os.path.isdir(directory) or not any(os.path.exists(os.path.join(directory, f)) for f in files):
+        raise FileNotFoundError(f"{flag} {directory!r}: expected a folder holding {files[0]} (or {files[1]}) "
+                                "as written by a LoRA run or PeftModel.save_pretrained")
+    config_path = os.path.join(directory, ADAPTER_CONFIG_FILE)
+    saved_config = None
+    if os.path.exists(config_path):
+        with open(config_path) as fh:
+            saved_config = json.load(fh)
+    return LoraWeights(load_peft_weights(directory, device="cpu"), saved_config, f"{flag} {directory!r}")

@@ -27,7 +27,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import transformers
 
+from vitacore._version import __version__
 from vitacore.checkpoint.artifacts import atomic_torch_save
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -130,19 +132,35 @@ def check_identity(saved: dict, current: dict, path: str) -> None:
         problems.append(f"this run trains {len(only_here)} parameter(s) it did not, e.g. {only_here[:3]}")
     if reshaped:
         name = reshaped[0]
-        problems.append(f"{len(reshaped)} parameter(s) changed shape, e.g. {name} {saved_params[name]} -> {params[name]}")
+        problems.append(f"{len(reshaped)} parameter(s) changed shape, e.g. {name} {saved_params[name]} -> "
+                        f"{params[name]}")
     if problems:
         raise CheckpointMismatchError(f"checkpoint {path!r} is from a different run: " + "; ".join(problems)
                                       + ". Use another --output_dir, or --resume_from_checkpoint False there")
 
 
+def run_identity(model: torch.nn.Module, world_size: int, batch_layout: list[int], seed: int) -> dict:
+    """What a checkpoint must share with a run to be resumed by it (see :func:`check_identity`).
+
+    Args:
+        model: the model being trained (its trainable set and, for a ``VitaModel``, its sources).
+        world_size: processes in the job (partitioned state cannot be re-split).
+        batch_layout: ``[micro-batch, accumulation steps]``; the data position counts in these units.
+        seed: the data order follows it.
+    """
+    mm = getattr(model, "mm_config", {}) or {}
+    trainable = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters() if p.requires_grad}
+    return {"world_size": world_size,
+            "llm": getattr(model.config, "_name_or_path", None) if hasattr(model, "config") else None,
+            "vision_tower": mm.get("mm_vision_tower"), "audio_encoder": mm.get("mm_audio_encoder"),
+            "mm_projector_type": mm.get("mm_projector_type"), "trainable": trainable,
+            "batch": list(batch_layout), "seed": seed}
+
+
 def _versions() -> dict:
-    import deepspeed
-    import transformers
+    import deepspeed  # imported by the engine already; kept out of this module's import for light tools
 
-    import vitacore
-
-    return {"vitacore": vitacore.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    return {"vitacore": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__}
 
 
@@ -202,7 +220,8 @@ def _without_frozen_aliases(module: torch.nn.Module):
 
 
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dist,
-                    write_artifacts: Optional[Callable[[str], dict]] = None, config=None,
+                    write_artifacts: Optional[Callable[[str], dict]] = None,
+                    write_run_config: Optional[Callable[[str], None]] = None,
                     save_total_limit: Optional[int] = None) -> str:
     """Write ``output_dir/checkpoint-<step>`` atomically; every rank calls this.
 
@@ -213,7 +232,7 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
         trainer_state: JSON-able loop state (data position, identity, ...), the same on every rank.
         dist: this process's place in the job.
         write_artifacts: writes the stage artifacts into a folder (collective; rank 0 writes).
-        config: the run config, saved as ``config.yaml``.
+        write_run_config: writes the run's config to a path (``config.yaml``), e.g. ``RunConfig.to_yaml``.
         save_total_limit: keep at most this many complete checkpoints (never deleting the new one).
 
     Returns:
@@ -236,8 +255,8 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
                  "artifacts": sorted(os.path.basename(p) for p in artifacts.values())}
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:
             json.dump(state, fh, indent=1)
-        if config is not None:
-            config.to_yaml(os.path.join(tmp, CONFIG_FILE))
+        if write_run_config is not None:
+            write_run_config(os.path.join(tmp, CONFIG_FILE))
     _barrier(dist)  # every rank's files are on disk before the marker says so
     if dist.is_main:
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as fh:

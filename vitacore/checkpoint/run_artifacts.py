@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from vitacore.checkpoint.artifacts import save_stage_artifacts
+from vitacore.checkpoint.export.writer import save_full_export
+from vitacore.checkpoint.lora import save_lora_artifacts
 
 # Units whose weights fit in VITA's small adapter files; training anything else in full needs a full export.
 _ADAPTER_UNITS = {"mm_projector", "audio_adapter"}
@@ -46,11 +49,34 @@ def save_run_artifacts(model: nn.Module, directory: str, trained_units: set[str]
     written = save_stage_artifacts(model, directory, set(trained_units), is_main)
     lora = is_lora_model(model)
     if lora:
-        from vitacore.checkpoint.lora import save_lora_artifacts
-
         written.update(save_lora_artifacts(model, directory, lora_bias, is_main))
     if full_export and tokenizer is not None and needs_full_export(trained_units, lora):
-        from vitacore.checkpoint.export import save_full_export
-
         written.update(save_full_export(model, tokenizer, directory, is_main, dtype=export_dtype))
     return written
+
+
+@dataclass(frozen=True)
+class StageArtifacts:
+    """What a stage writes beside its checkpoints and at its end, by what it trains.
+
+    Attributes:
+        model: the model being trained (not the engine).
+        trained_units: the units the freeze policy trains.
+        tokenizer: saved with a full export (None: no full export is written).
+        lora_bias: which biases the LoRA adapter file carries (``--lora_bias``).
+        export_dtype: precision of a full export's floating tensors.
+    """
+
+    model: nn.Module
+    trained_units: frozenset
+    tokenizer: object = None
+    lora_bias: str = "none"
+    export_dtype: Optional[torch.dtype] = torch.bfloat16
+
+    def write(self, directory: str, is_main: bool, final: bool = False) -> dict[str, str]:
+        """:func:`save_run_artifacts` into ``directory``; ``final`` adds the full export where one is due.
+
+        Every rank calls this (ZeRO-3 gathers); ``is_main`` writes.
+        """
+        return save_run_artifacts(self.model, directory, set(self.trained_units), is_main, tokenizer=self.tokenizer,
+                                  lora_bias=self.lora_bias, full_export=final, export_dtype=self.export_dtype)

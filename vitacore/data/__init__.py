@@ -1,11 +1,17 @@
-"""Data: VITA JSON records, templates, media, tokenization, collation, synthetic demo data."""
+"""Data: VITA JSON records, registry, templates, media, tokenization, collation, samplers, bad samples."""
 
-from vitacore.data.build import DataBundle, SyntheticSelection, build_data
+from vitacore.data.audio import AudioTransform
+from vitacore.data.bad_samples import BadSampleLog
+from vitacore.data.build import BundledFiles, DataBundle, DataSpec, ModelInputs, audio_transform_for, build_data
 from vitacore.data.conversation import ChatTemplate, get_template, tokenize_conversation
-from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
+from vitacore.data.dataset import Collator, Sample, VitaJsonDataset, load_records
+from vitacore.data.images import ImageSpec, ImageTransform
 from vitacore.data.registry import DataSource, load_registry, sources_from_config
+from vitacore.data.whisper_audio import WhisperAudioTransform
 
 __all__ = [
-    "ChatTemplate", "Collator", "DataBundle", "DataSource", "SyntheticSelection", "VitaJsonDataset", "build_data", "get_template", "load_records",
-    "load_registry", "sources_from_config", "tokenize_conversation",
+    "AudioTransform", "BadSampleLog", "BundledFiles", "ChatTemplate", "Collator", "DataBundle", "DataSource",
+    "DataSpec", "ImageSpec", "ImageTransform", "ModelInputs", "Sample", "VitaJsonDataset", "WhisperAudioTransform",
+    "audio_transform_for", "build_data", "get_template", "load_records", "load_registry", "sources_from_config",
+    "tokenize_conversation",
 ]

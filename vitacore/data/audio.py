@@ -1,9 +1,8 @@
-"""Image and audio input processing in plain PIL / numpy / torch.
+"""Audio input processing in plain numpy / torch (no torchaudio).
 
-Nothing here depends on torchvision or torchaudio. Images follow the LLaVA
-recipe (optional pad-to-square with the mean colour, bicubic resize,
-normalize); audio follows VITA's (16 kHz mono, waveform scaled to the int16
-range, Kaldi-style 80-bin log mel filterbank with a 25 ms / 10 ms frame).
+VITA's recipe: 16 kHz mono, waveform scaled to the int16 range, Kaldi-style 80-bin log mel
+filterbank with a 25 ms / 10 ms frame; or, for a Whisper encoder, Whisper's own feature extractor
+(:mod:`vitacore.data.whisper_audio`).
 """
 
 from __future__ import annotations
@@ -17,106 +16,14 @@ from typing import Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+
+from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio, read_compressed
 
 __all__ = [
-    "load_image", "ImageTransform", "write_wav", "load_wav", "resample", "fbank",
-    "audio_token_length", "AudioTransform", "wav_num_samples",
+    "AudioTransform", "audio_token_length", "fbank", "load_wav", "resample", "wav_num_samples", "write_wav",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-# ---- images -------------------------------------------------------------
-def load_image(path: PathLike) -> Image.Image:
-    """Loads an image file as an RGB PIL image.
-
-    Args:
-        path: Image file path.
-
-    Returns:
-        The fully decoded image in RGB mode.
-
-    Raises:
-        FileNotFoundError: If no file exists at ``path``.
-        ValueError: If the file is not a readable image (corrupt, truncated or
-            an unsupported format).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            # load() forces a full decode here, so truncated files fail now
-            # with a clear message rather than later inside a data worker.
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable image: {exc}") from exc
-
-
-def _expand_to_square(img: Image.Image, fill: Tuple[int, int, int]) -> Image.Image:
-    """Pads the shorter side symmetrically so the content keeps its aspect."""
-    width, height = img.size
-    if width == height:
-        return img
-    side = max(width, height)
-    canvas = Image.new(img.mode, (side, side), fill)
-    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-@dataclass
-class ImageTransform:
-    """Turns a PIL image into a normalized ``(3, S, S)`` float tensor.
-
-    Attributes:
-        image_size: Output side length ``S`` in pixels.
-        mean: Per-channel mean in [0, 1] (RGB order).
-        std: Per-channel standard deviation (RGB order).
-        pad_to_square: If True, pad the image to a square with the mean
-            colour before resizing (LLaVA's ``expand2square``), so the
-            content is not stretched.
-    """
-
-    image_size: int
-    mean: tuple
-    std: tuple
-    pad_to_square: bool = False
-
-    def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std must each have 3 (RGB) entries")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std entries must be positive, got {self.std}")
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
-
-    def __call__(self, img: Union[Image.Image, PathLike]) -> torch.Tensor:
-        """Applies the transform.
-
-        Args:
-            img: A PIL image, or a path to load with :func:`load_image`.
-
-        Returns:
-            A float32 tensor of shape ``(3, image_size, image_size)``.
-        """
-        if not isinstance(img, Image.Image):
-            img = load_image(img)
-        elif img.mode != "RGB":
-            img = img.convert("RGB")
-        if self.pad_to_square:
-            fill = tuple(int(round(m * 255)) for m in self.mean)
-            img = _expand_to_square(img, fill)
-        size = (self.image_size, self.image_size)
-        if img.size != size:
-            img = img.resize(size, resample=Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return ((pixels - mean) / std).contiguous()
 
 
 # ---- WAV input / output ---------------------------------------------------
@@ -186,8 +93,6 @@ def load_wav(path: PathLike, target_sample_rate: int = 16000) -> torch.Tensor:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
-    from vitacore.data.audio_files import is_compressed_audio, read_compressed  # needs soundfile
-
     if is_compressed_audio(path):
         mono, rate = read_compressed(path)
         waveform = torch.from_numpy(mono)
@@ -432,8 +337,6 @@ def wav_num_samples(path: PathLike, target_sample_rate: int) -> int:
     WAV headers are read here; FLAC / MP3 / OGG through ``soundfile.info``. Returns 0 for a
     missing or unreadable file (the loader reports those).
     """
-    from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio
-
     if is_compressed_audio(path):
         frames, rate = compressed_num_frames(os.fspath(path))
     else:

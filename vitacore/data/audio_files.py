@@ -1,6 +1,6 @@
 """Compressed audio (FLAC, MP3, OGG) through ``soundfile``.
 
-WAV keeps the pure-Python reader in :mod:`vitacore.data.media`; other formats are decoded by
+WAV keeps the pure-Python reader in :mod:`vitacore.data.audio`; other formats are decoded by
 libsndfile, which the ``soundfile`` wheels bundle (FLAC always, MP3 from libsndfile 1.1), so no
 system library or torchaudio build has to match the installed torch.
 """

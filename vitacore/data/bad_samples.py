@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from tqdm.auto import tqdm
+from vitacore.console import logger
 
 ON_BAD_SAMPLE = ("error", "skip")
 
@@ -59,7 +59,7 @@ class BadSampleLog:
         write: where warnings go.
     """
 
-    def __init__(self, max_ratio: float, is_main: bool = True, write: Callable[[str], None] = tqdm.write):
+    def __init__(self, max_ratio: float, is_main: bool = True, write: Callable[[str], None] = logger.warning):
         self.max_ratio = max_ratio
         self.is_main = is_main
         self.write = write
@@ -85,7 +85,8 @@ class BadSampleLog:
         self.bad, self.seen = self.bad + int(bad), self.seen + int(seen)
         if self.bad > self.max_ratio * self.seen:
             raise ValueError(
-                f"{self.bad} of the {self.seen} training samples seen so far were bad ({self.bad / max(1, self.seen):.1%}), "
+                f"{self.bad} of the {self.seen} training samples seen so far were bad "
+                f"({self.bad / max(1, self.seen):.1%}), "
                 f"more than --max_bad_sample_ratio {self.max_ratio}; the warnings above name the files. Fix the "
                 "data, or raise --max_bad_sample_ratio")
 

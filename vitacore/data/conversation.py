@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vitacore.constants import (
-    AUDIO_TOKEN_INDEX, DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX,
+    AUDIO_TOKEN_INDEX,
+    DEFAULT_AUDIO_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
 )
 
 STATE_AUDIO_QUERY = "☞"
@@ -215,7 +219,8 @@ def tokenize_conversation(
         role, value = turn.get("from"), turn.get("value", "")
         expected = "human" if index % 2 == 0 else "gpt"
         if role != expected:
-            raise ValueError(f"conversations[{index}] has from={role!r}; expected {expected!r} (turns must alternate human, gpt)")
+            raise ValueError(f"conversations[{index}] has from={role!r}; expected {expected!r} "
+                             "(turns must alternate human, gpt)")
         if role == "human":
             text = "".join(_PLACEHOLDER.findall(value)) if template.media_only_user else value
             piece = template.first_user if index == 0 and template.first_user else template.user

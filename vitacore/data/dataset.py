@@ -11,10 +11,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IGNORE_INDEX
+from vitacore.data.audio import AudioTransform
 from vitacore.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSampleError
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
+from vitacore.data.images import ImageTransform, load_image
 from vitacore.data.lengths import record_length
-from vitacore.data.media import AudioTransform, ImageTransform, load_image
 from vitacore.data.records import as_list as _as_list
 from vitacore.data.records import load_records
 from vitacore.data.tiling import ImageTiler, expand_image_placeholders, expand_placeholders
@@ -205,9 +206,11 @@ class VitaJsonDataset(Dataset):
         num_image_placeholders = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations)
         num_audio_placeholders = sum(t["value"].count(DEFAULT_AUDIO_TOKEN) for t in conversations)
         if num_image_placeholders != len(images):
-            raise ValueError(f"{num_image_placeholders} <image>/<video> placeholder(s) in the text but {len(images)} image(s)/frame(s) loaded")
+            raise ValueError(f"{num_image_placeholders} <image>/<video> placeholder(s) in the text but {len(images)} "
+                             "image(s)/frame(s) loaded")
         if num_audio_placeholders != len(audios):
-            raise ValueError(f"{num_audio_placeholders} <audio> placeholder(s) in the text but {len(audios)} audio file(s) given")
+            raise ValueError(f"{num_audio_placeholders} <audio> placeholder(s) in the text but {len(audios)} "
+                             "audio file(s) given")
         input_ids, labels = tokenize_conversation(
             conversations, self.tokenizer, self.template, modality, record.get("inserted_id"))
         self._check_length(input_ids, labels)

@@ -122,7 +122,7 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
         ``num_consumed`` counts indices given to the caller. A ``DataLoader`` draws indices ahead of
         the batches it returns (more so with workers), so a training loop should save the batches it
-        actually consumed (as :class:`vitacore.engine.loop.Trainer` does) and restore with :meth:`skip`.
+        actually consumed (as :class:`vitacore.engine.Trainer` does) and restore with :meth:`skip`.
         """
         return {"epoch": self.epoch, "num_consumed": self._position, "seed": self.seed,
                 "num_replicas": self.num_replicas, "batch_size": self.batch_size,

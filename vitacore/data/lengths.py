@@ -11,7 +11,7 @@ epoch of data loading, so this module reads only what fixes the token count:
   decoded;
 * an audio clip's tokens follow from its sample count, read from the WAV header or, for
   FLAC/MP3, ``soundfile.info`` (see
-  :meth:`vitacore.data.media.AudioTransform.num_tokens_from_header`).
+  :meth:`vitacore.data.audio.AudioTransform.num_tokens_from_header`).
 
 The text is tokenized exactly as :func:`vitacore.data.conversation.tokenize_conversation` does for
 the sample, so for a readable record the length equals the model input length exactly.

@@ -137,7 +137,8 @@ def sources_from_config(data) -> Optional[list[DataSource]]:
     """The training sources the data flags name; None when they name none (the embedded demo data).
 
     Args:
-        data: the run's ``DataArguments``.
+        data: a :class:`vitacore.data.DataSpec` (or the run's ``DataArguments``): ``data_path``,
+            ``dataset_use``, ``data_registry`` and the media folders.
 
     Raises:
         ValueError: flags combined wrongly, or an unknown dataset name (listing the known ones).

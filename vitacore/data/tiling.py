@@ -91,7 +91,7 @@ def tile_image(img: Image.Image, min_tiles: int, max_tiles: int, tile_size: int,
 
 @dataclass
 class ImageTiler:
-    """Tiling settings of a run, applied before the per-tile :class:`~vitacore.data.media.ImageTransform`.
+    """Tiling settings of a run, applied before the per-tile :class:`~vitacore.data.images.ImageTransform`.
 
     Attributes:
         tile_size: tile side in pixels (the vision tower's input size).

@@ -15,7 +15,7 @@ from typing import Tuple, Union
 
 import torch
 
-from vitacore.data.media import load_wav, wav_num_samples
+from vitacore.data.audio import load_wav, wav_num_samples
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vitacore.data.media import write_wav
+from vitacore.data.audio import write_wav
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -65,7 +65,8 @@ def draw_shape(rng: random.Random, colour: str, shape: str, size: int, centre=No
     elif shape == "square":
         draw.rectangle([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
     else:
-        points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in corners]
         draw.polygon(points, fill=fill)
     return image
 
@@ -149,7 +150,8 @@ def generate(root: str, seed: int = 0, sizes: SyntheticSizes = SyntheticSizes())
         colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
         rel = writer.video(rng, f"vid{i:05d}", colour, shape, direction)
         subsets["video"].append({"id": f"vid{i:05d}", "video": rel,
-                                 "conversations": _conv(f"<video>\n{VIDEO_QUESTION}", f"a {colour} {shape} moving {direction}")})
+                                 "conversations": _conv(f"<video>\n{VIDEO_QUESTION}",
+                                                        f"a {colour} {shape} moving {direction}")})
 
     subsets["audio"] = _audio_records(writer, rng, sizes.num_audio, "aud")
 

@@ -2,7 +2,7 @@
 
 The library ships an embedded tiny default model that must work with no
 network and no model hub, so its tokenizer is trained on the spot from
-``assets/corpus.txt``. Training is deterministic: the same corpus and vocab
+``corpus.txt`` (beside this file). Training is deterministic: the same corpus and vocab
 size always give the same vocabulary, merges and ids.
 
 Byte-level BPE with the full 256-symbol byte alphabet means any UTF-8 string
@@ -58,7 +58,7 @@ STATE_TOKENS = {"audio_query": "☞", "text_query": "☜", "inserted": "☟"}
 #: Placeholders the data pipeline splits on; they must never become tokens.
 MEDIA_PLACEHOLDERS = ("<image>", "<video>", "<audio>")
 
-DEFAULT_CORPUS_PATH = str(Path(__file__).resolve().parent / "assets" / "corpus.txt")
+DEFAULT_CORPUS_PATH = str(Path(__file__).resolve().parent / "corpus.txt")
 DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_MODEL_MAX_LENGTH = 2048
 
@@ -94,7 +94,7 @@ def build_tokenizer(
             ``vocab_size + 3``. The trainer may stop short of the target
             when the corpus runs out of pairs to merge.
         corpus_path: UTF-8 text file to train on. Defaults to the corpus
-            shipped in ``vitacore/data/assets/corpus.txt``.
+            shipped in ``vitacore/demo/corpus.txt``.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``pad_token="<|endoftext|>"``,

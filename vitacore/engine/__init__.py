@@ -1,11 +1,13 @@
-"""The engine: DeepSpeed set-up and the training loop."""
+"""The engine: distributed set-up, DeepSpeed configuration, and the Trainer (fit -> train_step -> evaluate)."""
 
+from vitacore.engine.config import LoopConfig, OptimConfig
 from vitacore.engine.distributed import DistInfo, init_distributed
 from vitacore.engine.ds_config import builtin_config, complete_config, resolve_deepspeed_config, zero_stage
-from vitacore.engine.loop import NonFiniteLossError, Trainer, TrainResult
-from vitacore.engine.schedule import lr_multiplier
+from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
+from vitacore.engine.trainer import NonFiniteLossError, StepOutcome, Trainer, TrainResult
 
 __all__ = [
-    "DistInfo", "NonFiniteLossError", "Trainer", "TrainResult", "builtin_config",
-    "complete_config", "init_distributed", "lr_multiplier", "resolve_deepspeed_config", "zero_stage",
+    "DistInfo", "LoopConfig", "NonFiniteLossError", "OptimConfig", "StepOutcome", "Trainer", "TrainResult",
+    "builtin_config", "complete_config", "init_distributed", "lr_multiplier", "resolve_deepspeed_config",
+    "warmup_steps_for", "zero_stage",
 ]

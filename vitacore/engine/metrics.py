@@ -48,8 +48,9 @@ class TensorBoardLog:
         self.writer = writer
 
     @classmethod
-    def create(cls, training, is_main: bool, notes: list) -> "TensorBoardLog":
-        wanted = {r.strip() for r in training.report_to.split(",")} & {"tensorboard", "all"}
+    def create(cls, report_to: str, output_dir: str, is_main: bool, notes: list) -> "TensorBoardLog":
+        """A writer into ``output_dir/runs`` when ``report_to`` names TensorBoard (a note when it is missing)."""
+        wanted = {r.strip() for r in report_to.split(",")} & {"tensorboard", "all"}
         if not wanted or not is_main:
             return cls()
         try:
@@ -58,13 +59,7 @@ class TensorBoardLog:
             notes.append("--report_to tensorboard ignored: the tensorboard package is not installed "
                          "(pip install tensorboard)")
             return cls()
-        return cls(SummaryWriter(os.path.join(training.output_dir, "runs")))
-
-    def reset(self) -> None:
-        """Start an empty file (a fresh, not resumed, run)."""
-        self.rows = []
-        if self.enabled and os.path.exists(self.path):
-            os.remove(self.path)
+        return cls(SummaryWriter(os.path.join(output_dir, "runs")))
 
     def write(self, row: dict) -> None:
         if self.writer is None:
@@ -98,7 +93,7 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, in
 
 def format_lr(lrs: dict[str, float]) -> Optional[float | dict]:
     """One number when every group has the same LR, else ``{group: lr}``."""
-    values = set(round(v, 12) for v in lrs.values())
+    values = {round(v, 12) for v in lrs.values()}
     return next(iter(lrs.values())) if len(values) == 1 else dict(lrs)
 
 

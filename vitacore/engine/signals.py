@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Optional
 
@@ -26,10 +27,8 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         for signum in self.SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def __exit__(self, *exc) -> None:

@@ -95,16 +95,43 @@ def _check_coverage(groups: Sequence[dict], trainable_names: Sequence[str]) -> N
         raise AssertionError(f"param groups do not cover the trainable set once (missing {missing}, doubled {doubled})")
 
 
-def param_groups_for_run(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], training) -> list[dict]:
-    """:func:`build_param_groups` with the LRs a run's flags ask for (``--learning_rate``,
-    ``--weight_decay``, ``--mm_projector_lr``, ``--vision_tower_lr``, ``--unit_lr``).
+def parse_unit_lr(text: str, units: Sequence[str] = UNITS) -> dict[str, float]:
+    """Parse ``--unit_lr`` (``unit=lr,unit=lr``) into ``{unit: lr}``.
+
+    Args:
+        text: the flag's value.
+        units: the model's unit names to check against.
 
     Raises:
-        ValueError: nothing trainable, or ``--unit_lr`` naming a unit the model does not declare.
+        ValueError: malformed entry, unknown unit or non-positive rate.
     """
-    from vitacore._validation import parse_unit_lr
+    rates: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        unit, sep, value = entry.partition("=")
+        unit = unit.strip()
+        if not sep:
+            raise ValueError(f"--unit_lr entry {entry!r} must look like unit=lr, e.g. audio_adapter=1e-4")
+        if unit not in units:
+            raise ValueError(f"--unit_lr names unknown unit {unit!r}; units: {', '.join(units)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ValueError(f"--unit_lr {unit}={value!r}: not a number") from None
+        if rate <= 0:
+            raise ValueError(f"--unit_lr {unit}={rate} must be > 0")
+        rates[unit] = rate
+    return rates
 
+
+def param_groups_for_run(model: nn.Module, unit_prefixes: Mapping[str, Sequence[str]], optim) -> list[dict]:
+    """:func:`build_param_groups` with the LRs a run asks for: ``optim``'s ``learning_rate``,
+    ``weight_decay``, ``mm_projector_lr``, ``vision_tower_lr`` and ``unit_lr`` (an
+    ``OptimConfig`` of :mod:`vitacore.engine`, or anything with those attributes).
+
+    Raises:
+        ValueError: nothing trainable, or ``unit_lr`` naming a unit the model does not declare.
+    """
     units = tuple(unit_prefixes)
-    rates = unit_learning_rates(training.learning_rate, training.mm_projector_lr, training.vision_tower_lr,
-                                parse_unit_lr(training.unit_lr or "", units), units)
-    return build_param_groups(model, unit_prefixes, training.learning_rate, training.weight_decay, rates)
+    rates = unit_learning_rates(optim.learning_rate, optim.mm_projector_lr, optim.vision_tower_lr,
+                                parse_unit_lr(optim.unit_lr or "", units), units)
+    return build_param_groups(model, unit_prefixes, optim.learning_rate, optim.weight_decay, rates)

@@ -18,13 +18,12 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
+from vitacore.constants import QUANTIZED_PARAM_TYPES
 from vitacore.freeze.units import UNITS, assign_units
 
 MODES = ("frozen", "full", "lora")
 LORA_BIAS = ("none", "all", "lora_only")
 LORA_MARKER = "lora_"
-# bitsandbytes' packed weights, by class name so freeze never needs bitsandbytes to import.
-_QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
 
 # What a user must do to give the model a unit it lacks.
 _MISSING_UNIT_HINTS = {
@@ -163,7 +162,7 @@ class FreezePolicy:
                 f"the freeze policy leaves no trainable parameter (training units: {', '.join(trained)}); "
                 "check --stage, the tune_*/freeze_* flags and --frozen_regex")
         params = dict(model.named_parameters())
-        quantized = [n for n, on in trainable.items() if on and type(params[n]).__name__ in _QUANTIZED_PARAM_TYPES]
+        quantized = [n for n, on in trainable.items() if on and type(params[n]).__name__ in QUANTIZED_PARAM_TYPES]
         if quantized:
             raise ValueError(f"the freeze policy trains {quantized[0]!r}, a 4/8-bit weight (--bits), which cannot "
                              "train; give its unit mode lora (--lora_enable True), load it with --bits 16, or "

@@ -44,7 +44,8 @@ def format_report(report: dict) -> str:
     for unit, entry in report["units"].items():
         lr = entry.get("lr")
         lr_text = "-" if lr is None else (f"{lr:g}" if isinstance(lr, float) else ",".join(f"{v:g}" for v in lr))
-        lines.append(f"{unit:<15}{entry['trainable']:>12,}{entry['total']:>12,}  {entry['mode']:<8}{lr_text:<12}{entry['dtype']:<9}")
+        lines.append(f"{unit:<15}{entry['trainable']:>12,}{entry['total']:>12,}  {entry['mode']:<8}{lr_text:<12}"
+                     f"{entry['dtype']:<9}")
         total_trainable += entry["trainable"]
         total += entry["total"]
     lines.append("-" * len(header))

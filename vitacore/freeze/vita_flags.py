@@ -48,11 +48,12 @@ def policy_from_flags(get: Callable[[str], object], is_explicit: Callable[[str],
         ValueError: contradictory flags, naming both.
     """
     tuned = [unit for flag, unit in _TUNE_FLAGS if get(flag)]
-    modes = {unit: "full" for unit in tuned} if tuned else {"llm": "full", "mm_projector": "full"}
+    modes = dict.fromkeys(tuned, "full") if tuned else {"llm": "full", "mm_projector": "full"}
 
     if get("tune_mm_mlp_adapter") and get("freeze_mm_mlp_adapter"):
         raise _contradiction("tune_mm_mlp_adapter", True, "freeze_mm_mlp_adapter", True)
-    if get("tune_audio_mlp_adapter") and get("freeze_audio_encoder_adapter") and is_explicit("freeze_audio_encoder_adapter"):
+    explicit_adapter_freeze = get("freeze_audio_encoder_adapter") and is_explicit("freeze_audio_encoder_adapter")
+    if get("tune_audio_mlp_adapter") and explicit_adapter_freeze:
         raise _contradiction("tune_audio_mlp_adapter", True, "freeze_audio_encoder_adapter", True)
     if get("freeze_backbone"):
         modes.pop("llm", None)

@@ -1,9 +1,28 @@
-"""The multimodal model: composition around any causal LM, towers, projectors, audio, defaults."""
+"""The multimodal model: composition around any causal LM, towers, projectors, audio, LoRA / k-bit."""
 
-from vitacore.model.build import ModelBundle, build_model, llm_hidden_size, uses_embedded_default
-from vitacore.model.lora import apply_lora, find_lora_targets
+from vitacore.model.audio import (
+    AUDIO_CONFIG_FILE,
+    AudioAdapter,
+    AudioEncoder,
+    AudioEncoderConfig,
+    build_audio_encoder,
+    load_audio_encoder,
+)
+from vitacore.model.build import ModelBundle, build_model, finish_model, llm_load_kwargs, load_adapter_weights
+from vitacore.model.families import INFERRED_SOURCE, ModelTypeChoice, infer_model_type
+from vitacore.model.loading import is_zero3, load_tokenizer_for, quiet_load_report, zero3_construction
+from vitacore.model.lora import apply_lora, find_lora_targets, is_quantized
 from vitacore.model.multimodal import UNIT_PREFIXES, VitaModel
 from vitacore.model.projector import build_projector
+from vitacore.model.runtime import prepare_for_training
+from vitacore.model.spec import AdapterWeights, LoraSpec, LoraWeights, ModelSpec, QuantSpec, StartWeights
+from vitacore.model.vision import VisionTower, build_vision_tower, load_vision_tower
 
-__all__ = ["ModelBundle", "UNIT_PREFIXES", "VitaModel", "apply_lora", "build_model", "find_lora_targets", "build_projector", "llm_hidden_size",
-           "uses_embedded_default"]
+__all__ = [
+    "AUDIO_CONFIG_FILE", "AdapterWeights", "AudioAdapter", "AudioEncoder", "AudioEncoderConfig", "INFERRED_SOURCE",
+    "LoraSpec", "LoraWeights", "ModelBundle", "ModelSpec", "ModelTypeChoice", "QuantSpec", "StartWeights",
+    "UNIT_PREFIXES", "VisionTower", "VitaModel", "apply_lora", "build_audio_encoder", "build_model", "build_projector",
+    "build_vision_tower", "find_lora_targets", "finish_model", "infer_model_type", "is_quantized", "is_zero3",
+    "llm_load_kwargs", "load_adapter_weights", "load_audio_encoder", "load_tokenizer_for", "load_vision_tower",
+    "prepare_for_training", "quiet_load_report", "zero3_construction",
+]

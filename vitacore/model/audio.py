@@ -5,7 +5,8 @@ convolution turn ``T`` fbank frames into ``len(ones(T)[2::2][2::2][0::2])`` LLM 
 
 ``--audio_encoder PATH`` is either a folder written by :meth:`AudioEncoder.save` (the tiny default's
 kind) or a transformers Whisper checkpoint (:mod:`vitacore.model.whisper`). Each kind reads its own
-features; :func:`audio_transform_for` is the one place that says which.
+features: an encoder's ``feature_extractor`` (Whisper's) or its ``num_mel_bins`` (Kaldi fbank) tells
+the data pipeline which (:func:`vitacore.data.audio_transform_for`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from vitacore.model.whisper import build_whisper_encoder, is_whisper_folder, load_whisper_encoder
 
 AUDIO_CONFIG_FILE = "vitacore_audio_config.json"
 AUDIO_WEIGHTS_FILE = "model.safetensors"
@@ -97,44 +100,28 @@ def _read_config(path: str) -> AudioEncoderConfig:
         return AudioEncoderConfig(**json.load(fh))
 
 
-def load_audio_encoder(path: str, dtype: torch.dtype = torch.float32, log=print) -> nn.Module:
+def load_audio_encoder(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load the audio encoder in ``path``, weights included, in ``dtype``.
 
     Raises:
         FileNotFoundError: ``path`` is neither a vitacore audio encoder folder nor a Whisper checkpoint.
     """
-    from vitacore.model.whisper import is_whisper_folder, load_whisper_encoder
-
     if is_whisper_folder(path):
-        return load_whisper_encoder(path, dtype, log)
+        return load_whisper_encoder(path, dtype)
     encoder = AudioEncoder(_read_config(path))
     encoder.load_state_dict(load_file(os.path.join(path, AUDIO_WEIGHTS_FILE)), strict=True)
     encoder.source = os.path.abspath(path)
     return encoder.to(dtype)
 
 
-def build_audio_encoder(path: str, dtype: torch.dtype, source: str, log=print) -> nn.Module:
+def build_audio_encoder(path: str, dtype: torch.dtype, source: str) -> nn.Module:
     """An encoder of the kind and shape ``path``'s config describes, without its weights (an export's
     shards hold them); ``source`` is recorded as where it came from."""
-    from vitacore.model.whisper import build_whisper_encoder, is_whisper_folder
-
     if is_whisper_folder(path):
-        return build_whisper_encoder(path, dtype, source, log)
+        return build_whisper_encoder(path, dtype, source)
     encoder = AudioEncoder(_read_config(path)).to(dtype)
     encoder.source = source
     return encoder
-
-
-def audio_transform_for(encoder: nn.Module):
-    """The data pipeline's audio transform for ``encoder``: Whisper's feature extractor for a Whisper
-    encoder, else 80-bin (or the encoder's) Kaldi fbank with VITA's token arithmetic."""
-    from vitacore.data.media import AudioTransform
-    from vitacore.data.whisper_audio import WhisperAudioTransform
-    from vitacore.model.whisper import WhisperAudioEncoder
-
-    if isinstance(encoder, WhisperAudioEncoder):
-        return WhisperAudioTransform(encoder.feature_extractor)
-    return AudioTransform(num_mel_bins=encoder.num_mel_bins)
 
 
 class AudioAdapter(nn.Module):

@@ -1,185 +1,124 @@
-"""Build the multimodal model for a run: the user's checkpoints by path, or the embedded default."""
+"""Compose the multimodal model from an LLM folder, a tower folder and an audio encoder folder.
+
+A folder in VITA's layout (a full export or a VITA checkpoint), which holds every part at once, is
+read by :mod:`vitacore.checkpoint.export`; both paths end in :func:`finish_model`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+import torch.nn as nn
 
-from vitacore.checkpoint.artifacts import load_adapter_file
-from vitacore.model.audio import AudioAdapter, audio_transform_for, load_audio_encoder
-from vitacore.model.default import DefaultAssets, ensure_default_assets
-from vitacore.model.families import apply_pad_rule, attention_implementation, resolve_model_type
-from vitacore.model.load_export import llm_config_for, load_export_model, read_export_config
+from vitacore.model.audio import AudioAdapter, load_audio_encoder
+from vitacore.model.families import attention_implementation
+from vitacore.model.loading import load_tokenizer_for, zero3_construction
 from vitacore.model.lora import apply_lora, kbit_load_kwargs
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
+from vitacore.model.spec import AdapterWeights, ModelSpec, StartWeights
 from vitacore.model.vision import load_vision_tower
-
-
-@contextlib.contextmanager
-def _zero3_construction(deepspeed_config: Optional[dict]):
-    """While active, transformers builds models inside ``deepspeed.zero.Init`` (partitioned).
-
-    ``HfDeepSpeedConfig`` is a weak global: it must be held in a variable for the whole build, or
-    every rank silently loads the full model.
-    """
-    if deepspeed_config is None:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    previous = hf_deepspeed._hf_deepspeed_config_weak_ref  # e.g. a live TrainingArguments(deepspeed=...)
-    keep_alive = HfDeepSpeedConfig(deepspeed_config)
-    try:
-        yield
-    finally:
-        del keep_alive
-        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
-
-
-def _load_pretrained_parts(llm_path: str, tower_path: str, dtype: torch.dtype, training=None, log=print):
-    from transformers import AutoModelForCausalLM
-
-    # --bits 4/8 quantize the LLM only; towers, projector and audio parts always load in `dtype`.
-    quantization = kbit_load_kwargs(training) if training is not None else {}
-    attention = attention_implementation(dtype, log)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attention, **quantization)
-    llm.config.use_cache = False
-    return llm, load_vision_tower(tower_path, torch_dtype=dtype)
 
 
 @dataclass
 class ModelBundle:
-    """The model and what the data pipeline needs to feed it."""
+    """The model and the tokenizer its data must be tokenized with."""
 
     model: VitaModel
     tokenizer: object
-    default_assets: Optional[DefaultAssets]
-    # What the data pipeline turns audio files into for this model's encoder (None: no audio encoder).
-    audio_transform: Optional[object] = None
 
 
-def uses_embedded_default(config) -> bool:
-    """True when no model, tower, encoder or training data is given: the demo model, data and settings.
+def llm_load_kwargs(spec: ModelSpec) -> dict:
+    """``from_pretrained`` arguments of the LLM: attention implementation and k-bit quantization
+    (``--bits 4/8`` quantize the LLM only; every other part loads in ``spec.dtype``)."""
+    return {"attn_implementation": attention_implementation(spec.dtype),
+            **kbit_load_kwargs(spec.quant, spec.dtype, spec.lora is not None)}
 
-    With the user's data but no model paths, this is False (the stage's VITA settings apply) while
-    :func:`build_model` still fills the missing parts with the tiny default model.
+
+def load_adapter_weights(module: nn.Module, weights: AdapterWeights) -> None:
+    """Load a saved adapter into ``module`` strictly: every key present, every shape equal.
+
+    Raises:
+        ValueError: naming the file (``weights.origin``), the key and both shapes.
     """
-    m, d = config.model, config.data
-    return not (m.model_name_or_path or m.vision_tower or m.audio_encoder or d.dataset_use or d.data_path)
+    expected = module.state_dict()
+    for key, value in weights.state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(f"{weights.origin}: {weights.key_marker}{key} has shape {tuple(value.shape)} but this "
+                             f"model needs {tuple(expected[key].shape)}; the file was trained for another tower/LLM")
+    missing = set(expected) - set(weights.state)
+    unexpected = set(weights.state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights.origin}: keys do not fit (missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)})")
+    module.load_state_dict(weights.state, strict=True)
 
 
-def compute_dtype(training) -> torch.dtype:
-    """The dtype the precision flags ask for."""
-    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+def finish_model(model: VitaModel, spec: ModelSpec, start: StartWeights) -> VitaModel:
+    """The steps after every part exists: start adapters, then LoRA (which wraps the LLM only)."""
+    if start.mm_projector is not None and model.mm_projector is not None:
+        load_adapter_weights(model.mm_projector, start.mm_projector)
+    if start.audio_adapter is not None and model.audio_adapter is not None:
+        load_adapter_weights(model.audio_adapter, start.audio_adapter)
+    if spec.lora is not None:
+        apply_lora(model, spec.lora, spec.dtype, spec.gradient_checkpointing, start.lora)
+    return model
 
 
-def load_tokenizer_for(path: str, model_max_length: int, model_type: Optional[str] = None, log=print):
-    """The LLM's tokenizer, right-padded, with a pad token by VITA's rule (see
-    :func:`vitacore.model.families.apply_pad_rule`: none -> unk, else eos; ``llama3-8b``: eos)."""
-    from transformers import AutoTokenizer
+def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_config: dict | None = None
+                ) -> ModelBundle:
+    """LLM + vision tower + projector + audio encoder + adapter (+ prompt, state head) for ``spec``.
 
-    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right",
-                                              use_fast=True, local_files_only=os.path.isdir(path))
-    return apply_pad_rule(tokenizer, model_type, path, log)
-
-
-def _default_assets_if_needed(config, log=print) -> Optional[DefaultAssets]:
-    m = config.model
-    if m.model_name_or_path and m.vision_tower and m.audio_encoder:
-        return None
-    return ensure_default_assets(log=log)
-
-
-def llm_hidden_size(config, log=print) -> int:
-    """The LLM's hidden size, read from its config without loading weights (sizes DeepSpeed buckets)."""
-    path = config.model.model_name_or_path or _default_assets_if_needed(config, log).llm
-    return llm_config_for(path).hidden_size  # VITA checkpoints' model types included
-
-
-def _build_from_export(config, exported: dict, log, deepspeed_config: Optional[dict]) -> ModelBundle:
-    """The whole model from a folder in VITA's layout (see :mod:`vitacore.model.load_export`)."""
-    t, path = config.training, config.model.model_name_or_path
-    resolve_model_type(config, exported.get("model_type"), path, log)
-    tokenizer = load_tokenizer_for(path, t.model_max_length, config.model.model_type, log)
-    zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-    with _zero3_construction(deepspeed_config if zero3 else None):
-        model = load_export_model(config, path, exported, compute_dtype(t), log, llm_kwargs=kbit_load_kwargs(t))
-    if t.lora_enable:
-        apply_lora(model, t)  # as on the path below
-    transform = audio_transform_for(model.audio_encoder) if model.audio_encoder is not None else None
-    return ModelBundle(model, tokenizer, None, transform)
-
-
-def build_model(config, log=print, deepspeed_config: Optional[dict] = None) -> ModelBundle:
-    """Compose LLM + vision tower + projector + audio encoder + adapter for ``config``.
-
-    Paths not given fall back to the embedded default's parts (built and cached on first use).
-    A ``--model_name_or_path`` folder in VITA's layout (a vitacore full export, or a VITA checkpoint:
-    its config.json has ``mm_vision_tower``) gives every part, weights included.
-    ``--model_type`` / ``--version`` the user did not set are inferred from the LLM's config first
-    (:func:`vitacore.model.families.resolve_model_type`; ``config`` is updated and the log says so).
-    Adapter weights (``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter``) are loaded
-    here, before any engine partitions the modules (DeepSpeed broadcasts rank 0's values then).
+    Start adapters are loaded here, before any engine partitions the modules (DeepSpeed broadcasts
+    rank 0's values then).
 
     Args:
-        config: the run config.
-        log: where progress messages go.
-        deepspeed_config: the complete DeepSpeed config; with ZeRO-3 the transformers models are
-            built partitioned (each rank holds only its shard from the start).
+        spec: the model's config; ``vision_tower_path`` and ``audio_encoder_path`` are required here.
+        start: adapter / LoRA weights to start from, already read from their files.
+        deepspeed_config: the complete DeepSpeed config; with ZeRO-3 the transformers models are built
+            partitioned (each rank holds only its shard from the start).
+
+    Raises:
+        ValueError: a missing encoder path, or start weights that do not fit.
     """
-    m, t = config.model, config.training
-    exported = read_export_config(m.model_name_or_path)
-    if exported is not None:  # a vitacore full export or a VITA checkpoint: every part is in it
-        return _build_from_export(config, exported, log, deepspeed_config)
-    assets = _default_assets_if_needed(config, log)
-    llm_path = m.model_name_or_path or assets.llm
-    dtype = compute_dtype(t)
-    resolve_model_type(config, llm_config_for(llm_path).model_type, llm_path, log)
-    tokenizer = load_tokenizer_for(llm_path, t.model_max_length, m.model_type, log)
-    zero3 = bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-    with _zero3_construction(deepspeed_config if zero3 else None):
-        llm, vision_tower = _load_pretrained_parts(llm_path, m.vision_tower or assets.vision_tower, dtype, t, log)
+    if not spec.vision_tower_path or not spec.audio_encoder_path:
+        raise ValueError("build_model needs ModelSpec.vision_tower_path and audio_encoder_path "
+                         "(a folder in VITA's layout goes through vitacore.checkpoint.load_export_bundle)")
+    from transformers import AutoModelForCausalLM
+
+    dtype = spec.dtype
+    tokenizer = load_tokenizer_for(spec.llm_path, spec.model_max_length, spec.model_type)
+    with zero3_construction(deepspeed_config):
+        llm = AutoModelForCausalLM.from_pretrained(spec.llm_path, dtype=dtype, **llm_load_kwargs(spec))
+        llm.config.use_cache = False
+        vision_tower = load_vision_tower(spec.vision_tower_path, torch_dtype=dtype)
     hidden = llm.config.hidden_size
 
     # New modules get their initial values from the run's seed, so reruns start identically.
-    torch.manual_seed(t.seed)
-    projector = build_projector(m.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)
-    if m.pretrain_mm_mlp_adapter:
-        load_adapter_file(m.pretrain_mm_mlp_adapter, projector, "mm_projector.", "--pretrain_mm_mlp_adapter")
-
+    torch.manual_seed(spec.seed)
+    projector = build_projector(spec.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)
     # Not partitioned under ZeRO-3 (built outside the construction context), like the tiny encoder.
-    audio_encoder = load_audio_encoder(m.audio_encoder or assets.audio_encoder, dtype, log)
+    audio_encoder = load_audio_encoder(spec.audio_encoder_path, dtype)
     audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
-    if m.pretrain_audio_mlp_adapter:
-        load_adapter_file(m.pretrain_audio_mlp_adapter, audio_adapter, "audio_encoder.adpter.",
-                          "--pretrain_audio_mlp_adapter")
-
     audio_prompt = None
-    if m.audio_prompt_finetune or m.audio_prompt_num:
-        audio_prompt = torch.nn.Embedding(m.audio_prompt_num, hidden).to(dtype)
+    if spec.audio_prompt_finetune or spec.audio_prompt_num:
+        audio_prompt = torch.nn.Embedding(spec.audio_prompt_num, hidden).to(dtype)
     # VITA's fo model: a 3-class user-state head on the last hidden state.
-    state_head = torch.nn.Linear(hidden, 3).to(dtype) if m.model_type == "qwen2p5_fo_instruct" else None
+    state_head = torch.nn.Linear(hidden, 3).to(dtype) if spec.model_type == "qwen2p5_fo_instruct" else None
 
     mm_config = {
         "mm_vision_tower": vision_tower.source,
-        "mm_audio_encoder": getattr(audio_encoder, "source", m.audio_encoder),
-        "mm_projector_type": m.mm_projector_type,
+        "mm_audio_encoder": audio_encoder.source,
+        "mm_projector_type": spec.mm_projector_type,
         "mm_hidden_size": vision_tower.hidden_size,
         "use_mm_proj": True,
-        "image_aspect_ratio": config.data.image_aspect_ratio,
+        "image_aspect_ratio": spec.image_aspect_ratio,
         "tokenizer_padding_side": "right",
-        "tokenizer_model_max_length": t.model_max_length,
-        "audio_prompt_finetune": m.audio_prompt_finetune,
-        "audio_prompt_num": m.audio_prompt_num,
+        "tokenizer_model_max_length": spec.model_max_length,
+        "audio_prompt_finetune": spec.audio_prompt_finetune,
+        "audio_prompt_num": spec.audio_prompt_num,
     }
     model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter, audio_prompt, state_head,
-                      model_max_length=t.model_max_length, padding_side="right", mm_config=mm_config)
-    if t.lora_enable:
-        apply_lora(model, t)  # last: LoRA wraps the LLM only; the freeze policy then sets what trains
-    return ModelBundle(model, tokenizer, assets, audio_transform_for(audio_encoder))
+                      model_max_length=spec.model_max_length, padding_side="right", mm_config=mm_config)
+    return ModelBundle(finish_model(model, spec, start or StartWeights()), tokenizer)

@@ -10,9 +10,13 @@ Qwen2.5 runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers.utils import is_flash_attn_2_available
+
+from vitacore.console import logger
 
 # VITA's --model_type values -> the transformers config model_type of the LLM they were made for.
 MODEL_TYPE_FAMILY = {
@@ -52,64 +56,82 @@ def _family(model_type: Optional[str]) -> Optional[str]:
     return MODEL_TYPE_FAMILY.get(model_type or "")
 
 
-def resolve_model_type(config, llm_model_type: str, llm_path: str, log=print) -> None:
-    """Fill ``--model_type`` and ``--version`` for the LLM at ``llm_path`` where the user set neither.
+@dataclass(frozen=True)
+class ModelTypeChoice:
+    """The ``--model_type`` / ``--version`` a run uses, and which of them were inferred.
+
+    Attributes:
+        model_type: VITA's model type, or None for an LLM of another family run with ``--version``.
+        version: the chat template's name.
+        inferred: the names among ``("model_type", "version")`` this choice filled in (the caller
+            records them as :data:`INFERRED_SOURCE`).
+    """
+
+    model_type: Optional[str]
+    version: Optional[str]
+    inferred: tuple[str, ...] = ()
+
+
+def infer_model_type(llm_model_type: str, llm_path: str, model_type: Optional[str], version: Optional[str],
+                     model_type_explicit: bool, version_explicit: bool,
+                     model_type_source: str = "default") -> ModelTypeChoice:
+    """``--model_type`` and ``--version`` for the LLM at ``llm_path``, where the user set neither.
 
     Rules: a value the user gave (flag or YAML) is kept (a family mismatch is only noted); a
     preset's ``model_type`` is kept when it is of the LLM's family, else replaced by the inferred
     one; ``--version`` not given follows the model type (a preset's version only with the preset's
     model type). An LLM of another family needs ``--version`` (it then gets the generic pad rule)
-    or a ``--model_type``.
+    or a ``--model_type``. Each decision is logged.
 
     Args:
-        config: the run config; ``model.model_type`` / ``model.version`` are set in place, with the
-            source recorded (never "explicit", so a second build infers the same again).
         llm_model_type: the LLM config's ``model_type`` (VITA's ``vita-*`` types included).
         llm_path: where the LLM comes from (for messages).
-        log: where the decisions are said.
+        model_type / version: the run's current values (user's, preset's or None).
+        model_type_explicit / version_explicit: whether the user set them.
+        model_type_source: where the current model type came from (said in the log).
 
     Raises:
-        ValueError: an unknown ``--model_type`` or ``--version``, or an LLM family with no VITA model
-            type and neither flag given.
+        ValueError: an unknown ``--model_type``, or an LLM family with no VITA model type and neither
+            flag given.
     """
-    from vitacore.data.conversation import get_template
-
-    m = config.model
     inferred = INFERRED_MODEL_TYPE.get(llm_model_type)
     family = MODEL_TYPE_FAMILY.get(inferred or "")
     where = f"the LLM's config ({llm_path!r}: model_type {llm_model_type!r})"
-    keep_version = config.is_explicit("version")
-    if config.is_explicit("model_type"):
-        if m.model_type not in MODEL_TYPE_FAMILY:
-            raise ValueError(f"--model_type {m.model_type!r} is not one of VITA's model types: {_known()}")
-        if family and _family(m.model_type) != family:
-            log(f"vitacore: note: --model_type {m.model_type} is for {_family(m.model_type)} LLMs but {where} is "
-                f"{family}; kept as given (it sets the pad token rule and the default template only)")
-    elif m.model_type and inferred and _family(m.model_type) == family:
-        keep_version = keep_version or m.version is not None  # the preset's pairing of type and template
-        log(f"vitacore: --model_type {m.model_type} ({config.source_of('model_type')}) fits {where}")
+    keep_version = version_explicit
+    filled: list[str] = []
+    if model_type_explicit:
+        if model_type not in MODEL_TYPE_FAMILY:
+            raise ValueError(f"--model_type {model_type!r} is not one of VITA's model types: {_known()}")
+        if family and _family(model_type) != family:
+            logger.info(f"vitacore: note: --model_type {model_type} is for {_family(model_type)} LLMs but {where} is "
+                        f"{family}; kept as given (it sets the pad token rule and the default template only)")
+    elif model_type and inferred and _family(model_type) == family:
+        keep_version = keep_version or version is not None  # the preset's pairing of type and template
+        logger.info(f"vitacore: --model_type {model_type} ({model_type_source}) fits {where}")
     elif inferred:
-        replaced = f"; the {config.source_of('model_type')} value {m.model_type} is for another family" \
-            if m.model_type else ""
-        config.set("model_type", inferred, INFERRED_SOURCE)
-        log(f"vitacore: --model_type not given: {inferred}, inferred from {where}{replaced}")
+        replaced = f"; the {model_type_source} value {model_type} is for another family" if model_type else ""
+        model_type = inferred
+        filled.append("model_type")
+        logger.info(f"vitacore: --model_type not given: {inferred}, inferred from {where}{replaced}")
     elif keep_version:
-        config.set("model_type", None, INFERRED_SOURCE)
-        log(f"vitacore: {where} is not one of VITA's families ({', '.join(sorted(set(MODEL_TYPE_FAMILY.values())))}); "
-            f"no --model_type: the generic pad token rule applies and --version {m.version} is the template")
+        model_type = None
+        filled.append("model_type")
+        logger.info(f"vitacore: {where} is not one of VITA's families "
+                    f"({', '.join(sorted(set(MODEL_TYPE_FAMILY.values())))}); no --model_type: the generic pad "
+                    f"token rule applies and --version {version} is the template")
     else:
         raise ValueError(
             f"{where} is not a family VITA has a --model_type for (qwen2, mistral, mixtral, llama); pass "
             f"--version TEMPLATE for its chat template (it then gets the generic pad token rule), or --model_type "
             f"(one of: {_known()}) if it follows one of those families' formats")
     if not keep_version:
-        version = DEFAULT_VERSION[m.model_type]
-        config.set("version", version, INFERRED_SOURCE)
-        log(f"vitacore: --version not given: template {version}, the default for --model_type {m.model_type}")
-    get_template(m.version)  # an unknown --version fails here, before any weights load
+        version = DEFAULT_VERSION[model_type]
+        filled.append("version")
+        logger.info(f"vitacore: --version not given: template {version}, the default for --model_type {model_type}")
+    return ModelTypeChoice(model_type, version, tuple(filled))
 
 
-def apply_pad_rule(tokenizer, model_type: Optional[str], path: str, log=print):
+def apply_pad_rule(tokenizer, model_type: Optional[str], path: str):
     """Give ``tokenizer`` a pad token by VITA's rule: none -> unk, else eos; ``llama3-8b``: always eos.
 
     Padding never hides a real token: attention masks and labels come from sequence lengths, so a
@@ -123,7 +145,7 @@ def apply_pad_rule(tokenizer, model_type: Optional[str], path: str, log=print):
             raise ValueError(f"the tokenizer at {path!r} has no eos token, which --model_type llama3-8b pads with")
         if tokenizer.pad_token != tokenizer.eos_token:
             tokenizer.pad_token = tokenizer.eos_token
-            log(f"vitacore: pad token = eos {tokenizer.eos_token!r} (VITA's rule for --model_type llama3-8b)")
+            logger.info(f"vitacore: pad token = eos {tokenizer.eos_token!r} (VITA's rule for --model_type llama3-8b)")
         return tokenizer
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token or tokenizer.eos_token
@@ -132,14 +154,12 @@ def apply_pad_rule(tokenizer, model_type: Optional[str], path: str, log=print):
                              "tokenizer_config.json")
         tokenizer.pad_token = fallback
         kind = "unk" if tokenizer.unk_token else "eos"
-        log(f"vitacore: the tokenizer has no pad token; pad token = {kind} {fallback!r}")
+        logger.info(f"vitacore: the tokenizer has no pad token; pad token = {kind} {fallback!r}")
     return tokenizer
 
 
-def attention_implementation(dtype: torch.dtype, log=print, what: str = "the LLM") -> str:
+def attention_implementation(dtype: torch.dtype, what: str = "the LLM") -> str:
     """``flash_attention_2`` when flash_attn is installed, CUDA is there and ``dtype`` is 16-bit; else ``sdpa``."""
-    from transformers.utils import is_flash_attn_2_available
-
     if not torch.cuda.is_available():
         reason = "no CUDA device"
     elif not is_flash_attn_2_available():
@@ -147,7 +167,7 @@ def attention_implementation(dtype: torch.dtype, log=print, what: str = "the LLM
     elif dtype not in (torch.float16, torch.bfloat16):
         reason = f"flash_attention_2 needs bf16/fp16, the run is {str(dtype).removeprefix('torch.')}"
     else:
-        log(f"vitacore: attention for {what}: flash_attention_2")
+        logger.info(f"vitacore: attention for {what}: flash_attention_2")
         return "flash_attention_2"
-    log(f"vitacore: attention for {what}: sdpa ({reason})")
+    logger.info(f"vitacore: attention for {what}: sdpa ({reason})")
     return "sdpa"

@@ -3,7 +3,7 @@
 A run with ``--lora_enable True`` wraps ``model.llm`` (and only the LLM: towers, projector and audio
 parts are never adapted or quantized) in a peft ``PeftModel``::
 
-    bundle = build_model(config)   # calls apply_lora(bundle.model, config.training) at the end
+    bundle = build_model(spec)     # calls apply_lora(bundle.model, spec.lora, ...) at the end
     bundle.model.llm               # PeftModel; parameters "llm.base_model.model.<llm keys>"
 
 ``--bits 4`` / ``--bits 8`` load the LLM's Linear layers as bitsandbytes layers
@@ -12,36 +12,26 @@ parts are never adapted or quantized) in a peft ``PeftModel``::
 
 from __future__ import annotations
 
-import json
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from vitacore.constants import QUANTIZED_PARAM_TYPES
+from vitacore.model.spec import LoraSpec, LoraWeights, QuantSpec
 from vitacore.partition import gathered
 
 TARGETS_FLAG = "--lora_target_modules"
-WEIGHTS_FLAG = "--lora_weight_path"
 _EXCLUDED_TARGETS = ("lm_head",)  # VITA never adapts the output head
-# bitsandbytes' packed weight classes, by name so that nothing here needs bitsandbytes to import.
-QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
-
-
-def _compute_dtype(args) -> torch.dtype:
-    from vitacore.model.build import compute_dtype  # build imports this module
-
-    return compute_dtype(args)
 
 
 def _linear_types() -> tuple:
-    types = [nn.Linear]
-    try:  # bnb layers subclass nn.Linear today; listed so a future bnb that stops doing so still counts
-        import bitsandbytes as bnb
+    # bnb layers subclass nn.Linear today; listed so a future bnb that stops doing so still counts.
+    # peft and bitsandbytes take seconds to import: only runs that use them pay for it.
+    import bitsandbytes as bnb
 
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:
-        pass
-    return tuple(types)
+    return nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
 
 
 def _is_peft_model(module: nn.Module) -> bool:
@@ -91,36 +81,34 @@ def resolve_lora_targets(llm: nn.Module, requested: str = "") -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def kbit_load_kwargs(args) -> dict:
-    """Extra ``from_pretrained`` keyword arguments that load the LLM in ``args.bits`` bits ({} for 16).
+def kbit_load_kwargs(quant: QuantSpec, dtype: torch.dtype, lora_enabled: bool) -> dict:
+    """Extra ``from_pretrained`` keyword arguments that load the LLM in ``quant.bits`` bits ({} for 16).
 
-    The compute dtype and the 4-bit storage dtype follow the precision flags: storing the packed
-    4-bit weights in the load dtype lets DeepSpeed partition and cast them like any other tensor.
+    The compute dtype and the 4-bit storage dtype are the run's ``dtype``: storing the packed 4-bit
+    weights in the load dtype lets DeepSpeed partition and cast them like any other tensor.
 
     Raises:
-        ValueError: 4/8 bits without ``--lora_enable True``.
+        ValueError: 4/8 bits without LoRA (``--lora_enable True``).
     """
-    if args.bits not in (4, 8):
+    if quant.bits not in (4, 8):
         return {}
-    if not args.lora_enable:
-        raise ValueError(f"--bits {args.bits} loads the LLM quantized, and quantized weights cannot train; "
+    if not lora_enabled:
+        raise ValueError(f"--bits {quant.bits} loads the LLM quantized, and quantized weights cannot train; "
                          "add --lora_enable True (QLoRA) or use --bits 16")
     from transformers import BitsAndBytesConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    dtype = _compute_dtype(args)
     config = BitsAndBytesConfig(
-        load_in_4bit=args.bits == 4,
-        load_in_8bit=args.bits == 8,
+        load_in_4bit=quant.bits == 4,
+        load_in_8bit=quant.bits == 8,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=args.double_quant,
-        bnb_4bit_quant_type=args.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_quant_storage=dtype,
         # The head stays in full precision (VITA also skips its mm parts, which here are separate modules).
         llm_int8_skip_modules=list(_EXCLUDED_TARGETS),
     )
     kwargs = {"quantization_config": config}
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     # Quantize straight onto this rank's GPU (VITA does too) instead of on the CPU first; transformers
     # refuses a device_map under ZeRO-3, where the engine moves the (unpartitioned) k-bit model.
     if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
@@ -177,77 +165,70 @@ def _cast_for_kbit(llm: nn.Module, dtype: torch.dtype) -> None:
                 param.data = param.data.to(target)
 
 
-def load_lora_weights(peft_llm: nn.Module, directory: str) -> list[str]:
-    """Load a saved PEFT adapter (``adapter_model.safetensors`` or ``.bin``) into ``peft_llm``.
+def load_lora_weights(peft_llm: nn.Module, weights: LoraWeights) -> list[str]:
+    """Put a saved PEFT adapter's tensors (read by :func:`vitacore.checkpoint.read_lora_weights`) into ``peft_llm``.
 
     Args:
         peft_llm: the LLM already wrapped with a matching ``LoraConfig``.
-        directory: a folder written by ``PeftModel.save_pretrained`` or ``save_lora_artifacts``.
+        weights: the adapter's tensors and saved config.
 
     Returns:
-        The peft model parameter names that were loaded.
+        The peft file keys that were loaded.
 
     Raises:
-        FileNotFoundError: no such folder or no adapter weights in it, naming ``--lora_weight_path``.
-        ValueError: keys or shapes that do not fit this model (other targets or ``--lora_r``).
+        ValueError: a saved rank / alpha, keys or shapes that do not fit this model.
     """
     from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
 
-    files = ("adapter_model.safetensors", "adapter_model.bin")
-    if not os.path.isdir(directory) or not any(os.path.exists(os.path.join(directory, f)) for f in files):
-        raise FileNotFoundError(f"{WEIGHTS_FLAG} {directory!r}: expected a folder holding {files[0]} (or {files[1]}) "
-                                "as written by a LoRA run or PeftModel.save_pretrained")
-    _check_saved_config(peft_llm, directory)
-    state = load_peft_weights(directory, device="cpu")
+    _check_saved_config(peft_llm, weights)
     # Only adapter tensors and biases can be in the file: never gather a partitioned base weight.
     touched = [p for n, p in peft_llm.named_parameters() if "lora_" in n or n.endswith(".bias")]
     try:
         with gathered(touched, modifier_rank=0):
-            result = set_peft_model_state_dict(peft_llm, state)
+            result = set_peft_model_state_dict(peft_llm, weights.state)
     except RuntimeError as err:  # size mismatch
-        raise ValueError(f"{WEIGHTS_FLAG} {directory!r} does not fit this model (different --lora_r or "
-                         f"LLM?): {err}") from None
+        raise ValueError(f"{weights.origin} does not fit this model (different --lora_r or LLM?): {err}") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ValueError(f"{WEIGHTS_FLAG} {directory!r}: {len(unexpected)} tensors fit no parameter of this model, "
+        raise ValueError(f"{weights.origin}: {len(unexpected)} tensors fit no parameter of this model, "
                          f"e.g. {unexpected[:3]}; was it trained with other {TARGETS_FLAG}?")
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
     if missing:
-        raise ValueError(f"{WEIGHTS_FLAG} {directory!r} lacks {len(missing)} LoRA tensors of this model, "
+        raise ValueError(f"{weights.origin} lacks {len(missing)} LoRA tensors of this model, "
                          f"e.g. {missing[:3]}; set {TARGETS_FLAG} to the targets it was trained with")
-    return sorted(state)
+    return sorted(weights.state)
 
 
-def _check_saved_config(peft_llm: nn.Module, directory: str) -> None:
-    path = os.path.join(directory, "adapter_config.json")
-    if not os.path.exists(path):
+def _check_saved_config(peft_llm: nn.Module, weights: LoraWeights) -> None:
+    saved = weights.saved_config
+    if saved is None:
         return
-    with open(path) as fh:
-        saved = json.load(fh)
     ours = peft_llm.peft_config["default"]
     for key, flag in (("r", "--lora_r"), ("lora_alpha", "--lora_alpha")):
         if key in saved and saved[key] != getattr(ours, key):
-            raise ValueError(f"{WEIGHTS_FLAG} {directory!r} was trained with {key}={saved[key]} but this run "
+            raise ValueError(f"{weights.origin} was trained with {key}={saved[key]} but this run "
                              f"has {flag} {getattr(ours, key)}; set {flag} {saved[key]}")
 
 
-def apply_lora(model: nn.Module, args) -> None:
-    """Wrap ``model.llm`` in LoRA adapters as the LoRA flags ask (in place).
+def apply_lora(model: nn.Module, spec: LoraSpec, dtype: torch.dtype, gradient_checkpointing: bool = False,
+               weights: Optional[LoraWeights] = None) -> None:
+    """Wrap ``model.llm`` in LoRA adapters (in place).
 
     Steps: for a 4/8-bit LLM (loaded with :func:`kbit_load_kwargs`), peft's
     ``prepare_model_for_kbit_training`` (base frozen, non-quantized weights in fp32, gradient
-    checkpointing when ``--gradient_checkpointing``); ``get_peft_model`` with
-    ``LoraConfig(r, lora_alpha, targets, lora_dropout, bias=lora_bias)``; the adapter of
-    ``--lora_weight_path`` when given; VITA's k-bit dtype casts (norms fp32).
+    checkpointing when asked); ``get_peft_model`` with ``LoraConfig(r, lora_alpha, targets,
+    lora_dropout, bias)``; the saved adapter in ``weights`` when given; VITA's k-bit dtype casts
+    (norms fp32).
 
     Args:
         model: a ``VitaModel`` (anything with an ``llm`` attribute).
-        args: ``TrainingArguments`` (``lora_*``, ``bits``, ``bf16``/``fp16``, ``gradient_checkpointing``).
+        spec: the adapters' shape (``--lora_*``).
+        dtype: the run's compute dtype (the k-bit casts).
+        gradient_checkpointing: the run's ``--gradient_checkpointing`` (k-bit preparation sets it up).
+        weights: a saved adapter to start from (``--lora_weight_path``).
 
     Raises:
-        ValueError: LoRA already applied, a bad ``--lora_target_modules`` or adapter folder.
-        FileNotFoundError: ``--lora_weight_path`` that holds no adapter.
+        ValueError: LoRA already applied, a bad ``--lora_target_modules`` or an adapter that does not fit.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -257,16 +238,15 @@ def apply_lora(model: nn.Module, args) -> None:
     kbit = is_quantized(llm)  # what was loaded, not what the flags say
     if kbit:
         disable_bnb_cpu_repacking(llm)
-        # Non-reentrant checkpointing, as the engine enables it: no input-grad hook needed.
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=args.gradient_checkpointing,
+        # Non-reentrant checkpointing, as the run enables it: no input-grad hook needed.
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=gradient_checkpointing,
                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = resolve_lora_targets(llm, getattr(args, "lora_target_modules", ""))
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
-                        lora_dropout=args.lora_dropout, bias=args.lora_bias, task_type="CAUSAL_LM")
+    targets = resolve_lora_targets(llm, spec.target_modules)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=spec.dropout,
+                        bias=spec.bias, task_type="CAUSAL_LM")
     peft_llm = get_peft_model(llm, config)
-    if args.lora_weight_path:
-        load_lora_weights(peft_llm, args.lora_weight_path)
+    if weights is not None:
+        load_lora_weights(peft_llm, weights)
     if kbit:
-        _cast_for_kbit(peft_llm, _compute_dtype(args))
+        _cast_for_kbit(peft_llm, dtype)
     model.llm = peft_llm
-

@@ -64,10 +64,10 @@ class VitaModel(nn.Module):
         self.mm_config = dict(mm_config or {})
         # Units whose modules stay in eval mode while training (set by the freeze policy).
         self.eval_units: tuple[str, ...] = ()
-        # Set by the engine with several ranks / ZeRO-3: encoders run on a tiny dummy input when a
-        # micro-batch has no image (or audio), so every rank enters the same collectives.
+        # Set with several ranks (vitacore.model.prepare_for_training): encoders run on a tiny dummy
+        # input when a micro-batch has no image (or audio), so every rank enters the same collectives.
         self.run_all_encoders = False
-        # Set by the engine on GPUs: each forward records its training FLOPs (for MFU).
+        # Set on GPUs (prepare_for_training): each forward records its training FLOPs (for MFU).
         self.count_flops = False
         self.last_flops = 0.0
 
@@ -107,7 +107,8 @@ class VitaModel(nn.Module):
             features = self.vision_tower(images)
         return list(self.mm_projector(features))
 
-    def encode_audio(self, audios: torch.Tensor, audio_lengths: torch.Tensor, audio_token_lengths: torch.Tensor) -> list[torch.Tensor]:
+    def encode_audio(self, audios: torch.Tensor, audio_lengths: torch.Tensor,
+                     audio_token_lengths: torch.Tensor) -> list[torch.Tensor]:
         """Audio encoder + adapter: one ``(tokens, hidden)`` block per clip, cut to its token count."""
         with torch.set_grad_enabled(self._grad_enabled_for(self.audio_encoder)):
             states, out_lengths = self.audio_encoder(audios, audio_lengths)

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from vitacore.data.images import ImageSpec
+
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults (OpenAI CLIP)
@@ -68,15 +70,6 @@ TOWERS = {
     "clip": _CLIP,
     "intern_vit_6b": _INTERNVIT,
 }
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What the data pipeline must produce for this tower: square images of ``image_size``."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 def vita_pixel_shuffle(features: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,18 @@ itself does not shrink. VITA's own encoder takes variable lengths; the tiny defa
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import torch.nn as nn
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from vitacore.console import logger
 from vitacore.data.whisper_audio import whisper_silence_value
+from vitacore.model.families import attention_implementation
+from vitacore.model.loading import quiet_load_report
 
 CONFIG_FILE = "config.json"
 FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
@@ -28,8 +34,6 @@ _ENCODER_KEYS = {r"^model\.encoder\.": "", r"^encoder\.": ""}
 
 def is_whisper_folder(path: str) -> bool:
     """True when ``path`` has a transformers config.json with model_type ``whisper``."""
-    import json
-
     config_file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_file):
         return False
@@ -106,57 +110,45 @@ class WhisperAudioEncoder(nn.Module):
 
 
 def _feature_extractor(path: str, flag: str):
-    from transformers import WhisperFeatureExtractor
-
     if not os.path.isfile(os.path.join(path, FEATURE_EXTRACTOR_FILE)):
         raise FileNotFoundError(f"{flag} {path!r}: a Whisper checkpoint, but no {FEATURE_EXTRACTOR_FILE} there; copy "
                                 "the checkpoint's feature extractor config beside its config.json")
     return WhisperFeatureExtractor.from_pretrained(path)
 
 
-def _say_cost(extractor, log) -> None:
+def _say_cost(extractor) -> None:
     window = extractor.chunk_length
-    log(f"vitacore: note: the Whisper encoder pads every clip to its {window} s window ({extractor.nb_max_frames} "
-        f"frames), so each clip costs a full {window} s encoder pass however short it is; only the clip's own "
-        "states go on to the adapter and the LLM")
+    logger.info(f"vitacore: note: the Whisper encoder pads every clip to its {window} s window "
+                f"({extractor.nb_max_frames} frames), so each clip costs a full {window} s encoder pass however "
+                "short it is; only the clip's own states go on to the adapter and the LLM")
 
 
-def load_whisper_encoder(path: str, dtype: torch.dtype, log=print) -> WhisperAudioEncoder:
+def load_whisper_encoder(path: str, dtype: torch.dtype) -> WhisperAudioEncoder:
     """Whisper's encoder with its weights from the checkpoint in ``path`` (the decoder is skipped).
 
     Raises:
         FileNotFoundError: no feature extractor config in ``path``.
         ValueError: the checkpoint lacks encoder weights.
     """
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    from vitacore.model.families import attention_implementation
-    from vitacore.model.load_export import _without_load_report
-
     extractor = _feature_extractor(path, "--audio_encoder")
-    attention = attention_implementation(dtype, log, what="the Whisper encoder")
-    with _without_load_report():  # it lists the decoder's keys, which are not wanted here
+    attention = attention_implementation(dtype, what="the Whisper encoder")
+    with quiet_load_report():  # it lists the decoder's keys, which are not wanted here
         encoder, info = WhisperEncoder.from_pretrained(path, key_mapping=_ENCODER_KEYS, dtype=dtype,
                                                        attn_implementation=attention, output_loading_info=True)
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise ValueError(f"--audio_encoder {path!r}: the checkpoint has no weights for these encoder tensors: "
                          f"{missing}")
-    log(f"vitacore: audio encoder: Whisper's encoder from {path!r} (decoder not loaded)")
-    _say_cost(extractor, log)
+    logger.info(f"vitacore: audio encoder: Whisper's encoder from {path!r} (decoder not loaded)")
+    _say_cost(extractor)
     return WhisperAudioEncoder(encoder.eval(), extractor, source=os.path.abspath(path))
 
 
-def build_whisper_encoder(path: str, dtype: torch.dtype, source: str, log=print) -> WhisperAudioEncoder:
+def build_whisper_encoder(path: str, dtype: torch.dtype, source: str) -> WhisperAudioEncoder:
     """A Whisper encoder of the architecture in ``path``'s config, weights not loaded (an export's shards hold them)."""
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    from vitacore.model.families import attention_implementation
-
     config = WhisperConfig.from_pretrained(path)
-    attention = attention_implementation(dtype, log, what="the Whisper encoder")
+    attention = attention_implementation(dtype, what="the Whisper encoder")
     encoder = WhisperEncoder._from_config(config, dtype=dtype, attn_implementation=attention)
     extractor = _feature_extractor(path, "--audio_encoder")
-    _say_cost(extractor, log)
+    _say_cost(extractor)
     return WhisperAudioEncoder(encoder.eval(), extractor, source=source)

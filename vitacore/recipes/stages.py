@@ -1,7 +1,8 @@
 """Stage presets: config defaults from VITA's stage scripts; the freeze policy follows the flags.
 
-A preset fills only values the user did not set (flags and ``--config`` YAML always win); every
-value it sets is recorded in ``config.field_sources`` so the report can say where it came from. The
+A preset fills only values the user did not set (flags and ``--config`` YAML always win);
+:func:`resolve_stage` returns a new config with those values, each recorded in its
+``field_sources`` so the report can say where it came from. The
 freeze policy is then derived from the (VITA) flags, so ``--stage 1 --unfreeze_vision_tower True``
 trains the projector and the tower, and ``--stage 1 --freeze_mm_mlp_adapter True`` is refused.
 With the embedded default, a few values are tuned for the tiny model so each stage learns in about
@@ -11,13 +12,15 @@ Users add stages in YAML (``--stage_file``, see :func:`load_stage_file`).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import yaml
 
-from vitacore.data.build import SyntheticSelection
+from vitacore.config import RunConfig
+from vitacore.demo import SyntheticSelection
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ def load_stage_file(path: str) -> list[StagePreset]:
         fields = {"key": str(key), "name": str(key), "script": path, "loads": "",
                   "trains": spec.get("trains", base.trains if base else "as its flags say"),
                   "defaults": {**(base.defaults if base else {}), **(spec.get("defaults") or {})},
-                  "demo_defaults": {**(base.demo_defaults if base else _DEMO_COMMON), **(spec.get("demo_defaults") or {})}}
+                  "demo_defaults": {**(base.demo_defaults if base else _DEMO_COMMON),
+                                    **(spec.get("demo_defaults") or {})}}
         if base:
             fields.update(demo_data=base.demo_data, inputs=base.inputs)
         presets.append(StagePreset(**fields))
@@ -175,20 +179,35 @@ def get_preset(stage: str, stage_file: str | None = None) -> StagePreset:
     return table[stage]
 
 
-def apply_stage(config, embedded_default: bool, demo_output: Optional[str] = None) -> StagePreset:
-    """Fill ``config`` from the stage preset where the user gave no value; return the preset.
+def uses_embedded_default(config: RunConfig) -> bool:
+    """True when no model, tower, encoder or training data is given: the demo model, data and settings.
+
+    With the user's data but no model paths, this is False (the stage's VITA settings apply) while
+    the missing model parts still come from the tiny default model.
+    """
+    m, d = config.model, config.data
+    return not (m.model_name_or_path or m.vision_tower or m.audio_encoder or d.dataset_use or d.data_path)
+
+
+def resolve_stage(config: RunConfig, embedded_default: bool, demo_output: Optional[str] = None
+                  ) -> tuple[StagePreset, RunConfig]:
+    """The stage ``config.stage`` names, and a copy of ``config`` with the preset's values where the user gave none.
 
     Args:
-        config: the run config.
+        config: the parsed run config (left unchanged).
         embedded_default: the run uses the embedded default model and data (demo settings apply).
         demo_output: output folder pattern of the demo stages (``{stage}`` is the stage key);
             earlier stages' artifacts are picked up from it. Default ``output/demo-stage-{stage}``.
+
+    Returns:
+        ``(preset, resolved config)``; the resolved config's ``stage`` is the preset's key.
 
     Raises:
         ValueError: unknown stage or a preset field that is not a config field.
     """
     preset = get_preset(config.stage, config.stage_file)
-    config.stage = preset.key
+    resolved = copy.deepcopy(config)
+    resolved.stage = preset.key
     values = dict(preset.defaults)
     sources = {name: f"stage {preset.key} preset ({os.path.basename(preset.script)})" for name in values}
     if embedded_default:
@@ -202,12 +221,12 @@ def apply_stage(config, embedded_default: bool, demo_output: Optional[str] = Non
                 values[flag] = os.path.dirname(path) if file_name == _EXPORT else path
                 sources[flag] = f"stage {earlier} demo output"
     for name, value in values.items():
-        if not config.is_explicit(name):
-            config.set(name, value, sources[name])
-    return preset
+        if not resolved.is_explicit(name):
+            resolved.set(name, value, sources[name])
+    return preset, resolved
 
 
-def describe_sources(config) -> str:
+def describe_sources(config: RunConfig) -> str:
     """Lines saying which values came from flags / YAML / the preset / demo settings."""
     by_source: dict[str, list[str]] = {}
     for name, source in sorted(config.field_sources.items()):
@@ -215,7 +234,7 @@ def describe_sources(config) -> str:
     return "\n".join(f"{source}: {', '.join(values)}" for source, values in sorted(by_source.items()))
 
 
-def stage_notes(config, preset: StagePreset) -> list[str]:
+def stage_notes(config: RunConfig, preset: StagePreset) -> list[str]:
     """Reminders about what the stage expects from an earlier one and did not get."""
     notes = []
     for flag, (earlier, file_name) in preset.inputs.items():
@@ -232,5 +251,5 @@ def preset_summary() -> str:
     return "\n".join(f"{p.key:>4} / {p.name:<19} trains {p.trains} ({p.script})" for p in BUILTIN_PRESETS)
 
 
-__all__ = ["BUILTIN_PRESETS", "StagePreset", "apply_stage", "describe_sources", "get_preset", "load_stage_file",
-           "preset_summary", "stage_notes"]
+__all__ = ["BUILTIN_PRESETS", "StagePreset", "describe_sources", "get_preset", "load_stage_file", "preset_summary",
+           "resolve_stage", "stage_notes", "uses_embedded_default"]

@@ -17,15 +17,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from vitacore.checkpoint import load_non_lora_trainables, save_full_export
 from vitacore.checkpoint.resumable import COMPLETE_MARKER, CONFIG_FILE, DEEPSPEED_TAG, read_trainer_state
+from vitacore.config import RunConfig, load_yaml_config
+from vitacore.console import enable_console, logger
+from vitacore.recipes.model import build_model_from_config
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _run_config(folder: str, flag: str, lora: Optional[bool] = None):
-    from vitacore.config import load_yaml_config
-
+def _run_config(folder: str, flag: str, lora: Optional[bool] = None) -> RunConfig:
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {folder!r}: no {CONFIG_FILE} there (expected a vitacore checkpoint-<step> "
@@ -63,7 +65,7 @@ def _drop_adapter_flags(config, trainable: set[str]) -> None:
         config.model.pretrain_audio_mlp_adapter = None
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log=print) -> dict:
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Consolidate a resumable checkpoint into a full export in ``out_dir``.
 
     A LoRA checkpoint is merged first (see :func:`merge_lora_folder`).
@@ -74,18 +76,15 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
     Raises:
         FileNotFoundError / ValueError: naming the checkpoint and what is missing or does not fit.
     """
-    from vitacore.checkpoint.export import save_full_export
-    from vitacore.model.build import build_model
-
     if not os.path.exists(os.path.join(checkpoint, COMPLETE_MARKER)):
         raise FileNotFoundError(f"export {checkpoint!r}: not a complete checkpoint (no {COMPLETE_MARKER}); pass a "
                                 "checkpoint-<step> folder of a run's --output_dir")
     if os.path.exists(os.path.join(checkpoint, ADAPTER_CONFIG)):
-        return merge_lora_folder(checkpoint, out_dir, dtype, log)
+        return merge_lora_folder(checkpoint, out_dir, dtype)
     trainable = set(read_trainer_state(checkpoint).get("identity", {}).get("trainable", {}))
     config = _run_config(checkpoint, "export")
     _drop_adapter_flags(config, trainable)
-    bundle = build_model(config, log=log)
+    bundle, _ = build_model_from_config(config)  # frozen parts from the run's own paths
     weights = _trained_weights(checkpoint)
     missing = trainable - set(weights)
     if missing:
@@ -94,22 +93,18 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
     if result.unexpected_keys:
         raise ValueError(f"export {checkpoint!r}: weights {result.unexpected_keys[:5]} fit no parameter of the "
                          "model rebuilt from its config.yaml")
-    log(f"loaded {len(weights)} trained tensors from {checkpoint}")
+    logger.info(f"loaded {len(weights)} trained tensors from {checkpoint}")
     return save_full_export(bundle.model, bundle.tokenizer, out_dir, is_main=True, dtype=dtype)
 
 
-def merge_lora_folder(folder: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log=print) -> dict:
+def merge_lora_folder(folder: str, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Merge a LoRA run's adapter into its base LLM and write a full export.
 
     ``folder`` is a LoRA run's output folder or one of its checkpoints: it holds ``config.yaml``,
     the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and
     ``non_lora_trainables.bin``. The base LLM is loaded unquantized even for ``--bits 4/8`` runs.
     """
-    from peft import PeftModel
-
-    from vitacore.checkpoint.export import save_full_export
-    from vitacore.checkpoint.lora import load_non_lora_trainables
-    from vitacore.model.build import build_model
+    from peft import PeftModel  # seconds to import: LoRA folders only
 
     if not os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
         raise FileNotFoundError(f"merge-lora {folder!r}: no {ADAPTER_CONFIG} (not the output of a --lora_enable run)")
@@ -117,12 +112,12 @@ def merge_lora_folder(folder: str, out_dir: str, dtype: torch.dtype = torch.bflo
     non_lora = os.path.join(folder, "non_lora_trainables.bin")
     if os.path.exists(non_lora):
         config.model.pretrain_mm_mlp_adapter = config.model.pretrain_audio_mlp_adapter = None
-    bundle = build_model(config, log=log)
+    bundle, _ = build_model_from_config(config)  # frozen parts from the run's own paths
     model = bundle.model
     model.llm = PeftModel.from_pretrained(model.llm, folder).merge_and_unload()
     if os.path.exists(non_lora):
         loaded = load_non_lora_trainables(non_lora, model)
-        log(f"loaded {len(loaded)} non-LoRA trained tensors from {non_lora}")
+        logger.info(f"loaded {len(loaded)} non-LoRA trained tensors from {non_lora}")
     return save_full_export(model, bundle.tokenizer, out_dir, is_main=True, dtype=dtype)
 
 
@@ -138,12 +133,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command.add_argument("out_dir", help="where the full export goes")
         command.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="weights' dtype")
     args = parser.parse_args(argv)
+    enable_console()
     run = export_checkpoint if args.command == "export" else merge_lora_folder
     try:
         written = run(args.source, args.out_dir, _DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, path in sorted(written.items()):
+    for _, path in sorted(written.items()):
         print(f"wrote {path}")
     return 0

@@ -1,10 +1,10 @@
-"""Build a whole ``VitaModel`` from a folder in VITA's layout: a vitacore full export or a VITA checkpoint.
+"""Load a whole ``VitaModel`` from a folder in VITA's layout: a vitacore full export or a VITA checkpoint.
 
 Such a folder's ``config.json`` is the LLM's config plus VITA's multimodal fields (``mm_vision_tower``,
 ``mm_projector_type``, ...), and its safetensors hold every part under VITA's key names. The LLM comes
 from ``AutoModelForCausalLM.from_pretrained(folder)`` (it loads the keys that are its own); the other
 parts are constructed from encoder configs, then filled from the same shards through
-:func:`vitacore.model.vita_layout.from_vita_name`.
+:func:`vitacore.checkpoint.vita_layout.from_vita_name`.
 
 Where an encoder's config comes from, first match wins: ``--vision_tower`` / ``--audio_encoder``;
 the export's ``vision_tower/`` / ``audio_encoder/`` folder; the ``mm_vision_tower`` /
@@ -13,70 +13,48 @@ the export's ``vision_tower/`` / ``audio_encoder/`` folder; the ``mm_vision_towe
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-from vitacore.checkpoint.artifacts import load_adapter_file
-from vitacore.model.audio import AUDIO_CONFIG_FILE, AudioAdapter, build_audio_encoder
-from vitacore.model.families import attention_implementation
-from vitacore.model.multimodal import VitaModel
-from vitacore.model.projector import build_projector
-from vitacore.model.vision import VisionTower, build_vision_tower
-from vitacore.model.vita_layout import from_vita_name, is_llm_key
-from vitacore.partition import gathered, is_partitioned
-
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHTS_FILE = "model.safetensors"
-VISION_SUBFOLDER = "vision_tower"
-AUDIO_SUBFOLDER = "audio_encoder"
-# VITA's own model types -> the transformers family whose weights they hold.
-VITA_MODEL_TYPES = {"vita-Qwen2": "qwen2", "vita-fo-Qwen2": "qwen2", "vita-Mistral": "mistral",
-                    "vita-mixtral": "mixtral"}
-# VITA's multimodal config fields (VITA_REFERENCE §8); they describe the model, not the LLM.
-MULTIMODAL_FIELDS = (
-    "mm_vision_tower", "mm_audio_encoder", "mm_projector_type", "mm_hidden_size", "use_mm_proj",
-    "image_aspect_ratio", "tokenizer_padding_side", "tokenizer_model_max_length", "freeze_audio_encoder",
-    "freeze_audio_encoder_adapter", "audio_prompt_finetune", "audio_prompt_num", "tune_mm_mlp_adapter",
-    "tune_audio_mlp_adapter", "audio_state_predictor_tuning", "freeze_mm_mlp_adapter", "mm_projector_lr",
-    "use_s2", "unfreeze_vision_tower",
+from vitacore.checkpoint.export.format import (
+    ADAPTER_CONV_KEY,
+    AUDIO_SUBFOLDER,
+    CONFIG_FILE,
+    INDEX_FILE,
+    MULTIMODAL_FIELDS,
+    PROMPT_KEY,
+    STATE_HEAD_PREFIX,
+    VISION_SUBFOLDER,
+    WEIGHTS_FILE,
+    llm_config_for,
+    read_export_config,
 )
-PROMPT_KEY = "model.audio_encoder.prompt_embeddings.weight"
-STATE_HEAD_PREFIX = "predictor_head."
-ADAPTER_CONV_KEY = "model.audio_encoder.adpter.conv1d2.weight"
-
-
-def read_export_config(path: Optional[str]) -> Optional[dict]:
-    """``path``'s config.json when it describes a whole VITA-layout model (it has ``mm_vision_tower``
-    or a ``vitacore`` entry); None for a plain LLM folder, a hub id, or nothing."""
-    if not path or not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return None
-    with open(os.path.join(path, CONFIG_FILE)) as fh:
-        config = json.load(fh)
-    return config if "mm_vision_tower" in config or isinstance(config.get("vitacore"), dict) else None
-
-
-def llm_config_for(path: str):
-    """The LLM's transformers config for ``path``; VITA's model types map to their family."""
-    from transformers import AutoConfig
-
-    exported = read_export_config(path)
-    if exported is not None and exported.get("model_type") in VITA_MODEL_TYPES:
-        fields = {k: v for k, v in exported.items() if k != "model_type"}
-        config = AutoConfig.for_model(VITA_MODEL_TYPES[exported["model_type"]], **fields)
-    else:
-        config = AutoConfig.from_pretrained(path)
-    for key in (*MULTIMODAL_FIELDS, "vitacore"):  # the model's fields, kept on VitaModel.mm_config
-        if key in config.__dict__:
-            delattr(config, key)
-    return config
+from vitacore.checkpoint.vita_layout import from_vita_name, is_llm_key
+from vitacore.console import logger
+from vitacore.model import (
+    AUDIO_CONFIG_FILE,
+    AudioAdapter,
+    ModelBundle,
+    ModelSpec,
+    StartWeights,
+    VitaModel,
+    build_audio_encoder,
+    build_projector,
+    build_vision_tower,
+    finish_model,
+    infer_model_type,
+    llm_load_kwargs,
+    load_tokenizer_for,
+    quiet_load_report,
+    zero3_construction,
+)
+from vitacore.partition import gathered, is_partitioned
 
 
 class ShardReader:
@@ -90,7 +68,7 @@ class ShardReader:
                 self.file_of = dict(json.load(fh)["weight_map"])
         elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
             with safe_open(os.path.join(directory, WEIGHTS_FILE), "pt") as reader:
-                self.file_of = {key: WEIGHTS_FILE for key in reader.keys()}
+                self.file_of = dict.fromkeys(reader.keys(), WEIGHTS_FILE)
         else:
             raise FileNotFoundError(f"--model_name_or_path {directory!r}: neither {INDEX_FILE} nor {WEIGHTS_FILE} "
                                     "is there; a full export keeps its weights in safetensors")
@@ -99,7 +77,7 @@ class ShardReader:
     def shape(self, key: str) -> tuple:
         if key not in self._shapes:
             with safe_open(os.path.join(self.directory, self.file_of[key]), "pt") as reader:
-                for name in reader.keys():
+                for name in reader.keys():  # noqa: SIM118 - a safetensors reader, not a dict
                     self._shapes[name] = tuple(reader.get_slice(name).get_shape())
         return self._shapes[key]
 
@@ -114,33 +92,17 @@ class ShardReader:
         return values
 
 
-@contextlib.contextmanager
-def _without_load_report():
-    """Hide transformers' load report for this call: it lists every multimodal key as UNEXPECTED
-    (they are the other parts' weights); the LLM's own problems are reported by the caller."""
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    drop = logging.Filter()
-    drop.filter = lambda record: "LOAD REPORT" not in str(record.msg)
-    hf_logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        hf_logger.removeFilter(drop)
-
-
-def _load_llm(path: str, dtype: torch.dtype, log, **llm_kwargs):
-    from transformers import AutoModelForCausalLM
-
-    with _without_load_report():
-        llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path), dtype=dtype,
-                                                         attn_implementation=attention_implementation(dtype, log),
-                                                         output_loading_info=True, **llm_kwargs)
+def _load_llm(spec: ModelSpec):
+    path = spec.llm_path
+    with quiet_load_report():
+        llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path), dtype=spec.dtype,
+                                                         output_loading_info=True, **llm_load_kwargs(spec))
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if is_llm_key(k))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
-        log(f"vitacore: WARNING {path!r}: the LLM's weights do not fit it exactly (missing, newly initialized: "
-            f"{missing}; unexpected: {unexpected}; mismatched: {mismatched})")
+        logger.info(f"vitacore: WARNING {path!r}: the LLM's weights do not fit it exactly (missing, newly "
+                    f"initialized: {missing}; unexpected: {unexpected}; mismatched: {mismatched})")
     llm.config.use_cache = False
     return llm
 
@@ -160,20 +122,6 @@ def _encoder_source(flag_value: Optional[str], directory: str, subfolder: str, m
         f"{os.path.join(directory, CONFIG_FILE)}: {field} = {recorded!r} is not a folder with a "
         f"{' or '.join(markers)} on this machine, and the export has no {subfolder}/ folder; pass {flag} PATH "
         "(a folder holding the encoder's config; the weights still come from the export)")
-
-
-def _build_tower(source: str, dtype: torch.dtype, recorded) -> VisionTower:
-    """A tower of the architecture ``source`` describes, without loading its weights (the shards hold them).
-
-    Under a live ZeRO-3 config it is built partitioned, as ``from_pretrained`` would. A remote-code
-    tower (InternViT) runs the ``.py`` files the export copied into its ``vision_tower/`` folder.
-    """
-    return build_vision_tower(source, dtype, source=recorded or os.path.abspath(source))
-
-
-def _build_audio_encoder(source: str, dtype: torch.dtype, recorded, log) -> nn.Module:
-    """The tiny encoder or Whisper's, as ``source``'s config says, without weights (the shards hold them)."""
-    return build_audio_encoder(source, dtype, recorded or os.path.abspath(source), log)
 
 
 def _expected(module: nn.Module) -> dict[str, tuple]:
@@ -225,59 +173,58 @@ def _load_parts(directory: str, reader: ShardReader, parts: dict[str, nn.Module]
             module.load_state_dict({local: values[key] for local, key in keys.items()}, strict=rank == 0)
 
 
-def load_export_model(config, directory: str, exported: dict, dtype: torch.dtype, log=print,
-                      llm_kwargs: Optional[dict] = None) -> VitaModel:
-    """Build the whole model a VITA-layout folder describes, its weights loaded from the folder.
+def load_export_model(spec: ModelSpec, exported: dict) -> VitaModel:
+    """Build the whole model a VITA-layout folder (``spec.llm_path``) describes, weights from the folder.
 
-    Call inside ``build_model``'s ZeRO-3 construction context when the run uses ZeRO-3: the LLM and
-    the tower are then built partitioned, as on the plain path.
+    Call inside :func:`vitacore.model.zero3_construction` when the run uses ZeRO-3: the LLM and the
+    tower are then built partitioned, as on the plain path.
 
     Args:
-        config: the run config (``--vision_tower`` / ``--audio_encoder`` override the saved encoder
-            configs; ``--pretrain_mm_mlp_adapter`` / ``--pretrain_audio_mlp_adapter`` override the
-            loaded adapters; ``--audio_prompt_num`` / the fo model type add parts the folder lacks).
-        directory: the folder (``--model_name_or_path``).
-        exported: its config.json (:func:`read_export_config`).
-        dtype: the run's compute dtype.
-        log: where notes go.
-        llm_kwargs: extra ``from_pretrained`` arguments for the LLM (k-bit quantization).
+        spec: the model's config (``vision_tower_path`` / ``audio_encoder_path`` override the saved
+            encoder configs; ``audio_prompt_num`` / the fo model type add parts the folder lacks).
+        exported: the folder's config.json (:func:`read_export_config`).
 
     Raises:
         FileNotFoundError: an encoder config cannot be found (names the config field and the flag).
         ValueError: keys that fit no part, tensors missing, sizes that disagree, or ``use_s2`` set.
     """
-    m, t = config.model, config.training
+    directory, dtype = spec.llm_path, spec.dtype
     if exported.get("use_s2"):
         raise ValueError(f"{os.path.join(directory, CONFIG_FILE)}: use_s2 is true (S2 multi-scale vision features), "
                          "which vitacore does not implement; this checkpoint's projector expects S2 features")
     reader = ShardReader(directory)
     keys = set(reader.file_of)
-    llm = _load_llm(directory, dtype, log, **(llm_kwargs or {}))
+    llm = _load_llm(spec)
     hidden = llm.config.hidden_size
     mm_config = {k: v for k, v in exported.items() if k in MULTIMODAL_FIELDS or k.startswith("mm_")}
 
     tower = projector = None
-    if exported.get("mm_vision_tower") or m.vision_tower or any(k.startswith("model.vision_tower.") for k in keys):
+    has_tower = any(k.startswith("model.vision_tower.") for k in keys)
+    if exported.get("mm_vision_tower") or spec.vision_tower_path or has_tower:
         recorded = exported.get("mm_vision_tower")
-        source = _encoder_source(m.vision_tower, directory, VISION_SUBFOLDER, CONFIG_FILE, recorded,
+        source = _encoder_source(spec.vision_tower_path, directory, VISION_SUBFOLDER, CONFIG_FILE, recorded,
                                  "mm_vision_tower", "--vision_tower")
-        tower = _build_tower(source, dtype, None if m.vision_tower else recorded)
+        # Remote code (InternViT) runs the .py files the export copied into its vision_tower/ folder.
+        tower = build_vision_tower(source, dtype, source=(None if spec.vision_tower_path else recorded)
+                                   or os.path.abspath(source))
         mm_hidden = exported.get("mm_hidden_size")
         if mm_hidden is not None and mm_hidden != tower.hidden_size:
             raise ValueError(f"--vision_tower {source!r}: hidden size {tower.hidden_size}, but the export's projector "
                              f"was trained on mm_hidden_size {mm_hidden}; pass the tower it was trained with")
-        projector_type = exported.get("mm_projector_type") or m.mm_projector_type
-        torch.manual_seed(t.seed)
+        projector_type = exported.get("mm_projector_type") or spec.mm_projector_type
+        torch.manual_seed(spec.seed)
         projector = build_projector(projector_type, tower.hidden_size, hidden).to(dtype)
         mm_config.update(mm_vision_tower=tower.source, mm_hidden_size=tower.hidden_size,
                          mm_projector_type=projector_type, use_mm_proj=True)
 
     encoder = adapter = None
-    if exported.get("mm_audio_encoder") or m.audio_encoder or any(k.startswith("model.audio_encoder.") for k in keys):
+    has_audio = any(k.startswith("model.audio_encoder.") for k in keys)
+    if exported.get("mm_audio_encoder") or spec.audio_encoder_path or has_audio:
         recorded = exported.get("mm_audio_encoder")
-        source = _encoder_source(m.audio_encoder, directory, AUDIO_SUBFOLDER, (AUDIO_CONFIG_FILE, CONFIG_FILE),
-                                 recorded, "mm_audio_encoder", "--audio_encoder")
-        encoder = _build_audio_encoder(source, dtype, None if m.audio_encoder else recorded, log)
+        source = _encoder_source(spec.audio_encoder_path, directory, AUDIO_SUBFOLDER,
+                                 (AUDIO_CONFIG_FILE, CONFIG_FILE), recorded, "mm_audio_encoder", "--audio_encoder")
+        encoder = build_audio_encoder(source, dtype, (None if spec.audio_encoder_path else recorded)
+                                      or os.path.abspath(source))
         kernel = reader.shape(ADAPTER_CONV_KEY)[-1] if ADAPTER_CONV_KEY in keys else 5
         adapter = AudioAdapter(encoder.hidden_size, hidden, kernel_size=kernel).to(dtype)
         mm_config["mm_audio_encoder"] = encoder.source
@@ -285,12 +232,12 @@ def load_export_model(config, directory: str, exported: dict, dtype: torch.dtype
     # Parts this run adds to what the folder holds start fresh (e.g. stage fo's audio prompts).
     fresh = set()
     saved_prompts = reader.shape(PROMPT_KEY)[0] if PROMPT_KEY in keys else (exported.get("audio_prompt_num") or 0)
-    if saved_prompts and m.audio_prompt_num and m.audio_prompt_num != saved_prompts:
-        raise ValueError(f"--audio_prompt_num {m.audio_prompt_num}: the export at {directory!r} was trained with "
+    if saved_prompts and spec.audio_prompt_num and spec.audio_prompt_num != saved_prompts:
+        raise ValueError(f"--audio_prompt_num {spec.audio_prompt_num}: the export at {directory!r} was trained with "
                          f"{saved_prompts} audio prompt embeddings; drop the flag or pass {saved_prompts}")
     prompt = None
-    if saved_prompts or m.audio_prompt_finetune or m.audio_prompt_num:
-        prompt = nn.Embedding(saved_prompts or m.audio_prompt_num, hidden).to(dtype)
+    if saved_prompts or spec.audio_prompt_finetune or spec.audio_prompt_num:
+        prompt = nn.Embedding(saved_prompts or spec.audio_prompt_num, hidden).to(dtype)
         if not saved_prompts:
             fresh.add("audio_prompt")
         mm_config.update(audio_prompt_finetune=True, audio_prompt_num=prompt.num_embeddings)
@@ -299,22 +246,59 @@ def load_export_model(config, directory: str, exported: dict, dtype: torch.dtype
     if head_keys:
         out_features, in_features = reader.shape(STATE_HEAD_PREFIX + "weight")
         head = nn.Linear(in_features, out_features, bias=STATE_HEAD_PREFIX + "bias" in keys).to(dtype)
-    elif m.model_type == "qwen2p5_fo_instruct":
+    elif spec.model_type == "qwen2p5_fo_instruct":
         head = nn.Linear(hidden, 3).to(dtype)
         fresh.add("state_head")
 
     padding_side = exported.get("tokenizer_padding_side") or "right"
-    mm_config.update(tokenizer_padding_side=padding_side, tokenizer_model_max_length=t.model_max_length)
-    model = VitaModel(llm, tower, projector, encoder, adapter, prompt, head, model_max_length=t.model_max_length,
+    mm_config.update(tokenizer_padding_side=padding_side, tokenizer_model_max_length=spec.model_max_length)
+    model = VitaModel(llm, tower, projector, encoder, adapter, prompt, head, model_max_length=spec.model_max_length,
                       padding_side=padding_side, mm_config=mm_config)
     parts = {name: module for name, module in model.unit_modules().items() if name != "llm"}
     _load_parts(directory, reader, parts, fresh)
     if fresh:
-        log(f"vitacore: {directory!r} has no {', '.join(sorted(fresh))}; this run starts them from random init")
-
-    if m.pretrain_mm_mlp_adapter and projector is not None:
-        load_adapter_file(m.pretrain_mm_mlp_adapter, projector, "mm_projector.", "--pretrain_mm_mlp_adapter")
-    if m.pretrain_audio_mlp_adapter and adapter is not None:
-        load_adapter_file(m.pretrain_audio_mlp_adapter, adapter, "audio_encoder.adpter.",
-                          "--pretrain_audio_mlp_adapter")
+        logger.info(f"vitacore: {directory!r} has no {', '.join(sorted(fresh))}; this run starts them from random init")
     return model
+
+
+def load_export_bundle(spec: ModelSpec, exported: dict, start: Optional[StartWeights] = None,
+                       deepspeed_config: Optional[dict] = None) -> ModelBundle:
+    """The model and tokenizer of a VITA-layout folder (``spec.llm_path``), ready to train.
+
+    Args:
+        spec: the model's config (its ``model_type`` already resolved for this folder).
+        exported: the folder's config.json (:func:`read_export_config`).
+        start: adapters loaded over the folder's (``--pretrain_mm_mlp_adapter`` ...), and LoRA weights.
+        deepspeed_config: a complete ZeRO-3 config builds the LLM and tower partitioned.
+    """
+    tokenizer = load_tokenizer_for(spec.llm_path, spec.model_max_length, spec.model_type)
+    with zero3_construction(deepspeed_config):
+        model = load_export_model(spec, exported)
+    return ModelBundle(finish_model(model, spec, start or StartWeights()), tokenizer)
+
+
+def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_tower: str | None = None,
+                     audio_encoder: str | None = None, deepspeed_config: dict | None = None) -> ModelBundle:
+    """Load a full export outside a training run (tests, tools); a run does the same with
+    ``--model_name_or_path DIR``.
+
+    Args:
+        directory: the export (or a VITA checkpoint folder).
+        dtype: torch.float32 or torch.bfloat16.
+        vision_tower / audio_encoder: encoder config folders overriding the export's.
+        deepspeed_config: a complete ZeRO-3 config builds the LLM and tower partitioned.
+
+    Returns:
+        A :class:`vitacore.model.ModelBundle` (model, tokenizer).
+    """
+    exported = read_export_config(directory)
+    if exported is None:
+        raise FileNotFoundError(f"load_full_export: {os.path.join(directory, CONFIG_FILE)!r} is missing or has no "
+                                "mm_vision_tower / vitacore entry; is this a full export?")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"load_full_export: dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    choice = infer_model_type(exported.get("model_type"), directory, None, None, False, False)
+    spec = ModelSpec(llm_path=directory, vision_tower_path=vision_tower, audio_encoder_path=audio_encoder,
+                     model_type=choice.model_type, dtype=dtype,
+                     model_max_length=exported.get("tokenizer_model_max_length") or 512)
+    return load_export_bundle(spec, exported, deepspeed_config=deepspeed_config)

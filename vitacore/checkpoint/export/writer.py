@@ -1,20 +1,5 @@
-"""The full export: one folder in VITA's layout that ``from_pretrained`` and vitacore both load.
-
-Layout::
-
-    config.json                  the LLM's config + VITA's multimodal fields + a "vitacore" entry
-    model.safetensors            every tensor under VITA's key names (or model-0000k-of-0000n shards
-    model.safetensors.index.json   + an index, HF's format)
-    generation_config.json       when the LLM has one
-    tokenizer files              tokenizer.save_pretrained
-    vision_tower/                the tower's config.json (+ preprocessor_config.json, + the .py files
-                                   of a remote-code tower such as InternViT); no weights
-    audio_encoder/               the audio encoder's config (Whisper: + preprocessor_config.json); no weights
-
-The weights of every part live in the shards; the two folders make the export self-contained, so
-loading it never needs the paths the model was first built from (see
-:mod:`vitacore.model.load_export`).
-"""
+"""Write the full export: one folder in VITA's layout (:mod:`vitacore.checkpoint.export.format`) that
+``from_pretrained`` and vitacore both load."""
 
 from __future__ import annotations
 
@@ -27,20 +12,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from transformers.dynamic_module_utils import custom_object_save
 
+from vitacore.checkpoint.export.format import (
+    AUDIO_SUBFOLDER,
+    CONFIG_FILE,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    INDEX_FILE,
+    MERGE_LORA_HINT,
+    PROCESSOR_FILE,
+    VISION_SUBFOLDER,
+    WEIGHTS_FILE,
+    is_full_export,
+)
+from vitacore.checkpoint.vita_layout import to_vita_name
 from vitacore.partition import gathered, is_partitioned
-
-# vitacore.model is imported inside functions: this package is imported before vitacore.model is.
-
-EXPORT_FORMAT = "vitacore-full-export"
-EXPORT_VERSION = 1
-VISION_SUBFOLDER = "vision_tower"
-AUDIO_SUBFOLDER = "audio_encoder"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PROCESSOR_FILE = "preprocessor_config.json"
-MERGE_LORA_HINT = "python -m vitacore.checkpoint merge-lora"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -82,8 +69,6 @@ def _entries(model: nn.Module, dtype: torch.dtype) -> list[_Entry]:
     the tie's source (``model.embed_tokens.weight``), never its target (``lm_head.weight``), so
     ``from_pretrained`` re-ties it exactly as after ``save_pretrained``.
     """
-    from vitacore.model.vita_layout import to_vita_name
-
     tied_targets = {f"llm.{k}" for k in (getattr(model.llm, "all_tied_weights_keys", None) or {})}
     names_by_id: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -140,15 +125,6 @@ def _raise_everywhere(message: str | None, is_main: bool) -> None:
         message = box[0]
     if message:
         raise ValueError(message)
-
-
-def is_full_export(directory: str) -> bool:
-    """True when ``directory`` holds a vitacore full export (its config.json has a "vitacore" entry)."""
-    try:
-        with open(os.path.join(directory, CONFIG_FILE)) as fh:
-            return isinstance(json.load(fh).get("vitacore"), dict)
-    except (OSError, ValueError):
-        return False
 
 
 def _check_exportable(model: nn.Module, directory: str) -> str | None:
@@ -228,8 +204,6 @@ def _write_encoder_configs(model: nn.Module, staging: str) -> None:
         if remote and getattr(tower.encoder.config, "auto_map", None):
             # Remote code (InternViT): its config.json names .py files; copy them (and what they import
             # relatively) from the loaded module, so the export reloads with trust_remote_code on its own.
-            from transformers.dynamic_module_utils import custom_object_save
-
             custom_object_save(tower.encoder, folder)
         source = os.path.join(str(getattr(tower, "source", "")), PROCESSOR_FILE)
         if os.path.isfile(source):
@@ -352,7 +326,7 @@ def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool,
             if is_main:
                 save_file(tensors, os.path.join(staging, name), metadata={"format": "pt"})
                 _readable_like_other_files(os.path.join(staging, name))
-                weight_map.update({key: name for key in tensors})
+                weight_map.update(dict.fromkeys(tensors, name))
         if is_main:
             if len(shards) > 1:
                 index = {"metadata": {"total_size": sum(e.nbytes for s in shards for e in s)},
@@ -387,36 +361,3 @@ def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool,
             written[subfolder] = os.path.join(directory, subfolder)
     written["tokenizer"] = directory
     return written
-
-
-def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_tower: str | None = None,
-                     audio_encoder: str | None = None, deepspeed_config: dict | None = None, log=print):
-    """Load a full export outside a training run (tests, tools); a run does the same through
-    ``build_model`` with ``--model_name_or_path DIR``.
-
-    Args:
-        directory: the export (or a VITA checkpoint folder).
-        dtype: torch.float32 or torch.bfloat16.
-        vision_tower / audio_encoder: encoder config folders overriding the export's.
-        deepspeed_config: a complete ZeRO-3 config builds the LLM and tower partitioned.
-        log: where notes go.
-
-    Returns:
-        A :class:`vitacore.model.build.ModelBundle` (model, tokenizer).
-    """
-    from vitacore.config import RunConfig
-    from vitacore.model.build import build_model
-    from vitacore.model.load_export import read_export_config
-
-    exported = read_export_config(directory)
-    if exported is None:
-        raise FileNotFoundError(f"load_full_export: {os.path.join(directory, CONFIG_FILE)!r} is missing or has no "
-                                "mm_vision_tower / vitacore entry; is this a full export?")
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"load_full_export: dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
-    config = RunConfig()
-    config.model.model_name_or_path = directory
-    config.model.vision_tower, config.model.audio_encoder = vision_tower, audio_encoder
-    config.training.bf16 = dtype == torch.bfloat16
-    config.training.model_max_length = exported.get("tokenizer_model_max_length") or config.training.model_max_length
-    return build_model(config, log=log, deepspeed_config=deepspeed_config)

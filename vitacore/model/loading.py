@@ -1,0 +1,63 @@
+"""How vitacore calls transformers' loaders: under ZeRO-3, quietly where its report misleads, and
+tokenizers by VITA's rules."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Optional
+
+from transformers import AutoTokenizer
+
+from vitacore.model.families import apply_pad_rule
+
+
+def is_zero3(deepspeed_config: Optional[dict]) -> bool:
+    """Whether a (complete) DeepSpeed config asks for ZeRO stage 3."""
+    return bool(deepspeed_config) and deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+@contextlib.contextmanager
+def zero3_construction(deepspeed_config: Optional[dict]):
+    """While active, transformers builds models inside ``deepspeed.zero.Init`` (partitioned) when
+    ``deepspeed_config`` is a ZeRO-3 config; otherwise nothing changes.
+
+    ``HfDeepSpeedConfig`` is a weak global: it must be held in a variable for the whole build, or
+    every rank silently loads the full model.
+    """
+    if not is_zero3(deepspeed_config):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig  # imports DeepSpeed: only for ZeRO-3 builds
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref  # e.g. a live TrainingArguments(deepspeed=...)
+    keep_alive = HfDeepSpeedConfig(deepspeed_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Hide transformers' load report for this call: it lists the keys a partial load leaves out
+    (the other parts of a VITA-layout folder, Whisper's decoder) as problems; callers report real ones."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    drop = logging.Filter()
+    drop.filter = lambda record: "LOAD REPORT" not in str(record.msg)
+    hf_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        hf_logger.removeFilter(drop)
+
+
+def load_tokenizer_for(path: str, model_max_length: int, model_type: Optional[str] = None):
+    """The LLM's tokenizer, right-padded, with a pad token by VITA's rule (see
+    :func:`vitacore.model.families.apply_pad_rule`: none -> unk, else eos; ``llama3-8b``: eos)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right",
+                                              use_fast=True, local_files_only=os.path.isdir(path))
+    return apply_pad_rule(tokenizer, model_type, path)

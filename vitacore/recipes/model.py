@@ -1,0 +1,132 @@
+"""The run's model: which LLM family it is, which weights it starts from, and which builder composes it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+from vitacore.checkpoint import (
+    llm_config_for,
+    load_export_bundle,
+    read_adapter_file,
+    read_export_config,
+    read_lora_weights,
+)
+from vitacore.config import RunConfig
+from vitacore.data import ModelInputs, audio_transform_for, get_template
+from vitacore.demo import DefaultAssets, ensure_default_assets
+from vitacore.model import (
+    INFERRED_SOURCE,
+    ModelBundle,
+    ModelSpec,
+    StartWeights,
+    VitaModel,
+    build_model,
+    infer_model_type,
+)
+from vitacore.recipes.specs import model_spec
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a run's model will be, known before any weight is read.
+
+    Attributes:
+        config: the run config with ``--model_type`` / ``--version`` resolved for the LLM.
+        exported: ``--model_name_or_path``'s config.json when it is a VITA-layout folder (else None).
+        assets: the embedded default, where the run takes parts (or data) from it (else None).
+        hidden_size: the LLM's hidden size (sizes DeepSpeed's buckets).
+    """
+
+    config: RunConfig
+    exported: Optional[dict]
+    assets: Optional[DefaultAssets]
+    hidden_size: int
+
+
+def plan_model(config: RunConfig, with_data: bool = True) -> ModelPlan:
+    """Read the LLM's config (no weights), infer its model type, and build the embedded default when needed.
+
+    The embedded default is needed for any part without a path (outside a VITA-layout folder, which
+    holds every part) and, when ``with_data``, for a run without data flags (its synthetic data).
+    """
+    m, d = config.model, config.data
+    exported = read_export_config(m.model_name_or_path)
+    model_complete = exported is not None or bool(m.model_name_or_path and m.vision_tower and m.audio_encoder)
+    needs_assets = not model_complete or (with_data and not (d.data_path or d.dataset_use))
+    assets = ensure_default_assets() if needs_assets else None
+    llm_path = m.model_name_or_path or assets.llm
+    llm_config = llm_config_for(llm_path)
+    llm_type = exported.get("model_type") if exported is not None else llm_config.model_type
+    return ModelPlan(with_model_type(config, llm_type, llm_path), exported, assets, llm_config.hidden_size)
+
+
+def with_model_type(config: RunConfig, llm_model_type: str, llm_path: str) -> RunConfig:
+    """A copy of ``config`` whose ``--model_type`` / ``--version`` fit the LLM, inferred where the user set neither.
+
+    Inferred values are recorded with the source "inferred from the LLM's config" (never explicit, so
+    rebuilding from the saved config.yaml infers the same again). The decisions are logged.
+
+    Raises:
+        ValueError: an unknown ``--model_type`` or ``--version``, or an LLM family that needs one of them.
+    """
+    m = config.model
+    choice = infer_model_type(llm_model_type, llm_path, m.model_type, m.version, config.is_explicit("model_type"),
+                              config.is_explicit("version"), config.source_of("model_type"))
+    resolved = copy.deepcopy(config)
+    for name in choice.inferred:
+        resolved.set(name, getattr(choice, name), INFERRED_SOURCE)
+    get_template(resolved.model.version)  # an unknown --version fails here, before any weights load
+    return resolved
+
+
+def start_weights(config: RunConfig) -> StartWeights:
+    """The adapter and LoRA weights the flags name, read from their files (``--pretrain_mm_mlp_adapter``,
+    ``--pretrain_audio_mlp_adapter``, ``--lora_weight_path``).
+
+    Raises:
+        FileNotFoundError / ValueError: a file that is missing or holds no such adapter, naming the flag.
+    """
+    m, t = config.model, config.training
+    projector = audio_adapter = lora = None
+    if m.pretrain_mm_mlp_adapter:
+        projector = read_adapter_file(m.pretrain_mm_mlp_adapter, "mm_projector.", "--pretrain_mm_mlp_adapter")
+    if m.pretrain_audio_mlp_adapter:
+        audio_adapter = read_adapter_file(m.pretrain_audio_mlp_adapter, "audio_encoder.adpter.",
+                                          "--pretrain_audio_mlp_adapter")
+    if t.lora_enable and t.lora_weight_path:
+        lora = read_lora_weights(t.lora_weight_path)
+    return StartWeights(projector, audio_adapter, lora)
+
+
+def build_run_model(spec: ModelSpec, exported: Optional[dict], start: StartWeights,
+                    deepspeed_config: Optional[dict]) -> ModelBundle:
+    """The model and tokenizer: from a VITA-layout folder (``exported``: its config.json) or from part folders."""
+    if exported is not None:
+        return load_export_bundle(spec, exported, start, deepspeed_config)
+    return build_model(spec, start, deepspeed_config)
+
+
+def build_model_from_config(config: RunConfig, deepspeed_config: Optional[dict] = None
+                            ) -> tuple[ModelBundle, RunConfig]:
+    """The model a run config describes, built as a stage run builds it (tools, tests, notebooks).
+
+    Returns:
+        ``(bundle, config)``: the model and tokenizer, and the config with its model type resolved.
+    """
+    plan = plan_model(config, with_data=False)
+    spec = model_spec(plan.config, plan.assets, from_export=plan.exported is not None)
+    return build_run_model(spec, plan.exported, start_weights(plan.config), deepspeed_config), plan.config
+
+
+def model_inputs(model: VitaModel) -> ModelInputs:
+    """What the model's encoders take, for the data pipeline: the tower's image size and normalization
+    and tokens per image, and the audio encoder's features (fbank or Whisper's log-mel) and token counts."""
+    tower, encoder = model.vision_tower, model.audio_encoder
+    audio = None
+    if encoder is not None:
+        audio = audio_transform_for(encoder.num_mel_bins, getattr(encoder, "feature_extractor", None))
+    return ModelInputs(image_spec=tower.image_spec if tower is not None else None,
+                       tokens_per_image=tower.num_tokens_per_image if tower is not None else None,
+                       audio_transform=audio)
