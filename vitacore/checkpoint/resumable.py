@@ -27,7 +27,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import transformers
 
 from vitacore._version import __version__
 from vitacore.checkpoint.artifacts import atomic_torch_save
@@ -159,6 +158,7 @@ def run_identity(model: torch.nn.Module, world_size: int, batch_layout: list[int
 
 def _versions() -> dict:
     import deepspeed  # imported by the engine already; kept out of this module's import for light tools
+    import transformers
 
     return {"vitacore": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__}

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_model
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from vitacore.console import logger
 from vitacore.demo import synthetic
@@ -128,6 +127,8 @@ def _save_hf_model(model, path: str) -> None:
 
 
 def _tiny_llm(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # model classes import lazily: only a build needs them
+
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -140,6 +141,8 @@ def _tiny_llm(tokenizer):
 
 
 def _tiny_vision_tower(path: str) -> None:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
     torch.manual_seed(3)
     config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=2, image_size=64, patch_size=16)

@@ -8,8 +8,6 @@ import logging
 import os
 from typing import Optional
 
-from transformers import AutoTokenizer
-
 from vitacore.model.families import apply_pad_rule
 
 
@@ -58,6 +56,8 @@ def quiet_load_report():
 def load_tokenizer_for(path: str, model_max_length: int, model_type: Optional[str] = None):
     """The LLM's tokenizer, right-padded, with a pad token by VITA's rule (see
     :func:`vitacore.model.families.apply_pad_rule`: none -> unk, else eos; ``llama3-8b``: eos)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right",
                                               use_fast=True, local_files_only=os.path.isdir(path))
     return apply_pad_rule(tokenizer, model_type, path)

@@ -18,8 +18,6 @@ import os
 
 import torch
 import torch.nn as nn
-from transformers import WhisperConfig, WhisperFeatureExtractor
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from vitacore.console import logger
 from vitacore.data.whisper_audio import whisper_silence_value
@@ -110,6 +108,8 @@ class WhisperAudioEncoder(nn.Module):
 
 
 def _feature_extractor(path: str, flag: str):
+    from transformers import WhisperFeatureExtractor  # Whisper's modules take seconds: Whisper runs only
+
     if not os.path.isfile(os.path.join(path, FEATURE_EXTRACTOR_FILE)):
         raise FileNotFoundError(f"{flag} {path!r}: a Whisper checkpoint, but no {FEATURE_EXTRACTOR_FILE} there; copy "
                                 "the checkpoint's feature extractor config beside its config.json")
@@ -130,6 +130,8 @@ def load_whisper_encoder(path: str, dtype: torch.dtype) -> WhisperAudioEncoder:
         FileNotFoundError: no feature extractor config in ``path``.
         ValueError: the checkpoint lacks encoder weights.
     """
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
     extractor = _feature_extractor(path, "--audio_encoder")
     attention = attention_implementation(dtype, what="the Whisper encoder")
     with quiet_load_report():  # it lists the decoder's keys, which are not wanted here
@@ -146,6 +148,9 @@ def load_whisper_encoder(path: str, dtype: torch.dtype) -> WhisperAudioEncoder:
 
 def build_whisper_encoder(path: str, dtype: torch.dtype, source: str) -> WhisperAudioEncoder:
     """A Whisper encoder of the architecture in ``path``'s config, weights not loaded (an export's shards hold them)."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
     config = WhisperConfig.from_pretrained(path)
     attention = attention_implementation(dtype, what="the Whisper encoder")
     encoder = WhisperEncoder._from_config(config, dtype=dtype, attn_implementation=attention)

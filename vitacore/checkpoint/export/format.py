@@ -22,8 +22,6 @@ import json
 import os
 from typing import Optional
 
-from transformers import AutoConfig
-
 EXPORT_FORMAT = "vitacore-full-export"
 EXPORT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -72,6 +70,8 @@ def is_full_export(directory: str) -> bool:
 def llm_config_for(path: str):
     """The LLM's transformers config for ``path`` (a plain LLM folder or a VITA-layout one); VITA's
     model types map to their family and the multimodal fields are left out."""
+    from transformers import AutoConfig
+
     exported = read_export_config(path)
     if exported is not None and exported.get("model_type") in VITA_MODEL_TYPES:
         fields = {k: v for k, v in exported.items() if k != "model_type"}

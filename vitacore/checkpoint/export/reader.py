@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 from vitacore.checkpoint.export.format import (
     ADAPTER_CONV_KEY,
@@ -93,6 +92,8 @@ class ShardReader:
 
 
 def _load_llm(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM
+
     path = spec.llm_path
     with quiet_load_report():
         llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path), dtype=spec.dtype,

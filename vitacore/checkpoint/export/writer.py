@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from transformers.dynamic_module_utils import custom_object_save
 
 from vitacore.checkpoint.export.format import (
     AUDIO_SUBFOLDER,
@@ -204,6 +203,8 @@ def _write_encoder_configs(model: nn.Module, staging: str) -> None:
         if remote and getattr(tower.encoder.config, "auto_map", None):
             # Remote code (InternViT): its config.json names .py files; copy them (and what they import
             # relatively) from the loaded module, so the export reloads with trust_remote_code on its own.
+            from transformers.dynamic_module_utils import custom_object_save
+
             custom_object_save(tower.encoder, folder)
         source = os.path.join(str(getattr(tower, "source", "")), PROCESSOR_FILE)
         if os.path.isfile(source):
