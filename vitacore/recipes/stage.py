@@ -26,7 +26,7 @@ from vitacore.console import enable_console, logger
 from vitacore.data import build_data
 from vitacore.engine import NonFiniteLossError, Trainer, TrainResult, init_distributed, resolve_deepspeed_config
 from vitacore.freeze import build_report, format_report, param_groups_for_run, policy_from_config
-from vitacore.model import UNIT_PREFIXES, prepare_for_training
+from vitacore.model import UNIT_PREFIXES, VitaModel, prepare_for_training
 from vitacore.recipes.model import build_run_model, model_inputs, plan_model, start_weights
 from vitacore.recipes.specs import derive_specs
 from vitacore.recipes.stages import describe_sources, resolve_stage, stage_notes, uses_embedded_default
@@ -48,6 +48,11 @@ class StageRecipe:
         self.stage, self.config = resolve_stage(config, embedded_default=self.embedded, demo_output=demo_output)
         validate(self.config)
         self.trainer: Optional[Trainer] = None
+
+    @property
+    def model(self) -> VitaModel:
+        """The run's model (``bundle.model``), once built."""
+        return self.bundle.model
 
     def setup(self) -> "StageRecipe":
         """Build every part and the Trainer (with ``--dry_run``: up to the report; ``trainer`` stays None)."""
@@ -94,7 +99,6 @@ class StageRecipe:
             specs.deepspeed, loop=specs.loop, optim=specs.optim, world_size=self.dist.world_size,
             hidden_size=plan.hidden_size, bf16=specs.bf16, fp16=specs.fp16)
         self.bundle = build_run_model(specs.model, plan.exported, start_weights(plan.config), self.deepspeed_config)
-        self.model = self.bundle.model
         self.notes += prepare_for_training(self.model, specs.model.gradient_checkpointing, specs.model.tf32,
                                            self.dist.world_size, self.dist.device)
 
@@ -110,7 +114,8 @@ class StageRecipe:
                 json.dump(self.report, fh, indent=2)
 
     def _setup_data(self) -> None:
-        if "state_head" in self.policy.trained_units():
+        head = self.model.state_head
+        if head is not None and any(p.requires_grad for p in head.parameters()):
             raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
                              "which this data pipeline does not produce yet; set it to False")
         self.data = build_data(self.specs.data, self.bundle.tokenizer, model_inputs(self.model))
