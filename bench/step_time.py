@@ -78,11 +78,10 @@ def build(config) -> vitacore.StageRecipe:
 def trainer_in(recipe: vitacore.StageRecipe, output_dir: str) -> vitacore.Trainer:
     """The stage run's Trainer (:meth:`vitacore.StageRecipe.build_trainer`), writing to ``output_dir``: each
     round is a run of its own, with its own folder (nothing to resume, a fresh ``metrics.jsonl``)."""
-    old = recipe.checkpointer
-    recipe.checkpointer = vitacore.Checkpointer(
-        dataclasses.replace(recipe.specs.checkpoint, output_dir=output_dir), recipe.dist, old.artifacts,
-        write_run_config=old.write_run_config)
-    return recipe.build_trainer()
+    run = recipe.checkpointer
+    checkpointer = vitacore.Checkpointer(dataclasses.replace(recipe.specs.checkpoint, output_dir=output_dir),
+                                         recipe.dist, run.artifacts, write_run_config=run.write_run_config)
+    return recipe.build_trainer(checkpointer=checkpointer)
 
 
 def per_step_seconds(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:

@@ -57,7 +57,7 @@ def plan_model(config: RunConfig, with_data: bool = True) -> ModelPlan:
     needs_assets = not model_complete or (with_data and not (d.data_path or d.dataset_use))
     assets = ensure_default_assets() if needs_assets else None
     llm_path = m.model_name_or_path or assets.llm
-    llm_config = llm_config_for(llm_path)
+    llm_config = llm_config_for(llm_path, exported)
     llm_type = exported.get("model_type") if exported is not None else llm_config.model_type
     return ModelPlan(with_model_type(config, llm_type, llm_path), exported, assets, llm_config.hidden_size)
 

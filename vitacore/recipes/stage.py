@@ -80,11 +80,12 @@ class StageRecipe:
                                    self.config.training.lora_bias)
         self.checkpointer = Checkpointer(self.specs.checkpoint, dist, artifacts, write_run_config=self.config.to_yaml)
 
-    def build_trainer(self, train_dataset=None) -> Trainer:
-        """The Trainer over the built parts (``train_dataset`` replaces the run's training set, e.g. in tests)."""
+    def build_trainer(self, train_dataset=None, checkpointer: Optional[Checkpointer] = None) -> Trainer:
+        """The Trainer over the built parts; ``train_dataset`` / ``checkpointer`` replace the run's training
+        set / output folder (tests, benchmarks that run the same parts several times)."""
         trainer = Trainer(self.model, self.param_groups, train_dataset or self.data.train, self.data.collator,
                           self.dist, loop=self.specs.loop, optim=self.specs.optim,
-                          deepspeed_config=self.deepspeed_config, checkpointer=self.checkpointer,
+                          deepspeed_config=self.deepspeed_config, checkpointer=checkpointer or self.checkpointer,
                           eval_dataset=self.data.eval)
         for note in self.notes + trainer.notes:
             logger.info(f"note: {note}")

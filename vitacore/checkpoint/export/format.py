@@ -67,12 +67,17 @@ def is_full_export(directory: str) -> bool:
         return False
 
 
-def llm_config_for(path: str):
+def llm_config_for(path: str, exported: Optional[dict] = None):
     """The LLM's transformers config for ``path`` (a plain LLM folder or a VITA-layout one); VITA's
-    model types map to their family and the multimodal fields are left out."""
+    model types map to their family and the multimodal fields are left out.
+
+    Args:
+        path: the folder.
+        exported: its config.json when the caller has read it already (:func:`read_export_config`).
+    """
     from transformers import AutoConfig
 
-    exported = read_export_config(path)
+    exported = exported if exported is not None else read_export_config(path)
     if exported is not None and exported.get("model_type") in VITA_MODEL_TYPES:
         fields = {k: v for k, v in exported.items() if k != "model_type"}
         config = AutoConfig.for_model(VITA_MODEL_TYPES[exported["model_type"]], **fields)

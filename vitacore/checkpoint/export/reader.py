@@ -91,12 +91,12 @@ class ShardReader:
         return values
 
 
-def _load_llm(spec: ModelSpec):
+def _load_llm(spec: ModelSpec, exported: dict):
     from transformers import AutoModelForCausalLM
 
     path = spec.llm_path
     with quiet_load_report():
-        llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path), dtype=spec.dtype,
+        llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path, exported), dtype=spec.dtype,
                                                          output_loading_info=True, **llm_load_kwargs(spec))
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if is_llm_key(k))
@@ -195,7 +195,7 @@ def load_export_model(spec: ModelSpec, exported: dict) -> VitaModel:
                          "which vitacore does not implement; this checkpoint's projector expects S2 features")
     reader = ShardReader(directory)
     keys = set(reader.file_of)
-    llm = _load_llm(spec)
+    llm = _load_llm(spec, exported)
     hidden = llm.config.hidden_size
     mm_config = {k: v for k, v in exported.items() if k in MULTIMODAL_FIELDS or k.startswith("mm_")}
 
@@ -301,5 +301,5 @@ def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_
     choice = infer_model_type(exported.get("model_type"), directory, None, None, False, False)
     spec = ModelSpec(llm_path=directory, vision_tower_path=vision_tower, audio_encoder_path=audio_encoder,
                      model_type=choice.model_type, dtype=dtype,
-                     model_max_length=exported.get("tokenizer_model_max_length") or 512)
+                     model_max_length=exported.get("tokenizer_model_max_length") or ModelSpec.model_max_length)
     return load_export_bundle(spec, exported, deepspeed_config=deepspeed_config)
