@@ -1,5 +1,6 @@
-"""Shared test set-up: a private cache for the embedded default, DeepSpeed on CPU."""
+"""Shared test set-up: a private cache for the embedded default, DeepSpeed on CPU, vitacore's log."""
 
+import logging
 import os
 
 import pytest
@@ -38,3 +39,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class VitacoreLog:
+    """What the "vitacore" logger said during a test (through pytest's ``caplog``)."""
+
+    def __init__(self, caplog):
+        self.caplog = caplog
+
+    @property
+    def lines(self) -> list[str]:
+        """The messages, oldest first."""
+        return [r.getMessage() for r in self.caplog.records if r.name.split(".")[0] == "vitacore"]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def clear(self) -> None:
+        self.caplog.clear()
+
+
+@pytest.fixture(autouse=True)
+def _restore_vitacore_logger():
+    """Put the "vitacore" logger back as each test found it: an entry point (``recipe_main``) calls
+    ``enable_console()``, which adds a console handler and turns propagation off for the session."""
+    logger = logging.getLogger("vitacore")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
+
+
+@pytest.fixture
+def vitacore_log(caplog):
+    """The "vitacore" logger's messages at INFO and above, as :class:`VitacoreLog`.
+
+    ``caplog``'s handler sits on the logger itself and propagation is off during the test, so each
+    record is caught exactly once, also when the test runs an entry point that calls
+    ``enable_console()`` (which turns propagation off).
+    """
+    logger = logging.getLogger("vitacore")
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield VitacoreLog(caplog)  # _restore_vitacore_logger puts level, propagation and handlers back

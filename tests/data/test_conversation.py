@@ -51,7 +51,7 @@ def _expected_text(system, pairs, states):
     text = f"<|im_start|>system\n{system}{END}\n"
     for (question, answer), state in zip(pairs, states):
         text += f"<|im_start|>user\n{question}{END}\n<|im_start|>assistant\n{state}{answer}{END}\n"
-    return text
+    return text[:-1]  # VITA's prompt ends at the last <|im_end|>: no newline after it
 
 
 def test_full_sequence_follows_chatml_layout(tok):

@@ -31,8 +31,9 @@ def _png(path, colour, size=(20, 12)):
 
 
 def _gif(path, colours):
+    # 3 frames per second: VITA's sampling rate, so every frame is a sampling position.
     frames = [Image.new("RGB", (SIZE, SIZE), c) for c in colours]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=333, loop=0)
     return path.name
 
 
@@ -92,7 +93,7 @@ def test_single_image_path_string_and_absolute_path(tmp_path, tok):
 
 
 def test_video_expands_to_one_placeholder_per_frame(tmp_path, tok):
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
     records = [{"id": "vid", "video": _gif(tmp_path / "v.gif", colours),
                 "conversations": _conv("<video>\nWhat happens?", "colours change")}]
     sample = _dataset(records, tmp_path, tok)[0]
@@ -100,8 +101,8 @@ def test_video_expands_to_one_placeholder_per_frame(tmp_path, tok):
     assert len(sample.images) == len(colours)
     ids = sample.input_ids
     first = ids.index(IMAGE_TOKEN_INDEX)
-    assert ids[first: first + 3] == [IMAGE_TOKEN_INDEX] * 3
-    assert ids.count(IMAGE_TOKEN_INDEX) == 3
+    assert ids[first: first + 4] == [IMAGE_TOKEN_INDEX] * 4
+    assert ids.count(IMAGE_TOKEN_INDEX) == 4
     for image, colour in zip(sample.images, colours):
         torch.testing.assert_close(image, _expected_pixels(colour), atol=1e-5, rtol=0)
     system = tok.decode([i for i in ids if i >= 0][:40])
@@ -114,7 +115,7 @@ def test_long_video_is_subsampled_evenly(tmp_path):
     _gif(path, colours)
     frames = load_video_frames(str(path), max_frames=8)
     assert len(frames) == 8
-    picks = [int(i * 20 / 8) for i in range(8)]
+    picks = [0, 2, 5, 8, 10, 13, 16, 19]  # VITA: np.linspace(0, 19, num=8, dtype=int) over the 20 positions
     assert [f.getpixel((0, 0)) for f in frames] == [colours[p] for p in picks]
 
 
@@ -275,10 +276,11 @@ def test_media_without_vision_tower_raises(tmp_path, tok):
 
 
 def test_bad_roles_error_names_record(tmp_path, tok):
-    records = [{"id": "rec-roles", "conversations": [{"from": "gpt", "value": "x"}]}]
+    records = [{"id": "rec-roles", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+                                                      {"from": "gpt", "value": "x"}]}]
     with pytest.raises(ValueError) as err:
         _dataset(records, tmp_path, tok)[0]
-    assert "rec-roles" in str(err.value) and "conversations[0]" in str(err.value)
+    assert "rec-roles" in str(err.value) and "conversations[1]" in str(err.value)
 
 
 def test_records_are_not_mutated_by_video_expansion(tmp_path, tok):
@@ -291,12 +293,12 @@ def test_records_are_not_mutated_by_video_expansion(tmp_path, tok):
 
 
 def test_each_video_expands_to_its_own_frame_count(tmp_path, tok):
-    short = _gif(tmp_path / "short.gif", [(255, 0, 0), (0, 255, 0)])
-    long = _gif(tmp_path / "long.gif", [(0, 0, 255), (255, 255, 0), (0, 255, 255)])
+    short = _gif(tmp_path / "short.gif", [(255, 0, 0), (0, 255, 0), (0, 0, 0), (9, 9, 9)])
+    long = _gif(tmp_path / "long.gif", [(0, 0, 255), (255, 255, 0), (0, 255, 255), (7, 7, 7), (5, 5, 5)])
     records = [{"id": "two-videos", "video": [short, long], "conversations": _conv("<video>\n<video>\nCompare.")}]
     sample = _dataset(records, tmp_path, tok)[0]
-    assert len(sample.images) == 5
-    assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == 5
+    assert len(sample.images) == 9
+    assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == 9
 
 
 def test_corrupt_image_names_record_and_path(tmp_path, tok):

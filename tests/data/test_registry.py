@@ -103,7 +103,7 @@ def test_registry_resolves_sets_and_folders_relative_to_the_yaml(tmp_path):
     sources = sources_from_config(_data("--data_registry", str(registry), "--dataset_use", "all_kinds"))
     assert len(sources) == 1 and sources[0].set_folders == {"set_a": os.path.join(root, "images_a"),
                                                             "set_b": os.path.join(root, "images_b")}
-    records, origins = load_sources(sources, seed=42)
+    records, origins, _ = load_sources(sources, seed=42)
     by_id = {r["id"]: r for r in records}
     assert by_id["img-a"]["image"] == os.path.join(root, "images_a", "a.png")
     assert by_id["imgs-b"]["image"] == [os.path.join(root, "images_b", n) for n in ("b1.png", "b2.png")]
@@ -121,7 +121,7 @@ def test_data_ratio_is_seeded_and_keeps_file_order(tmp_path):
     registry = str(_all_kinds(tmp_path / "reg"))
     sources = sources_from_config(_data("--data_registry", registry, "--dataset_use", "all_kinds,text_half"))
     assert [s.data_ratio for s in sources] == [1.0, 0.5]
-    records, _ = load_sources(sources, seed=42)
+    records, _, _ = load_sources(sources, seed=42)
     kept = [r["id"] for r in records[7:]]
     assert len(records) == 7 + 5 and kept == sorted(kept, key=lambda i: int(i[1:]))
     assert [r["id"] for r in load_sources(sources, seed=42)[0]] == [r["id"] for r in records]
@@ -137,7 +137,7 @@ def test_simple_mode_with_folder_flags(tmp_path):
                                         "--image_folder", str(tmp_path / "reg" / "misc"),
                                         "--audio_folder", str(tmp_path / "reg" / "audio"),
                                         "--video_folder", str(tmp_path / "reg" / "videos")))
-    records, _ = load_sources(sources, seed=0)
+    records, _, _ = load_sources(sources, seed=0)
     assert len(records) == 17
     by_id = {r["id"]: r for r in records}
     # Without a set map every image is in --image_folder, 'set' or not.
@@ -148,7 +148,7 @@ def test_simple_mode_with_folder_flags(tmp_path):
 
 def test_simple_mode_defaults_media_to_the_json_folder(tmp_path):
     path = _write_json(tmp_path / "d" / "x.json", [{"image": "p.png", "conversations": _conv("<image>")}])
-    records, _ = load_sources(sources_from_config(_data("--data_path", str(path))), seed=0)
+    records, _, _ = load_sources(sources_from_config(_data("--data_path", str(path))), seed=0)
     assert records[0]["image"] == str(tmp_path / "d" / "p.png")
 
 
@@ -209,9 +209,9 @@ def test_record_with_unmapped_set_is_named(tmp_path):
                                       {"set": "other", "image": "x.png", "conversations": _conv("<image>")}])
     (tmp_path / "r.yaml").write_text("mix:\n  - chat_path: d.json\n    known_set: imgs\n")
     sources = sources_from_config(_data("--data_registry", str(tmp_path / "r.yaml"), "--dataset_use", "mix"))
-    with pytest.raises(ValueError) as err:
-        load_sources(sources, seed=0)
-    message = str(err.value)
+    records, _, rejected = load_sources(sources, seed=0)
+    assert len(records) == 1 and [r.index for r in rejected] == [1]
+    message = rejected[0].message
     assert "d.json, record 1" in message and "field 'set' is 'other'" in message and "known sets: known_set" in message
 
 
@@ -257,7 +257,7 @@ def test_sample_errors_name_the_source_file_and_record(tmp_path):
     registry = _all_kinds(tmp_path / "reg")
     os.remove(tmp_path / "reg" / "images_b" / "b2.png")
     sources = sources_from_config(_data("--data_registry", str(registry), "--dataset_use", "text_half,all_kinds"))
-    records, origins = load_sources(sources, seed=1)
+    records, origins, _ = load_sources(sources, seed=1)
     dataset = VitaJsonDataset(records, "/nonexistent", build_tokenizer(), QWEN2P5_INSTRUCT,
                               ImageTransform(16, (0.5,) * 3, (0.5,) * 3), AudioTransform(), origins=origins)
     for index in range(len(dataset)):
@@ -306,9 +306,9 @@ def test_packed_records_give_each_image_its_own_set(tmp_path):
                {"set": ["a", "b", "a"], "image": ["1.png", "2.png"], "conversations": conversation}]
     chat.write_text(json.dumps(records[:2]))
     source = DataSource(str(chat), "test", set_folders={"a": str(tmp_path / "A"), "b": str(tmp_path / "B")})
-    loaded, _ = load_source(source, seed=0)
+    loaded, _, _ = load_source(source, seed=0)
     assert loaded[0]["image"] == [str(tmp_path / "A" / "1.png"), str(tmp_path / "B" / "2.png")]
     assert loaded[1]["image"] == [str(tmp_path / "A" / "1.png"), str(tmp_path / "A" / "2.png")]
     chat.write_text(json.dumps(records[2:]))
-    with pytest.raises(ValueError, match=r"field 'set' lists 3 names for 2 image\(s\)"):
-        load_source(source, seed=0)
+    _, _, rejected = load_source(source, seed=0)
+    assert "field 'set' lists 3 names for 2 image(s)" in rejected[0].message

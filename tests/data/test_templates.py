@@ -63,7 +63,7 @@ def supervised(tokenizer, ids, labels):
     ("qwen2p5_instruct", "qwen2",
      "<|im_start|>system\n" + LANG + "<|im_end|>\n<|im_start|>user\nWhat colour is it?<|im_end|>\n"
      "<|im_start|>assistant\n☜It is red.<|im_end|>\n<|im_start|>user\n<audio>\nAnd the shape?<|im_end|>\n"
-     "<|im_start|>assistant\n☞A circle.<|im_end|>\n",
+     "<|im_start|>assistant\n☞A circle.<|im_end|>",
      ["☜It is red.<|im_end|>", "☞A circle.<|im_end|>"]),
 ])
 def test_chat_templates_exact_text_and_supervision(version, family, text, answers):

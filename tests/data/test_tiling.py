@@ -1,5 +1,7 @@
 """Tests for vitacore.data.tiling: grid choice, tiles, placeholder expansion, lengths and merge."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,10 +9,12 @@ from PIL import Image
 
 from vitacore.config import parse_args
 from vitacore.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vitacore.data import DataSpec, ModelInputs, build_data
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset
-from vitacore.data.images import ImageTransform
-from vitacore.data.tiling import ImageTiler, expand_image_placeholders, num_tiles, tile_grid, tile_image
+from vitacore.data.images import ImageSpec, ImageTransform
+from vitacore.data.tiling import ImageTiler, num_tiles, tile_grid, tile_image
+from vitacore.data.turns import prepare_turns
 from vitacore.demo.tokenizer import build_tokenizer
 from vitacore.model.merge import merge_media_embeddings
 
@@ -75,11 +79,12 @@ def test_tiles_are_row_major_and_thumbnail_is_whole_image():
     assert [thumb.getpixel(xy) for xy in ((2, 2), (13, 2), (2, 13), (13, 13))] == colours
 
 
-def test_expand_image_placeholders_per_image_count():
+def test_each_image_placeholder_gets_its_own_tile_count_and_one_newline():
     conv = [{"from": "human", "value": "<image>\nA<image>B"}, {"from": "gpt", "value": "x"},
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}]
-    out = expand_image_placeholders(conv, [3, 1, 2])
-    assert [t["value"] for t in out] == ["<image><image><image>\nA<image>B", "x", "<image><image>", "y"]
+    out, _ = prepare_turns(conv, None, [3, 1, 2], [])
+    # VITA would give the second <image> of the first turn that turn's first count (3); vitacore its own.
+    assert [t["value"] for t in out] == ["<image><image><image>\nA<image>\nB", "x", "<image><image>\n", "y"]
     assert conv[0]["value"] == "<image>\nA<image>B"  # input untouched
 
 
@@ -184,3 +189,34 @@ def test_build_data_with_dynamic_tiling_on_the_embedded_default(vitacore_cache, 
     text = sum(1 for i in sample.input_ids if i >= 0)
     media = len(sample.images) * train.tokens_per_image + sum(sample.audio_token_lengths)
     assert train.modality_lengths[index] == text + media
+
+
+@pytest.mark.parametrize("aspect", [None, "square", "dynamic", "pad"])
+def test_every_aspect_ratio_value_tiles_as_vita_does(tmp_path, tok, aspect):
+    """VITA-1.5 tiles whatever --image_aspect_ratio says (its scripts pass 'square'); 'pad' pads to a
+    square of the mean colour first, so a 2:1 image becomes a square grid of the padded image."""
+    Image.new("RGB", (32, 16), (10, 200, 30)).save(tmp_path / "wide.png")
+    record = {"id": "w", "image": "wide.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                {"from": "gpt", "value": "green"}]}
+    (tmp_path / "train.json").write_text(json.dumps([record]))
+    mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP's: int() and round() give different fills
+    inputs = ModelInputs(image_spec=ImageSpec(16, mean, (0.5, 0.5, 0.5)), tokens_per_image=4)
+    spec = DataSpec(data_path=str(tmp_path / "train.json"), image_aspect_ratio=aspect)
+    train = build_data(spec, tok, inputs).train
+    sample = train[0]
+    if aspect == "pad":
+        # 32x32 after padding: a 1:1 tie between 1x1 and 2x2, and 1024 px > half of 2x2's 1024 -> 2x2 + thumbnail.
+        assert train.image_tiler.pad_fill == (122, 116, 104)  # VITA: int(mean * 255), not round
+        assert len(sample.images) == 5
+        thumb_top_row = sample.images[4][:, 0, 0]
+        expected = (torch.tensor([122, 116, 104]) / 255.0 - torch.tensor(mean)) / 0.5
+        torch.testing.assert_close(thumb_top_row, expected, atol=1e-6, rtol=0)
+    else:
+        assert train.image_tiler.pad_fill is None and len(sample.images) == 3  # 2x1 grid + thumbnail
+    assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == len(sample.images)
+
+
+def test_max_dynamic_patch_1_turns_tiling_off(tmp_path, tok):
+    tiler = ImageTiler(16, 1, 1)
+    tiles = tiler(Image.new("RGB", (48, 16), (1, 2, 3)), ImageTransform(16, (0.5,) * 3, (0.5,) * 3))
+    assert len(tiles) == 1 and tiler.count(48, 16) == 1

@@ -77,17 +77,20 @@ def test_mp4_decodes_the_sampled_frames(tmp_path, seconds, fps):
     assert len(load_video_frames(str(path))) == len(frames)
 
 
-def test_gif_path_unchanged(tmp_path):
+def test_gif_follows_vitas_rule(tmp_path):
+    # VITA reads GIFs with the same rule as any clip: 20 frames at 10 fps -> stride round(10 / 3) = 3.
     path = tmp_path / "clip.gif"
     images = [Image.new("RGB", (8, 8), (10 * i, 0, 0)) for i in range(20)]
     images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
-    frames, fps = load_video(str(path), max_frames=8)
-    assert len(frames) == 8 and fps == pytest.approx(10.0)
-    assert [f.getpixel((0, 0))[0] // 10 for f in frames] == [int(i * 20 / 8) for i in range(8)]
-    assert count_video_frames(str(path), 8) == 8
+    frames, fps = load_video(str(path), max_frames=16)
+    assert fps == pytest.approx(10.0)
+    assert [f.getpixel((0, 0))[0] // 10 for f in frames] == [0, 3, 6, 9, 12, 15, 18]
+    assert count_video_frames(str(path), 16) == 7
+    # 3 frames at 10 fps: one position (0), stretched to VITA's minimum of 4 with repeats.
     short = tmp_path / "short.gif"
     images[0].save(short, save_all=True, append_images=images[1:3], duration=100)
-    assert len(load_video(str(short))[0]) == 3 == count_video_frames(str(short), 16)
+    assert [f.getpixel((0, 0))[0] // 10 for f in load_video(str(short))[0]] == [0, 0, 0, 0]
+    assert count_video_frames(str(short), 16) == 4
 
 
 @pytest.mark.parametrize("name", ["bad.mp4", "bad.webm", "bad.gif"])

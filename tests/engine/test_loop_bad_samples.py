@@ -18,12 +18,13 @@ from vitacore.data.audio import AudioTransform, write_wav
 from vitacore.data.conversation import QWEN2P5_INSTRUCT
 from vitacore.data.dataset import Collator, VitaJsonDataset
 from vitacore.data.images import ImageTransform
+from vitacore.data.records import RejectedRecord
 from vitacore.demo.tokenizer import build_tokenizer
 from vitacore.engine import LoopConfig, OptimConfig, Trainer, resolve_deepspeed_config
 from vitacore.model.multimodal import VitaModel
 
 
-def _run(tmp_path, dist, max_ratio: float, workers: int = 0):
+def _run(tmp_path, dist, max_ratio: float, workers: int = 0, rejected=()):
     tok = build_tokenizer()
     write_wav(tmp_path / "fine.wav", 0.3 * np.sin(np.arange(3200) / 10.0), 16000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
@@ -34,7 +35,8 @@ def _run(tmp_path, dist, max_ratio: float, workers: int = 0):
     records.insert(5, {"id": "bad-wav", "audio": "broken.wav",
                        "conversations": [{"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "y"}]})
     dataset = VitaJsonDataset(records, str(tmp_path), tok, QWEN2P5_INSTRUCT, ImageTransform(16, (0.5,) * 3, (0.5,) * 3),
-                              AudioTransform(), source="train.json", on_bad_sample="skip", model_max_length=256)
+                              AudioTransform(), source="train.json", on_bad_sample="skip", model_max_length=256,
+                              rejected=rejected)
     torch.manual_seed(0)
     llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -72,3 +74,11 @@ def test_too_many_bad_samples_stop_the_run(tmp_path, dist):
     too_many = r"of the \d+ training samples seen so far were bad.*--max_bad_sample_ratio 0.1"
     with pytest.raises(ValueError, match=too_many):
         _run(tmp_path, dist, max_ratio=0.1)
+
+
+def test_records_dropped_at_load_are_counted_in_every_row(tmp_path, dist):
+    dropped = [RejectedRecord(9, "train.json: record 9: field 'conversations[1]'.from is 'human' where 'gpt' ...")]
+    _, out = _run(tmp_path, dist, max_ratio=0.5, rejected=dropped)
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if "loss" in line]
+    assert len(rows) == 2 and all(row["bad_records_at_load"] == 1 for row in rows)

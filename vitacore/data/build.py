@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from vitacore.console import logger
 from vitacore.data.audio import AudioTransform
 from vitacore.data.conversation import get_template, load_system_prompts, with_system_prompts
-from vitacore.data.dataset import Collator, VitaJsonDataset, load_records
-from vitacore.data.images import ImageSpec, ImageTransform
+from vitacore.data.dataset import Collator, VitaJsonDataset
+from vitacore.data.images import ImageSpec, ImageTransform, pad_colour
+from vitacore.data.records import RejectedRecord, read_records
 from vitacore.data.registry import DataSource, load_sources, sources_from_config
 from vitacore.data.tiling import ImageTiler
 from vitacore.data.whisper_audio import WhisperAudioTransform
@@ -41,9 +43,12 @@ class DataSpec:
         image_folder / audio_folder / video_folder: media folders (None: each JSON file's folder).
         eval_data_path: held-out VITA JSON (media relative to its folder).
         bundled: files used when the user gives no data (the embedded demo's).
-        image_aspect_ratio: ``square``, ``pad``, ``dynamic`` or None.
-        min_dynamic_patch / max_dynamic_patch / use_thumbnail: dynamic tiling.
+        image_aspect_ratio: ``square``, ``dynamic`` or None (tile the image as it is) or ``pad`` (pad it
+            to a square with the mean colour, then tile): VITA-1.5 tiles for every value.
+        min_dynamic_patch / max_dynamic_patch / use_thumbnail: tiling (``max_dynamic_patch`` 1: no tiling).
         on_bad_sample: ``error`` or ``skip``.
+        max_bad_sample_ratio: under ``skip``, the largest share of a dataset's records that may break
+            VITA's schema (they are dropped and counted when the files are read).
         model_max_length: a record whose text before its first answer reaches this is bad.
         seed: chooses ``data_ratio`` subsets.
     """
@@ -63,6 +68,7 @@ class DataSpec:
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
     on_bad_sample: str = "skip"
+    max_bad_sample_ratio: float = 0.01
     model_max_length: int = 512
     seed: int = 42
 
@@ -99,33 +105,78 @@ def audio_transform_for(num_mel_bins: int, feature_extractor=None):
     return AudioTransform(num_mel_bins=num_mel_bins)
 
 
-def _dataset(paths: list[str], media_root: str, tokenizer, template, image_transform, inputs: ModelInputs):
-    records = [record for path in paths for record in load_records(path)]
-    return VitaJsonDataset(records, media_root, tokenizer, template, image_transform, inputs.audio_transform,
-                           source=", ".join(paths), tokens_per_image=inputs.tokens_per_image)
+def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec, source: str) -> list[dict]:
+    """The good records, after the bad-record policy: ``error`` stops at the first bad one; ``skip``
+    names the first few, counts them and stops only past ``max_bad_sample_ratio`` of the records."""
+    if not rejected:
+        return records
+    if spec.on_bad_sample == "error":
+        raise ValueError(f"{rejected[0].message} (--on_bad_sample error; 'skip' drops and counts such records)")
+    total = len(records) + len(rejected)
+    for bad in rejected[:_NUM_NAMED]:
+        logger.warning(f"warning: dropped a malformed record, {bad.message} (--on_bad_sample skip)")
+    if len(rejected) > _NUM_NAMED:
+        logger.warning(f"warning: ... and {len(rejected) - _NUM_NAMED} more malformed record(s) dropped")
+    if len(rejected) > spec.max_bad_sample_ratio * total:
+        raise ValueError(f"{source}: {len(rejected)} of {total} records break VITA's record schema "
+                         f"({len(rejected) / total:.1%}), more than --max_bad_sample_ratio "
+                         f"{spec.max_bad_sample_ratio}; the warnings above name them. Fix the data, or raise "
+                         "--max_bad_sample_ratio")
+    return records
 
 
-def _user_dataset(sources: list[DataSource], seed: int, tokenizer, template, image_transform, inputs: ModelInputs):
-    records, origins = load_sources(sources, seed)
-    if not records:
-        raise ValueError(f"no training records in {', '.join(s.chat_path for s in sources)}; "
-                         "add records or check data_ratio")
+_NUM_NAMED = 5  # malformed records named in the log; the rest are counted
+
+
+def _dataset(paths: list[str], media_root: str, tokenizer, template, image_transform, inputs: ModelInputs,
+             spec: DataSpec):
+    records, rejected = [], []
+    for path in paths:
+        good, bad = read_records(path)
+        records += good
+        rejected += bad
+    return VitaJsonDataset(_checked(records, rejected, spec, ", ".join(paths)), media_root, tokenizer, template,
+                           image_transform, inputs.audio_transform, source=", ".join(paths),
+                           tokens_per_image=inputs.tokens_per_image, rejected=rejected)
+
+
+def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template, image_transform,
+                  inputs: ModelInputs):
+    records, origins, rejected = load_sources(sources, spec.seed)
+    names = ", ".join(s.chat_path for s in sources)
+    if not records and not rejected:
+        raise ValueError(f"no training records in {names}; add records or check data_ratio")
+    records = _checked(records, rejected, spec, names)
     # Media paths are already absolute on each record, so the root is only a fallback.
     return VitaJsonDataset(records, os.path.dirname(sources[0].chat_path), tokenizer, template,
-                           image_transform, inputs.audio_transform, source=", ".join(s.chat_path for s in sources),
-                           origins=origins, tokens_per_image=inputs.tokens_per_image)
+                           image_transform, inputs.audio_transform, source=names,
+                           origins=origins, tokens_per_image=inputs.tokens_per_image, rejected=rejected)
+
+
+def _check_modalities(dataset: VitaJsonDataset, inputs: ModelInputs) -> None:
+    """Refuse data whose media the model has no encoder for, naming the first such record and the flag."""
+    needs = (("image", inputs.image_spec, "--vision_tower"), ("video", inputs.image_spec, "--vision_tower"),
+             ("audio", inputs.audio_transform, "--audio_encoder"))
+    for index, record in enumerate(dataset.records):
+        for field, encoder, flag in needs:
+            if record.get(field) and encoder is None:
+                where = dataset.origins[index] if dataset.origins is not None else f"{dataset.source}, record {index}"
+                raise ValueError(f"{where} has field '{field}' but the model has no encoder for it; give {flag} "
+                                 f"(or train on data without {field})")
 
 
 def _bundle(spec: DataSpec, inputs: ModelInputs, tokenizer, train: VitaJsonDataset,
             eval_set: Optional[VitaJsonDataset]) -> DataBundle:
     """The datasets with the run's bad-sample policy (``--on_bad_sample``, ``--model_max_length``)
-    and image tiling (``--image_aspect_ratio dynamic``)."""
+    and image tiling (VITA-1.5 tiles whatever ``--image_aspect_ratio`` says; ``pad`` pads first)."""
     tiler = None
-    if spec.image_aspect_ratio == "dynamic" and inputs.image_spec is not None:
+    if inputs.image_spec is not None:
+        fill = pad_colour(inputs.image_spec.mean) if spec.image_aspect_ratio == "pad" else None
         tiler = ImageTiler(inputs.image_spec.image_size, spec.min_dynamic_patch, spec.max_dynamic_patch,
-                           spec.use_thumbnail)
+                           spec.use_thumbnail, pad_fill=fill)
     for dataset in (train, eval_set):
         if dataset is not None:
+            _check_modalities(dataset, inputs)
             dataset.on_bad_sample = spec.on_bad_sample
             dataset.model_max_length = spec.model_max_length
             dataset.image_tiler = tiler
@@ -160,14 +211,14 @@ def build_data(spec: DataSpec, tokenizer, inputs: ModelInputs) -> DataBundle:
     eval_set = None
     if spec.eval_data_path:
         eval_source = DataSource(os.path.abspath(spec.eval_data_path), "--eval_data_path")  # media beside the JSON
-        eval_set = _user_dataset([eval_source], spec.seed, tokenizer, template, image_transform, inputs)
+        eval_set = _user_dataset([eval_source], spec, tokenizer, template, image_transform, inputs)
     if sources is not None:
-        train = _user_dataset(sources, spec.seed, tokenizer, template, image_transform, inputs)
+        train = _user_dataset(sources, spec, tokenizer, template, image_transform, inputs)
         return _bundle(spec, inputs, tokenizer, train, eval_set)
     if spec.bundled is None:
         raise ValueError("no training data: give --data_path, or --data_registry with --dataset_use")
     files = spec.bundled
-    train = _dataset(list(files.train), files.media_root, tokenizer, template, image_transform, inputs)
+    train = _dataset(list(files.train), files.media_root, tokenizer, template, image_transform, inputs, spec)
     if eval_set is None and files.eval:
-        eval_set = _dataset([files.eval], files.media_root, tokenizer, template, image_transform, inputs)
+        eval_set = _dataset([files.eval], files.media_root, tokenizer, template, image_transform, inputs, spec)
     return _bundle(spec, inputs, tokenizer, train, eval_set)

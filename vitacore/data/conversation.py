@@ -185,12 +185,14 @@ def tokenize_conversation(
     modality: str,
     inserted_id: Optional[int] = None,
     audio_query: Optional[bool] = None,
+    end_tag: bool = True,
 ) -> tuple[list[int], list[int]]:
     """Turn VITA ``conversations`` into ``(input_ids, labels)``.
 
     Only assistant answers are supervised: the state token, the answer text and the end-of-turn
     token. ``<image>`` / ``<audio>`` become -200 / -500 (already expanded per tile / frame). Each
-    piece is tokenized on its own, so labels line up with ids by construction.
+    piece is tokenized on its own, so labels line up with ids by construction. Nothing follows the
+    last answer (VITA's prompt ends at its end-of-turn token).
 
     Args:
         conversations: ``[{"from": "human"|"gpt", "value": str}, ...]`` alternating, human first.
@@ -200,6 +202,8 @@ def tokenize_conversation(
         inserted_id: index of the "neg" turn answered with ``☟``.
         audio_query: force the state token of every answer (True: ``☞``, False: ``☜``); None decides
             per turn from ``<audio>`` in the question (text-only warm-up data stands in for audio).
+        end_tag: False drops the last answer's end-of-turn token (VITA's ``end_tag: false``: the model
+            is not taught to stop there).
 
     Raises:
         ValueError: roles that do not alternate human/gpt, naming the turn; a multi-turn sample for a
@@ -238,8 +242,10 @@ def tokenize_conversation(
                 state = STATE_AUDIO_QUERY
             else:
                 state = STATE_TEXT_QUERY
-        answer = _encode_text(tokenizer, f"{state}{value}{template.answer_end}")
-        after = _encode_text(tokenizer, template.after_answer)
+        last = index == len(conversations) - 1
+        answer_end = template.answer_end if end_tag or not last else ""
+        answer = _encode_text(tokenizer, f"{state}{value}{answer_end}")
+        after = [] if last else _encode_text(tokenizer, template.after_answer)
         input_ids += prompt + answer + after
         labels += [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * len(after)
     return input_ids, labels

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IGNORE_INDEX
+from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from vitacore.data.audio import AudioTransform
 from vitacore.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSampleError
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.images import ImageTransform, load_image
 from vitacore.data.lengths import record_length
+from vitacore.data.records import RejectedRecord, load_records
 from vitacore.data.records import as_list as _as_list
-from vitacore.data.records import load_records
-from vitacore.data.tiling import ImageTiler, expand_image_placeholders, expand_placeholders
+from vitacore.data.tiling import ImageTiler
+from vitacore.data.turns import prepare_turns, turn_order_problem
 from vitacore.data.video import VIDEO_MAX_FRAMES, load_video
 
 __all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_frames"]
@@ -27,11 +28,6 @@ __all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_
 def load_video_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> list[Image.Image]:
     """Sampled frames of a video (see :func:`vitacore.data.video.load_video`; fps dropped)."""
     return load_video(path, max_frames)[0]
-
-
-def _expand_videos(conversations: list[dict], frame_counts: list[int]) -> list[dict]:
-    """Replace the k-th ``<video>`` (in reading order) with one ``<image>`` per frame of video k."""
-    return expand_placeholders(conversations, DEFAULT_VIDEO_TOKEN, frame_counts, missing=0)
 
 
 @dataclass
@@ -69,8 +65,8 @@ class VitaJsonDataset(Dataset):
         on_bad_sample: ``error`` raises on a bad record (see :mod:`vitacore.data.bad_samples`);
             ``skip`` returns the next good record instead, marked with ``replaced_from``. The run
             sets it from ``--on_bad_sample`` (default ``skip``); a bare dataset is strict.
-        image_tiler: dynamic tiling (``--image_aspect_ratio dynamic``): each image becomes several
-            tiles and its ``<image>`` as many placeholders. None: one image per ``<image>``.
+        image_tiler: tiling (VITA-1.5 tiles for every ``--image_aspect_ratio``): each image becomes
+            several tiles and its ``<image>`` as many placeholders. None: one image per ``<image>``.
         model_max_length: the model's longest sequence; a record whose text before its first
             answer token is this long or longer is bad. None: no check.
     """
@@ -80,7 +76,7 @@ class VitaJsonDataset(Dataset):
                  source: str = "<records>", origins: Optional[list[str]] = None,
                  tokens_per_image: Optional[int] = None,
                  on_bad_sample: str = "error", model_max_length: Optional[int] = None,
-                 image_tiler: Optional[ImageTiler] = None):
+                 image_tiler: Optional[ImageTiler] = None, rejected: Sequence[RejectedRecord] = ()):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
         self.on_bad_sample = on_bad_sample
@@ -97,6 +93,7 @@ class VitaJsonDataset(Dataset):
         self.source = source
         self.tokens_per_image = tokens_per_image
         self.image_tiler = image_tiler
+        self.rejected = list(rejected)
         self._modality_lengths: Optional[list[int]] = None
 
     @property
@@ -114,7 +111,7 @@ class VitaJsonDataset(Dataset):
             audio_tokens = getattr(self.audio_transform, "num_tokens_from_header", None)
             self._modality_lengths = [
                 record_length(record, self._path, self.tokenizer, self.template, self.tokens_per_image or 0,
-                              audio_tokens, VIDEO_MAX_FRAMES, _expand_videos,
+                              audio_tokens, VIDEO_MAX_FRAMES,
                               image_tiles=self.image_tiler.count_from_header if self.image_tiler else None)
                 for record in self.records]
         return self._modality_lengths
@@ -170,9 +167,9 @@ class VitaJsonDataset(Dataset):
             raise BadSampleError(f"corrupt {kind} file {path}: {err}", path) from None
 
     def _build(self, record: dict, sample_id: str) -> Sample:
-        conversations = [dict(turn) for turn in record["conversations"]]
-        if not any(turn["from"] == "gpt" for turn in conversations):
-            raise BadSampleError(f"empty conversation: {len(conversations)} turn(s) and no 'gpt' answer to train on")
+        order = turn_order_problem(record["conversations"])
+        if order:
+            raise BadSampleError(order)
         images, modality = [], "lang"
         image_paths, video_paths = _as_list(record.get("image")), _as_list(record.get("video"))
         if (image_paths or video_paths) and self.image_transform is None:
@@ -184,18 +181,14 @@ class VitaJsonDataset(Dataset):
             images.extend(tiles)
             tile_counts.append(len(tiles))
             modality = "image"
-        # Expand before videos do: their frames also become <image>, which must not be re-expanded.
-        # A count mismatch is left as is for the placeholder check below to report.
-        if self.image_tiler and sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations) == len(image_paths):
-            conversations = expand_image_placeholders(conversations, tile_counts)
         frame_counts = []
         for rel in video_paths:
             frames = self._media("video", rel, load_video_frames)
             images.extend(self.image_transform(frame) for frame in frames)
             frame_counts.append(len(frames))
             modality = "video"
-        if frame_counts:
-            conversations = _expand_videos(conversations, frame_counts)
+        conversations, inserted_id = prepare_turns(record["conversations"], record.get("inserted_id"),
+                                                   tile_counts, frame_counts)
         audios, audio_lengths = [], []
         for rel in _as_list(record.get("audio")):
             if self.audio_transform is None:
@@ -211,8 +204,8 @@ class VitaJsonDataset(Dataset):
         if num_audio_placeholders != len(audios):
             raise ValueError(f"{num_audio_placeholders} <audio> placeholder(s) in the text but {len(audios)} "
                              "audio file(s) given")
-        input_ids, labels = tokenize_conversation(
-            conversations, self.tokenizer, self.template, modality, record.get("inserted_id"))
+        input_ids, labels = tokenize_conversation(conversations, self.tokenizer, self.template, modality,
+                                                  inserted_id, end_tag=record.get("end_tag", True))
         self._check_length(input_ids, labels)
         return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageSpec", "ImageTransform", "load_image"]
+__all__ = ["ImageSpec", "ImageTransform", "expand_to_square", "load_image", "pad_colour"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -55,8 +55,13 @@ def load_image(path: PathLike) -> Image.Image:
         raise ValueError(f"{path} is not a readable image: {exc}") from exc
 
 
-def _expand_to_square(img: Image.Image, fill: Tuple[int, int, int]) -> Image.Image:
-    """Pads the shorter side symmetrically so the content keeps its aspect."""
+def pad_colour(mean: Tuple[float, float, float]) -> Tuple[int, int, int]:
+    """The fill colour of ``--image_aspect_ratio pad``: the processor's mean colour, truncated as VITA does."""
+    return tuple(int(m * 255) for m in mean)
+
+
+def expand_to_square(img: Image.Image, fill: Tuple[int, int, int]) -> Image.Image:
+    """Pads the shorter side symmetrically with ``fill`` so the content keeps its aspect."""
     width, height = img.size
     if width == height:
         return img
@@ -108,8 +113,7 @@ class ImageTransform:
         elif img.mode != "RGB":
             img = img.convert("RGB")
         if self.pad_to_square:
-            fill = tuple(int(round(m * 255)) for m in self.mean)
-            img = _expand_to_square(img, fill)
+            img = expand_to_square(img, pad_colour(self.mean))
         size = (self.image_size, self.image_size)
         if img.size != size:
             img = img.resize(size, resample=Image.Resampling.BICUBIC)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from vitacore.constants import AUDIO_TOKEN_INDEX, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from vitacore.constants import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.records import as_list
-from vitacore.data.tiling import expand_image_placeholders
+from vitacore.data.turns import prepare_turns
 from vitacore.data.video import count_sampled_frames
 
 __all__ = ["count_video_frames", "record_length"]
@@ -43,8 +43,7 @@ def count_video_frames(path: str, max_frames: int) -> int:
 
 def record_length(record: dict, resolve: Callable[[str], str], tokenizer, template: ChatTemplate,
                   tokens_per_image: int, audio_tokens: Optional[Callable[[str], int]],
-                  max_video_frames: int, expand_videos: Callable,
-                  image_tiles: Optional[Callable[[str], int]] = None) -> int:
+                  max_video_frames: int, image_tiles: Optional[Callable[[str], int]] = None) -> int:
     """One record's signed length: tokens of the model input, positive with media, negative without.
 
     Args:
@@ -55,24 +54,21 @@ def record_length(record: dict, resolve: Callable[[str], str], tokenizer, templa
         tokens_per_image: LLM tokens one image (or video frame) becomes.
         audio_tokens: audio path -> LLM tokens, from the file's header (None: no audio encoder).
         max_video_frames: the dataset's cap on frames per video.
-        expand_videos: the dataset's ``<video>`` -> per-frame ``<image>`` expansion.
-        image_tiles: image path -> tiles (dynamic tiling, from the header); None: one per image.
+        image_tiles: image path -> tiles (from the header); None: one per image.
 
     Returns:
         The length, never 0 (the sampler reads the sign as the modality).
     """
     images, videos = as_list(record.get("image")), as_list(record.get("video"))
     audios = as_list(record.get("audio"))
-    conversations = [dict(turn) for turn in record["conversations"]]
     tile_counts = [image_tiles(resolve(rel)) for rel in images] if image_tiles else [1] * len(images)
-    if image_tiles and sum(t.get("value", "").count(DEFAULT_IMAGE_TOKEN) for t in conversations) == len(images):
-        conversations = expand_image_placeholders(conversations, tile_counts)
     frame_counts = [count_video_frames(resolve(rel), max_video_frames) for rel in videos]
-    if frame_counts:
-        conversations = expand_videos(conversations, frame_counts)
+    conversations, inserted_id = prepare_turns(record["conversations"], record.get("inserted_id"),
+                                               tile_counts, frame_counts)
     modality = "video" if videos else "image" if images else "lang"
     try:
-        ids, _ = tokenize_conversation(conversations, tokenizer, template, modality, record.get("inserted_id"))
+        ids, _ = tokenize_conversation(conversations, tokenizer, template, modality, inserted_id,
+                                       end_tag=record.get("end_tag", True))
         text = sum(1 for i in ids if i not in (IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX))
     except ValueError:
         # A malformed record (turn order) fails in __getitem__ with its own message; a rough

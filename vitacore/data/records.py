@@ -6,17 +6,21 @@ A record (DESIGN.md §4)::
      "audio": "a.wav" | [...], "inserted_id": 3, "end_tag": true,
      "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
 
-Problems are reported when the file is read, naming the file, the record index and the field, so a
-bad record in a million-record file fails the run before training starts rather than at step 40k.
+Problems are found when the file is read, naming the file, the record index and the field, so a
+bad record in a million-record file is known before training starts rather than at step 40k:
+:func:`read_records` returns them beside the good records (``--on_bad_sample skip`` drops and counts
+them), :func:`load_records` raises at the first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+from vitacore.data.turns import turn_order_problem
 
 ROLES = ("human", "gpt")
 # Media field -> its placeholder in the text; one placeholder per listed file.
@@ -45,6 +49,9 @@ def record_problem(record) -> Optional[str]:
             return f"{where}.from is {turn.get('from')!r}, expected 'human' or 'gpt'"
         if not isinstance(turn.get("value"), str):
             return f"{where}.value is {type(turn.get('value')).__name__}, expected a string"
+    order = turn_order_problem(conversations)
+    if order:
+        return order
     for name in MEDIA_FIELDS:
         value = record.get(name)
         if value is None:
@@ -75,13 +82,29 @@ def record_problem(record) -> Optional[str]:
     return None
 
 
-def load_records(path: str) -> list[dict]:
-    """Read a VITA JSON list of records and validate each one.
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A record that breaks VITA's schema, found when its file was read.
+
+    Attributes:
+        index: its index in the file.
+        message: ``"file.json: record 7 (id 'x'): <problem naming the field>"``.
+    """
+
+    index: int
+    message: str
+
+
+def read_records(path: str) -> tuple[list[dict], list[RejectedRecord]]:
+    """Read a VITA JSON list of records: the good ones, and what is wrong with the others.
+
+    Returns:
+        ``(records, rejected)``: the records that follow VITA's schema, in file order, and one
+        :class:`RejectedRecord` per other record.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: malformed JSON (with line and column), not a list, or a record that breaks
-            VITA's schema (with its index and field).
+        ValueError: malformed JSON (with line and column), or not a list.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
@@ -92,10 +115,27 @@ def load_records(path: str) -> list[dict]:
             raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    good, rejected = [], []
     for index, record in enumerate(records):
         problem = record_problem(record)
-        if problem:
-            record_id = record.get("id") if isinstance(record, dict) else None
-            named = f" (id {record_id!r})" if record_id is not None else ""
-            raise ValueError(f"{path}: record {index}{named}: {problem}")
+        if problem is None:
+            good.append(record)
+            continue
+        record_id = record.get("id") if isinstance(record, dict) else None
+        named = f" (id {record_id!r})" if record_id is not None else ""
+        rejected.append(RejectedRecord(index, f"{path}: record {index}{named}: {problem}"))
+    return good, rejected
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a VITA JSON list of records, every one of which must follow VITA's schema.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: malformed JSON (with line and column), not a list, or a record that breaks
+            VITA's schema (with its index and field).
+    """
+    records, rejected = read_records(path)
+    if rejected:
+        raise ValueError(rejected[0].message)
     return records

@@ -27,11 +27,11 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import yaml
 
-from vitacore.data.records import as_list, load_records
+from vitacore.data.records import RejectedRecord, as_list, read_records
 
 _FOLDER_KEYS = ("image_folder", "audio_folder", "video_folder")
 _RESERVED = ("chat_path", "data_ratio", *_FOLDER_KEYS)
@@ -103,13 +103,16 @@ def _entry(raw, where: str, base: str, defaults: Mapping[str, Optional[str]]) ->
                       folders["audio_folder"], folders["video_folder"])
 
 
-def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, list[DataSource]]:
+def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = None,
+                  names: Optional[Iterable[str]] = None) -> dict[str, list[DataSource]]:
     """Read a registry YAML: ``{dataset name: [DataSource, ...]}``.
 
     Args:
         path: the YAML file.
         defaults: absolute ``image_folder`` / ``audio_folder`` / ``video_folder`` for entries that
             leave them out (the command-line flags).
+        names: read only these datasets (as VITA reads only the ``--dataset_use`` ones, so a stale
+            entry of another dataset stops nothing); the others map to an empty list. None: all.
 
     Raises:
         FileNotFoundError: the YAML, a ``chat_path`` or a folder does not exist.
@@ -125,6 +128,9 @@ def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = N
         if not isinstance(entries, list) or not entries:
             raise ValueError(f"--data_registry {path}: dataset {name!r} must be a non-empty list of entries "
                              "(each '- chat_path: file.json ...')")
+        if names is not None and str(name) not in names:
+            out[str(name)] = []
+            continue
         out[str(name)] = [_entry(raw, f"{path}: {name}[{i}]", base, defaults or {}) for i, raw in enumerate(entries)]
     return out
 
@@ -163,9 +169,10 @@ def sources_from_config(data) -> Optional[list[DataSource]]:
     if not data.data_registry:
         raise ValueError(f"--dataset_use {data.dataset_use!r} needs --data_registry datasets.yaml (the YAML that "
                          "maps dataset names to JSON files), or use --data_path file.json instead")
-    registry = load_registry(data.data_registry, defaults)
+    wanted = _names(data.dataset_use)
+    registry = load_registry(data.data_registry, defaults, names=wanted)
     sources = []
-    for name in _names(data.dataset_use):
+    for name in wanted:
         if name not in registry:
             close = difflib.get_close_matches(name, list(registry), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -218,29 +225,40 @@ def _join(value, folder: str):
     return joined if isinstance(value, list) else joined[0]
 
 
-def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str]]:
-    """Read and validate a source's records, keep ``data_ratio`` of them, resolve their media.
+def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str], list[RejectedRecord]]:
+    """Read a source's records, keep ``data_ratio`` of the good ones, resolve their media.
 
     Returns:
-        ``(records, origins)``: records with absolute media paths, and per record
-        ``"file.json, record i"`` (its index in the file) for error messages.
+        ``(records, origins, rejected)``: records with absolute media paths; per record
+        ``"file.json, record i"`` (its index in the file) for error messages; and the records that
+        break VITA's schema (see :func:`vitacore.data.records.read_records`).
     """
-    records = load_records(source.chat_path)
+    records, rejected = read_records(source.chat_path)
+    bad = {r.index for r in rejected}
+    file_indices = [i for i in range(len(records) + len(rejected)) if i not in bad]
     indices = list(range(len(records)))
     if source.data_ratio < 1 and records:
         # Seeded per file, so the kept subset does not change when other entries are added.
         rng = random.Random(f"{seed}/{os.path.basename(source.chat_path)}")
         keep = max(1, math.floor(len(records) * source.data_ratio))
         indices = sorted(rng.sample(indices, keep))
-    origins = [f"{source.chat_path}, record {i}" for i in indices]
-    return [_resolve(records[i], source, where) for i, where in zip(indices, origins)], origins
+    origins = [f"{source.chat_path}, record {file_indices[i]}" for i in indices]
+    resolved = []
+    for i, where in zip(indices, origins):
+        try:
+            resolved.append(_resolve(records[i], source, where))
+        except ValueError as err:  # a 'set' that names no folder: this record's problem, not the run's
+            rejected.append(RejectedRecord(file_indices[i], str(err)))
+            origins.remove(where)
+    return resolved, origins, rejected
 
 
-def load_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[str]]:
+def load_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[str], list[RejectedRecord]]:
     """:func:`load_source` over several sources, concatenated in order."""
-    records, origins = [], []
+    records, origins, rejected = [], [], []
     for source in sources:
-        more, where = load_source(source, seed)
+        more, where, bad = load_source(source, seed)
         records += more
         origins += where
-    return records, origins
+        rejected += bad
+    return records, origins, rejected

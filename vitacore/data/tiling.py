@@ -1,23 +1,25 @@
-"""Dynamic image tiling (``--image_aspect_ratio dynamic``), VITA-1.5's InternVL-style rule.
+"""Dynamic image tiling, VITA-1.5's InternVL-style rule, applied whatever ``--image_aspect_ratio`` says
+(as in VITA; ``pad`` pads the image to a square first, ``--max_dynamic_patch 1`` turns tiling off).
 
 An image is resized to a grid of ``cols x rows`` square tiles whose aspect ratio is closest to
 the image's, with ``min_tiles <= cols * rows <= max_tiles``, and cut into tiles row by row. When
 more than one tile results, a thumbnail (the whole original image at tile size) is appended so the
 model also sees the global view. Each tile is one image for the vision tower, so one ``<image>``
-in the text stands for as many image blocks as tiles (see :func:`expand_image_placeholders`).
+in the text stands for as many image blocks as tiles (see :func:`vitacore.data.turns.prepare_turns`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitacore.constants import DEFAULT_IMAGE_TOKEN
+from vitacore.data.images import expand_to_square
 
-__all__ = ["ImageTiler", "expand_image_placeholders", "expand_placeholders", "num_tiles", "tile_grid", "tile_image"]
+__all__ = ["ImageTiler", "expand_placeholders", "num_tiles", "tile_grid", "tile_image"]
 
 
 def _candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -98,12 +100,15 @@ class ImageTiler:
         min_tiles: fewest grid tiles per image.
         max_tiles: most grid tiles per image.
         use_thumbnail: append a whole-image thumbnail when an image has more than one tile.
+        pad_fill: pad each image to a square of this colour before tiling (``--image_aspect_ratio pad``);
+            None: tile the image as it is.
     """
 
     tile_size: int
     min_tiles: int = 1
     max_tiles: int = 12
     use_thumbnail: bool = True
+    pad_fill: Optional[tuple[int, int, int]] = None
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0:
@@ -116,11 +121,15 @@ class ImageTiler:
         """The image's tiles, each through ``transform``."""
         if img.mode != "RGB":
             img = img.convert("RGB")
+        if self.pad_fill is not None:
+            img = expand_to_square(img, self.pad_fill)
         tiles = tile_image(img, self.min_tiles, self.max_tiles, self.tile_size, self.use_thumbnail)
         return [transform(tile) for tile in tiles]
 
     def count(self, width: int, height: int) -> int:
         """Tiles for an image of this size (thumbnail included)."""
+        if self.pad_fill is not None:
+            width = height = max(width, height)
         return num_tiles(width, height, self.min_tiles, self.max_tiles, self.tile_size, self.use_thumbnail)
 
     def count_from_header(self, path: str) -> int:
@@ -137,8 +146,8 @@ class ImageTiler:
 
 
 def expand_placeholders(conversations: Iterable[dict], placeholder: str, counts: list[int],
-                        missing: int) -> list[dict]:
-    """Replace the k-th ``placeholder`` (reading order) with ``counts[k]`` ``<image>`` placeholders.
+                        missing: int, suffix: str = "") -> list[dict]:
+    """Replace the k-th ``placeholder`` (reading order) with ``counts[k]`` ``<image>`` placeholders and ``suffix``.
 
     ``missing`` is used past the end of ``counts``; the caller checks placeholders and media match.
     """
@@ -148,15 +157,6 @@ def expand_placeholders(conversations: Iterable[dict], placeholder: str, counts:
         pieces = turn["value"].split(placeholder)
         value = pieces[0]
         for piece in pieces[1:]:
-            value += DEFAULT_IMAGE_TOKEN * next(remaining, missing) + piece
+            value += DEFAULT_IMAGE_TOKEN * next(remaining, missing) + suffix + piece
         expanded.append({**turn, "value": value})
     return expanded
-
-
-def expand_image_placeholders(conversations: Iterable[dict], tile_counts: list[int]) -> list[dict]:
-    """Replaces the k-th ``<image>`` (reading order) with ``tile_counts[k]`` ``<image>`` placeholders.
-
-    Unlike VITA, which gives every ``<image>`` of a sentence the same count, each placeholder gets
-    its own image's count.
-    """
-    return expand_placeholders(conversations, DEFAULT_IMAGE_TOKEN, tile_counts, missing=1)

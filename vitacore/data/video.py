@@ -2,12 +2,11 @@
 
 Container formats (.mp4, .avi, .mov, .webm, .mkv) are decoded with PyAV, whose wheels bundle
 FFmpeg, so the same ``pip install`` works on CPU and GPU machines with no system libraries.
-Animated GIF/WebP go through PIL, keeping the sampling vitacore always used for them (the
-synthetic data's lengths depend on it).
+Animated GIF/WebP go through PIL, their frame rate taken from the frames' durations.
 
-VITA's rule for real video (``_get_rawvideo_dec``): take every ``round(fps / 3)``-th frame of the
-whole clip; more than 16 positions are thinned to 16 and fewer than 4 are stretched to 4 (with
-repeats), both with ``np.linspace(..., dtype=int)`` over the positions.
+VITA's rule for every clip (``_get_rawvideo_dec``, which reads GIFs too): take every
+``round(fps / 3)``-th frame of the whole clip; more than 16 positions are thinned to 16 and fewer
+than 4 are stretched to 4 (with repeats), both with ``np.linspace(..., dtype=int)`` over the positions.
 """
 
 from __future__ import annotations
@@ -55,14 +54,6 @@ def sample_frame_indices(num_frames: int, fps: float, target_fps: float = VIDEO_
     else:
         return positions
     return [positions[int(i)] for i in picks]
-
-
-def _gif_indices(num_frames: int, max_frames: int) -> List[int]:
-    """vitacore's GIF rule: every frame, evenly subsampled to at most ``max_frames``."""
-    if num_frames <= max_frames:
-        return list(range(num_frames))
-    step = num_frames / max_frames
-    return [int(i * step) for i in range(max_frames)]
 
 
 def _is_container(path: str) -> bool:
@@ -134,26 +125,30 @@ def _load_container(path: str) -> Tuple[List[Image.Image], float]:
     return frames, fps
 
 
+def _animated_fps(durations_ms: List[float]) -> float:
+    total_ms = sum(durations_ms)
+    return 1000.0 * len(durations_ms) / total_ms if total_ms > 0 else 0.0
+
+
 def _load_animated_image(path: str, max_frames: int) -> Tuple[List[Image.Image], float]:
     with Image.open(path) as clip:
         durations, frames = [], []
         for frame in ImageSequence.Iterator(clip):
             frames.append(frame.convert("RGB"))
             durations.append(frame.info.get("duration") or 0)
-    total_ms = sum(durations)
-    fps = 1000.0 * len(frames) / total_ms if total_ms > 0 else 0.0
-    return [frames[i] for i in _gif_indices(len(frames), max_frames)], fps
+    fps = _animated_fps(durations)
+    return [frames[i] for i in sample_frame_indices(len(frames), fps, max_frames=max_frames)], fps
 
 
 def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> Tuple[List[Image.Image], float]:
     """Sampled RGB frames of the video at ``path`` and its source frame rate.
 
-    Container formats follow VITA's 3 fps / 4..16 frames rule; animated GIF/WebP keep every frame,
-    evenly subsampled to at most ``max_frames``.
+    Every clip follows VITA's 3 fps / 4..16 frames rule (the rate of an animated GIF/WebP comes
+    from its frame durations; without any, every frame counts).
 
     Args:
         path: the video file.
-        max_frames: cap for animated images (container video uses VITA's fixed 4..16).
+        max_frames: cap for animated images (container video uses VITA's fixed 16).
 
     Returns:
         ``(frames, fps)``; ``fps`` is 0.0 when the file states no timing.
@@ -193,6 +188,7 @@ def count_sampled_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> Optio
         return len(sample_frame_indices(num_frames, fps)) or None
     try:
         with Image.open(path) as clip:
-            return len(_gif_indices(getattr(clip, "n_frames", 1), max_frames)) or None
+            durations = [frame.info.get("duration") or 0 for frame in ImageSequence.Iterator(clip)]
     except (OSError, UnidentifiedImageError, ValueError):
         return None
+    return len(sample_frame_indices(len(durations), _animated_fps(durations), max_frames=max_frames)) or None

@@ -27,7 +27,7 @@ from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.demo.warmup import pretrain_tower, warm_up_llm
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
 
-DEFAULT_VERSION = "default-v4"
+DEFAULT_VERSION = "default-v5"
 READY_MARKER = "READY.json"
 
 
