@@ -65,7 +65,7 @@ def test_defaults_are_valid_and_not_explicit():
     cfg = parse_args([])
     assert cfg == RunConfig()
     assert cfg.field_sources == {}
-    assert cfg.data.dataset_use is None and cfg.stage == "1"
+    assert cfg.data.dataset_use is None and cfg.stage is None  # resolved later: 1 for the demo, none with an LLM
 
 
 # ----------------------------------------------------------------------------- flag syntax
@@ -240,7 +240,8 @@ VALIDATION_CASES = [
     (["--mm_projector_type", "qformer"], ["--mm_projector_type"]),
     (["--report_to", "wandb"], ["--report_to"]),
     (["--report_to", "tensorboard,wandb"], ["--report_to"]),
-    (["--optim", "sgd"], ["--optim"]),
+    (["--optim", "sgd"], ["--optim"]), (["--optim", "adamw"], ["--optim", "adamw_torch_fused"]),
+    (["--ddp_timeout", "0"], ["--ddp_timeout"]),
     (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers"]),
     (["--audio_prompt_finetune", "True"], ["--audio_prompt_finetune", "--audio_prompt_num"]),
     (["--audio_prompt_finetune", "--audio_prompt_num", "0"],
@@ -462,7 +463,7 @@ def test_to_dict_and_flat_dict():
     flat = cfg.flat_dict()
     sizes = sum(len(dataclasses.fields(c)) for c in (ModelArguments, DataArguments, TrainingArguments))
     assert len(flat) == sizes + 4  # stage, dry_run, report_json, stage_file
-    assert flat["dataset_use"] is None and flat["stage"] == "1"
+    assert flat["dataset_use"] is None and flat["stage"] is None
 
 
 def test_field_names_unique_across_sections():

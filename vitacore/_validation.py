@@ -9,7 +9,8 @@ from vitacore.freeze import UNITS, parse_unit_lr
 _SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 _STRATEGIES = ("epoch", "no", "steps")
 _REPORTERS = ("all", "none", "tensorboard")
-_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+# The HF Trainer --optim names vitacore implements (vitacore.engine.config.OPTIMIZERS).
+_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _PROJECTOR = re.compile(r"^mlp([1-9]\d*)x_gelu$")
 
 
@@ -46,6 +47,7 @@ def rule_errors(cfg) -> List[str]:
           f"--max_steps {t.max_steps} must be > 0, or -1 to train for --num_train_epochs")
     check(t.weight_decay >= 0, f"--weight_decay {t.weight_decay} must be >= 0")
     check(t.max_grad_norm >= 0, f"--max_grad_norm {t.max_grad_norm} must be >= 0 (0: no clipping)")
+    check(t.ddp_timeout >= 1, f"--ddp_timeout {t.ddp_timeout} must be >= 1 (seconds a collective may wait)")
     for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
         unit(name)
     one_of("lr_scheduler_type", _SCHEDULERS)
@@ -53,7 +55,9 @@ def rule_errors(cfg) -> List[str]:
     one_of("eval_strategy", _STRATEGIES)
     one_of("quant_type", ("fp4", "nf4"))
     one_of("lora_bias", ("all", "lora_only", "none"))
-    one_of("optim", _OPTIMIZERS)
+    check(t.optim in _OPTIMIZERS,
+          f"--optim {t.optim!r} is not supported; vitacore implements adamw_torch (torch.optim.AdamW) and "
+          "adamw_torch_fused (torch.optim.AdamW with fused=True)")
     check(t.bits in (4, 8, 16), f"--bits {t.bits} is not one of: 4, 8, 16")
     # Quantized weights cannot take optimizer steps: they train only through LoRA adapters.
     check(t.bits not in (4, 8) or t.lora_enable,
@@ -97,9 +101,15 @@ def rule_errors(cfg) -> List[str]:
               f"(got {m.audio_prompt_num})")
     check(not m.use_s2, "--use_s2 True: S2 multi-scale vision features are not implemented in vitacore; "
                         "drop the flag (or pass --use_s2 False)")
+    for name, what in (("mm_use_im_start_end", "image start / end tokens around each image"),
+                       ("mm_use_im_patch_token", "an image patch token in the vocabulary")):
+        check(not cfg.get(name), f"--{name} True: LLaVA's {what}; VITA's data and models have none, so vitacore "
+                                 "supports only False (drop the flag)")
+    check(d.is_multimodal, "--is_multimodal False: VITA's text-only mode (no placeholder or state-token rules) is not "
+                           "supported; records without media train as text already, so drop the flag")
     check(not (m.tune_mm_mlp_adapter and t.freeze_mm_mlp_adapter),
           "--tune_mm_mlp_adapter True contradicts --freeze_mm_mlp_adapter True; set one to False")
-    check(cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")
+    check(cfg.stage is None or cfg.stage.strip() != "", "--stage must be a non-empty stage name, e.g. --stage 1")
     for name in ("mm_projector_lr", "vision_tower_lr"):
         value = cfg.get(name)
         check(value is None or value > 0, f"--{name} {value} must be > 0 (or None)")
@@ -116,3 +126,21 @@ def rule_errors(cfg) -> List[str]:
             except re.error as err:
                 errors.append(f"--{name} {pattern!r} is not a valid regular expression: {err}")
     return errors
+
+
+# Flags VITA's and LLaVA's scripts pass that change nothing here, with the reason the run prints.
+_WITHOUT_EFFECT = {
+    "lazy_preprocess": "samples are always built lazily, one at a time (VITA's dataset is lazy whatever it says)",
+    "remove_unused_columns": "an HF Trainer setting; the model takes exactly the batch's fields",
+    "mpt_attn_impl": "MPT models are not supported",
+    "cache_dir": "models load from their folders or the default Hugging Face cache (set HF_HOME to move it)",
+}
+
+
+def ignored_flag_notes(cfg) -> List[str]:
+    """One note per flag the user set that the run accepts without effect, saying why."""
+    notes = [f"--{name} has no effect: {why}" for name, why in _WITHOUT_EFFECT.items() if cfg.is_explicit(name)]
+    if cfg.training.bits == 16:
+        notes += [f"--{name} has no effect without --bits 4 (it configures 4-bit loading)"
+                  for name in ("double_quant", "quant_type") if cfg.is_explicit(name)]
+    return notes

@@ -20,8 +20,10 @@ from vitacore._flags import ConfigError
 
 __all__ = [
     "ConfigError", "DataArguments", "ModelArguments", "RunConfig", "TrainingArguments",
-    "load_yaml_config", "parse_args", "validate",
+    "ignored_flag_notes", "load_yaml_config", "parse_args", "validate",
 ]
+
+ignored_flag_notes = _validation.ignored_flag_notes
 
 
 def _f(default: Any, help: str, literal: bool = False) -> Any:
@@ -51,6 +53,11 @@ class ModelArguments:
     pretrain_audio_mlp_adapter: Optional[str] = _f(None, "checkpoint of a pretrained audio adapter")
     pretrain_mm_mlp_adapter: Optional[str] = _f(None, "checkpoint of a pretrained vision projector")
     mm_projector_type: str = _f("mlp2x_gelu", "vision projector: linear, identity or mlpNx_gelu")
+    # LLaVA's flags: accepted with their meaning where VITA has one, refused with the reason otherwise.
+    mm_vision_select_layer: Optional[int] = _f(None, "LLaVA's feature layer; vitacore takes VITA's per tower "
+                                                     "(SigLIP/CLIP -2, InternViT -1) and refuses another")
+    mm_use_im_start_end: bool = _f(False, "LLaVA's image start/end tokens (VITA has none: only False)")
+    mm_use_im_patch_token: bool = _f(False, "LLaVA's image patch token (VITA has none: only False)")
 
 
 @dataclass
@@ -61,8 +68,9 @@ class DataArguments:
     is_multimodal: bool = _f(True, "samples may contain images/audio")
     image_folder: Optional[str] = _f(None, "folder of the images of records without a 'set' "
                                            "(None: the JSON file's folder)")
-    image_aspect_ratio: Optional[str] = _f(None, "square, pad (to a square with the mean colour) or dynamic "
-                                                "(tiles + thumbnail, VITA-1.5); None: resize as is")
+    image_aspect_ratio: Optional[str] = _f(None, "images are tiled for every value, as in VITA-1.5 (up to "
+                                                "--max_dynamic_patch tiles + a thumbnail); pad: pad to a square "
+                                                "with the mean colour first; square, dynamic, None: tile as is")
     # VITA's default "temp" crashes; None selects the embedded synthetic demo data.
     dataset_use: Optional[str] = _f(None, "dataset names in --data_registry, comma-separated "
                                           "(None and no --data_path: built-in synthetic demo data)")
@@ -74,7 +82,7 @@ class DataArguments:
     audio_folder: Optional[str] = _f(None, "folder of the audio files (None: the JSON file's folder)")
     video_folder: Optional[str] = _f(None, "folder of the video files (None: the JSON file's folder)")
     min_dynamic_patch: int = _f(1, "fewest image tiles per image")
-    max_dynamic_patch: int = _f(12, "most image tiles per image")
+    max_dynamic_patch: int = _f(12, "most image tiles per image (1: no tiling, one resized image)")
     use_thumbnail: bool = _f(True, "add a thumbnail tile to tiled images")
     eval_data_path: Optional[str] = _f(None, "evaluation data (None: no eval set)")
     system_prompts: Optional[str] = _f(None, "YAML file of system prompts by modality (image, video, lang) "
@@ -90,7 +98,7 @@ class TrainingArguments:
     """VITA's training additions followed by the standard HF-Trainer fields its scripts use."""
 
     cache_dir: Optional[str] = _f(None, "HF download cache directory")
-    optim: str = _f("adamw_torch", "optimizer: adamw_torch, adamw_torch_fused or adamw")
+    optim: str = _f("adamw_torch", "optimizer: adamw_torch (torch.optim.AdamW) or adamw_torch_fused (fused=True)")
     remove_unused_columns: bool = _f(False, "HF compatibility; ignored")
     freeze_mm_mlp_adapter: bool = _f(False, "keep the vision projector frozen")
     mpt_attn_impl: str = _f("triton", "MPT attention implementation (VITA compatibility)")
@@ -170,7 +178,9 @@ class RunConfig:
     model: ModelArguments = field(default_factory=ModelArguments)
     data: DataArguments = field(default_factory=DataArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
-    stage: str = _f("1", "training stage whose presets apply (resolved by the stage code)")
+    stage: Optional[str] = _f(None, "stage preset to apply (1, 2, 3, 4, neg, fo, all, none, or a --stage_file "
+                                    "stage); None: 1 with the embedded default, none (the flags alone decide, "
+                                    "as in VITA) with your own --model_name_or_path", literal=True)
     dry_run: bool = _f(False, "build everything, run no optimizer step")
     report_json: Optional[str] = _f(None, "write a JSON run report to this path")
     stage_file: Optional[str] = _f(None, "YAML file defining extra stages for --stage")

@@ -43,7 +43,11 @@ def dropout_llm(vitacore_cache, tmp_path_factory):
 
 
 def flags(llm, output_dir, max_steps, save_steps):
-    return ["--stage", "3", "--model_name_or_path", llm, "--output_dir", str(output_dir), "--max_steps",
+    from vitacore.demo.embedded import ensure_default_assets
+
+    assets = ensure_default_assets()  # a run with its own LLM takes no part it is not given
+    return ["--stage", "3", "--model_name_or_path", llm, "--vision_tower", assets.vision_tower,
+            "--audio_encoder", assets.audio_encoder, "--output_dir", str(output_dir), "--max_steps",
             str(max_steps), "--save_steps", str(save_steps), "--logging_steps", "1", "--learning_rate", "1e-4",
             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--model_max_length", "512",
             "--eval_data_path", os.path.join(REPO, "tests", "checkpoint", "small_eval.json")]

@@ -1,4 +1,7 @@
-"""Tests for vitacore.engine.ds_config: built-in config and filling "auto" values."""
+"""Tests for vitacore.engine.ds_config: built-in config and filling "auto" values.
+
+tests/engine/test_ds_config_hf.py compares the filling with transformers' own HfTrainerDeepSpeedConfig.
+"""
 
 import copy
 import json
@@ -77,7 +80,7 @@ def test_zero3_autos_are_all_filled():
     assert cfg["train_batch_size"] == 2 * 4 * 3
     assert cfg["bf16"]["enabled"] is True
     assert cfg["fp16"]["enabled"] is False
-    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["gradient_clipping"] == 0  # VITA's zero3.json has none: no clipping, as in VITA's runs
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["reduce_bucket_size"] == HIDDEN * HIDDEN
@@ -162,16 +165,51 @@ def test_scheduler_warmup_is_at_least_one_step():
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 1
 
 
-def test_explicit_scheduler_values_are_kept():
-    raw = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 7, "warmup_max_lr": 3e-3}}}
-    cfg = _complete(raw, warmup_steps=20)
-    assert cfg["scheduler"]["params"] == {"warmup_num_steps": 7, "warmup_max_lr": 3e-3}
+def test_explicit_scheduler_values_are_kept_when_they_agree_and_refused_when_not():
+    raw = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 20, "warmup_max_lr": 2e-4}}}
+    assert _complete(raw, warmup_steps=20)["scheduler"]["params"] == {"warmup_num_steps": 20, "warmup_max_lr": 2e-4}
+    raw["scheduler"]["params"].update(warmup_num_steps=7, warmup_max_lr=3e-3)
+    with pytest.raises(ValueError) as err:
+        _complete(raw, warmup_steps=20)
+    assert "warmup_num_steps=7" in str(err.value) and "warmup_max_lr=0.003" in str(err.value)
+    assert "--learning_rate" in str(err.value) and "--warmup_steps" in str(err.value)
+
+
+def test_missing_keys_stay_missing_except_batch_keys_and_clipping():
+    raw = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+           "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+    cfg = _complete(raw)
+    assert cfg["gradient_clipping"] == 0  # not --max_grad_norm, and not DeepSpeed's own default of 1.0
+    assert cfg["optimizer"]["params"] == {"lr": 2e-4}  # betas / eps / weight_decay: DeepSpeed's defaults
+    # The batch keys are vitacore's exception: filled even when missing (the loop owns the boundary).
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (4, 3)
+
+
+@pytest.mark.parametrize("bf16,fp16,sections", [
+    (True, False, {"bf16": {"enabled": True}, "fp16": {"enabled": False}}),
+    (False, True, {"bf16": {"enabled": False}, "fp16": {"enabled": True, "auto_cast": True}}),
+    (False, False, {"bf16": {"enabled": False}, "fp16": {"enabled": False}}),
+])
+def test_missing_precision_sections_as_accelerate_sets_them(bf16, fp16, sections):
+    cfg = _complete({"zero_optimization": {"stage": 2}}, training=_training(bf16=bf16, fp16=fp16))
+    assert {k: cfg[k] for k in ("bf16", "fp16")} == sections
+
+
+def test_every_contradiction_is_reported_at_once():
+    raw = vita_zero3()
+    raw.update(gradient_clipping=2.0, optimizer={"type": "AdamW", "params": {"lr": 1.0, "eps": 0.1}})
+    with pytest.raises(ValueError) as err:
+        _complete(raw)
+    for text in ("gradient_clipping=2.0", "--max_grad_norm", "optimizer.params.lr=1.0", "optimizer.params.eps=0.1",
+                 "--adam_epsilon", '"auto"'):
+        assert text in str(err.value)
 
 
 def test_builtin_config_completes_without_zero3_keys():
     cfg = complete_config(builtin_config(1), **_training(bf16=False), world_size=1, hidden_size=HIDDEN,
                           total_steps=10, warmup_steps=0)
     assert cfg["zero_optimization"] == {"stage": 0}
+    assert cfg["gradient_clipping"] == 0.5  # --max_grad_norm, as the HF Trainer clips without DeepSpeed
     assert cfg["train_batch_size"] == 4 * 3
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
     assert "optimizer" not in cfg and "scheduler" not in cfg

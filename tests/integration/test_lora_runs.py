@@ -81,8 +81,10 @@ def test_stage4_lora_trains_saves_and_peft_reproduces_it(vitacore_cache, dist, t
         plain = AutoModelForCausalLM.from_pretrained(merged)
         assert not hasattr(plain, "peft_config")
         difference = (llm_logits(plain, ids) - expected).abs().max().item()
-        print(f"merge-lora export vs LoRA model, max |logit difference| {difference:.3g}")
-        assert difference <= 1e-5
+        scale = max(1.0, expected.abs().max().item())
+        print(f"merge-lora export vs LoRA model, max |logit difference| {difference:.3g} (logits up to {scale:.3g})")
+        # Folding B·A into W rounds once per weight in fp32: equal up to float32 rounding, relative to the logits.
+        assert difference <= 1e-5 * scale
         full = load_full_export(str(merged)).model
         assert torch.equal(full.mm_projector[0].weight, bundle.model.mm_projector[0].weight.detach())
 

@@ -54,7 +54,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("llm", sorted(LLMS))
 def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cache, tmp_path, caplog, llm, tower):
     config = vitacore.parse_args([
-        "--model_name_or_path", checkpoints[llm], "--vision_tower", checkpoints[tower],
+        "--stage", "1", "--model_name_or_path", checkpoints[llm], "--vision_tower", checkpoints[tower],
         "--audio_encoder", checkpoints["audio"], "--output_dir", str(tmp_path), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
         "--model_max_length", "256", "--gradient_checkpointing", "False", "--learning_rate", "1e-3"])

@@ -13,6 +13,8 @@ from typing import Optional
 from vitacore.engine.schedule import SCHEDULES
 
 _STRATEGIES = ("no", "steps", "epoch")
+# The HF Trainer's --optim names vitacore implements: torch.optim.AdamW, default or fused kernel.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -84,6 +86,8 @@ class OptimConfig:
         lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
         warmup_ratio / warmup_steps: warm-up length (``warmup_steps`` wins when > 0).
         mm_projector_lr / vision_tower_lr / unit_lr: per-unit LRs (see :mod:`vitacore.freeze.param_groups`).
+        optim: the HF Trainer's ``--optim``: ``adamw_torch`` (``torch.optim.AdamW``) or ``adamw_torch_fused``
+            (the same with ``fused=True``); a DeepSpeed config's ``optimizer`` block takes precedence.
     """
 
     learning_rate: float = 5e-5
@@ -98,9 +102,13 @@ class OptimConfig:
     mm_projector_lr: Optional[float] = None
     vision_tower_lr: Optional[float] = None
     unit_lr: Optional[str] = None
+    optim: str = "adamw_torch"
 
     def __post_init__(self):
         _check(self.learning_rate > 0, f"learning_rate {self.learning_rate} must be > 0")
+        _check(self.optim in OPTIMIZERS,
+               f"--optim {self.optim!r} is not supported; vitacore implements adamw_torch (torch.optim.AdamW) and "
+               f"adamw_torch_fused (torch.optim.AdamW with fused=True)")
         _check(self.lr_scheduler_type in SCHEDULES,
                f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of: {', '.join(SCHEDULES)}")
         _check(self.max_grad_norm >= 0, f"max_grad_norm {self.max_grad_norm} must be >= 0 (0: no clipping)")

@@ -52,11 +52,31 @@ def _destroy_process_group() -> None:
     torch.distributed.destroy_process_group()
 
 
+def _deepspeed_groups_take_timeout(timeout: timedelta) -> None:
+    """Make the process groups DeepSpeed creates wait at most ``timeout`` too.
+
+    DeepSpeed's comm backend creates its groups with ``torch.distributed.new_group(ranks)``, and torch
+    gives a group made without a timeout its own default (30 minutes), not the world group's. ZeRO's
+    gradient and parameter collectives run on such a group (``groups._clone_world_group``): without
+    this, a stalled peer kept the others waiting 30 minutes whatever ``--ddp_timeout`` said.
+    """
+    from deepspeed.comm import comm
+
+    backend = comm.cdb
+    if backend is not None and getattr(backend, "name", None) == "torch":
+        backend.new_group = lambda ranks: torch.distributed.new_group(ranks, timeout=timeout)
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialize ``torch.distributed`` through DeepSpeed (gloo on CPU, NCCL on GPU).
 
     A plain ``python script.py`` has no launcher variables; DeepSpeed would then try MPI discovery,
     so a one-process group on a free loopback port is described in the environment first.
+
+    Args:
+        timeout_s: how long a collective waits for its peers before it raises (``--ddp_timeout``); it
+            applies to the world group and to the groups DeepSpeed creates later. Ignored when the
+            process group already exists.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -68,7 +88,9 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*")
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        _deepspeed_groups_take_timeout(timeout)
         # Tear the group down before the interpreter does: communication threads left to static
         # destructors can abort a finished rank ("terminate called without an active exception").
         atexit.register(_destroy_process_group)

@@ -31,6 +31,15 @@ from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
 from vitacore.engine.signals import StopRequest
 
 
+def _fused_adamw_devices() -> list[str]:
+    """Device types torch's fused AdamW kernel runs on (``cpu`` included since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: if it moves, assume the devices of torch 2.4+
+        return ["cuda", "cpu"]
+    return [d for d in _get_fused_kernels_supported_devices() if d]
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -125,10 +134,11 @@ class Trainer:
         kwargs = {"model": self.model.to(self.dist.device), "config": self.ds_config, "dist_init_required": False}
         if "optimizer" in self.ds_config:
             kwargs["model_parameters"] = self.param_groups
+            if optim.optim != "adamw_torch":
+                self.notes.append(f"--optim {optim.optim} is not used: the DeepSpeed config's optimizer block "
+                                  f"({self.ds_config['optimizer'].get('type')}) builds the optimizer")
         else:
-            kwargs["optimizer"] = torch.optim.AdamW(
-                self.param_groups, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
-                eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
+            kwargs["optimizer"] = self._optimizer()
         # A callable, so DeepSpeed hands it the (possibly wrapped) optimizer; per-group LRs survive.
         kwargs["lr_scheduler"] = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         engine, _, _, _ = deepspeed.initialize(**kwargs)
@@ -136,6 +146,24 @@ class Trainer:
             # One process, no ZeRO: the gradient all-reduce has no peer; skip flattening for it.
             engine.enable_backward_allreduce = False
         return engine
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """``--optim`` as the HF Trainer reads it: ``torch.optim.AdamW``, with ``fused=True`` for adamw_torch_fused.
+
+        Raises:
+            ValueError: adamw_torch_fused on a device without torch's fused AdamW kernel.
+        """
+        optim = self.optim
+        kwargs = {"lr": optim.learning_rate, "betas": (optim.adam_beta1, optim.adam_beta2), "eps": optim.adam_epsilon,
+                  "weight_decay": optim.weight_decay}
+        if optim.optim == "adamw_torch_fused":
+            devices = _fused_adamw_devices()
+            if self.dist.device.type not in devices:
+                raise ValueError(f"--optim adamw_torch_fused needs a device with torch's fused AdamW kernel "
+                                 f"({', '.join(devices)}); this run is on {self.dist.device.type}: "
+                                 "use --optim adamw_torch")
+            kwargs["fused"] = True
+        return torch.optim.AdamW(self.param_groups, **kwargs)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -181,6 +209,9 @@ class Trainer:
             epoch_progress = self._epoch_progress(epoch, next_micro)
             if self.step % loop.logging_steps == 0 or self.step == self.total_steps:
                 row = window.row(self.step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
+                rejected = len(getattr(self.train_dataset, "rejected", ()))
+                if rejected:  # records dropped when the data was read (--on_bad_sample skip)
+                    row["bad_records_at_load"] = rejected
                 self._log(row)
                 # Totals over ranks, so every rank raises at the same step.
                 self.bad_samples.add(row["bad_samples"], window.global_samples)

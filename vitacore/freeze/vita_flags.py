@@ -9,7 +9,8 @@ Translation:
 - any of ``tune_mm_mlp_adapter`` (projector), ``tune_audio_mlp_adapter`` (audio adapter),
   ``audio_prompt_finetune`` (audio prompt), ``audio_state_predictor_tuning`` (state head) puts the
   run in adapter mode: the LLM is frozen and the union of those units trains;
-- otherwise the LLM and the projector train (VITA's default);
+- otherwise the LLM and the projector train (VITA's default; a model without a vision tower has no
+  projector, and then only the LLM does);
 - ``freeze_backbone`` freezes the LLM (all of it, lm_head included);
 - ``unfreeze_vision_tower`` trains the tower; ``freeze_audio_encoder False`` the audio encoder;
   ``freeze_audio_encoder_adapter False`` the audio adapter;
@@ -21,7 +22,7 @@ Translation:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection, Optional
 
 from vitacore.freeze.policy import FreezePolicy
 
@@ -37,18 +38,24 @@ def _contradiction(flag_a: str, value_a, flag_b: str, value_b) -> ValueError:
     return ValueError(f"--{flag_a} {value_a} contradicts --{flag_b} {value_b}; set one of them the other way")
 
 
-def policy_from_flags(get: Callable[[str], object], is_explicit: Callable[[str], bool]) -> FreezePolicy:
+def policy_from_flags(get: Callable[[str], object], is_explicit: Callable[[str], bool],
+                      present_units: Optional[Collection[str]] = None) -> FreezePolicy:
     """Build the policy from VITA's flags.
 
     Args:
         get: field name -> value (``RunConfig.get``).
         is_explicit: whether the user set the field (a default never contradicts anything).
+        present_units: the units the model has (None: all); VITA's default of training the
+            projector is dropped for a model without one (no vision tower). A flag that asks for an
+            absent unit still fails when the policy is applied, naming the unit.
 
     Raises:
         ValueError: contradictory flags, naming both.
     """
     tuned = [unit for flag, unit in _TUNE_FLAGS if get(flag)]
     modes = dict.fromkeys(tuned, "full") if tuned else {"llm": "full", "mm_projector": "full"}
+    if not tuned and present_units is not None and "mm_projector" not in present_units:
+        del modes["mm_projector"]
 
     if get("tune_mm_mlp_adapter") and get("freeze_mm_mlp_adapter"):
         raise _contradiction("tune_mm_mlp_adapter", True, "freeze_mm_mlp_adapter", True)
@@ -73,6 +80,6 @@ def policy_from_flags(get: Callable[[str], object], is_explicit: Callable[[str],
                         lora_bias=(get("lora_bias") or "none") if get("lora_enable") else "none")
 
 
-def policy_from_config(config) -> FreezePolicy:
-    """:func:`policy_from_flags` for a ``RunConfig``."""
-    return policy_from_flags(config.get, config.is_explicit)
+def policy_from_config(config, present_units: Optional[Collection[str]] = None) -> FreezePolicy:
+    """:func:`policy_from_flags` for a ``RunConfig`` (``present_units``: the model's units, None: all)."""
+    return policy_from_flags(config.get, config.is_explicit, present_units)

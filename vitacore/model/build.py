@@ -56,11 +56,19 @@ def load_adapter_weights(module: nn.Module, weights: AdapterWeights) -> None:
 
 
 def finish_model(model: VitaModel, spec: ModelSpec, start: StartWeights) -> VitaModel:
-    """The steps after every part exists: start adapters, then LoRA (which wraps the LLM only)."""
-    if start.mm_projector is not None and model.mm_projector is not None:
-        load_adapter_weights(model.mm_projector, start.mm_projector)
-    if start.audio_adapter is not None and model.audio_adapter is not None:
-        load_adapter_weights(model.audio_adapter, start.audio_adapter)
+    """The steps after every part exists: start adapters, then LoRA (which wraps the LLM only).
+
+    Raises:
+        ValueError: start weights for a part the model does not have, or that do not fit it.
+    """
+    for weights, module, part in ((start.mm_projector, model.mm_projector, "vision tower (--vision_tower)"),
+                                  (start.audio_adapter, model.audio_adapter, "audio encoder (--audio_encoder)")):
+        if weights is None:
+            continue
+        if module is None:
+            raise ValueError(f"{weights.origin}: the run has no {part}, so there is nothing to load this adapter "
+                             "into; give the part, or drop the adapter flag")
+        load_adapter_weights(module, weights)
     if spec.lora is not None:
         apply_lora(model, spec.lora, spec.dtype, spec.gradient_checkpointing, start.lora)
     return model
@@ -70,48 +78,55 @@ def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_co
                 ) -> ModelBundle:
     """LLM + vision tower + projector + audio encoder + adapter (+ prompt, state head) for ``spec``.
 
+    A part without a path is absent (no tower: no projector; no audio encoder: no adapter), and so
+    is its modality: a run never takes a stand-in part it was not given.
+
     Start adapters are loaded here, before any engine partitions the modules (DeepSpeed broadcasts
     rank 0's values then).
 
     Args:
-        spec: the model's config; ``vision_tower_path`` and ``audio_encoder_path`` are required here.
+        spec: the model's config (a folder in VITA's layout goes through
+            vitacore.checkpoint.load_export_bundle instead).
         start: adapter / LoRA weights to start from, already read from their files.
         deepspeed_config: the complete DeepSpeed config; with ZeRO-3 the transformers models are built
             partitioned (each rank holds only its shard from the start).
 
     Raises:
-        ValueError: a missing encoder path, or start weights that do not fit.
+        ValueError: audio prompts without an audio encoder, or start weights that do not fit.
     """
-    if not spec.vision_tower_path or not spec.audio_encoder_path:
-        raise ValueError("build_model needs ModelSpec.vision_tower_path and audio_encoder_path "
-                         "(a folder in VITA's layout goes through vitacore.checkpoint.load_export_bundle)")
     from transformers import AutoModelForCausalLM
 
+    if spec.audio_prompt_finetune and not spec.audio_encoder_path:
+        raise ValueError("--audio_prompt_finetune True trains prompts that open every audio clip, but the run has "
+                         "no --audio_encoder; give one, or drop the flag")
     dtype = spec.dtype
     tokenizer = load_tokenizer_for(spec.llm_path, spec.model_max_length, spec.model_type)
     with zero3_construction(deepspeed_config):
         llm = AutoModelForCausalLM.from_pretrained(spec.llm_path, dtype=dtype, **llm_load_kwargs(spec))
         llm.config.use_cache = False
-        vision_tower = load_vision_tower(spec.vision_tower_path, torch_dtype=dtype)
+        vision_tower = load_vision_tower(spec.vision_tower_path, torch_dtype=dtype) if spec.vision_tower_path else None
     hidden = llm.config.hidden_size
 
     # New modules get their initial values from the run's seed, so reruns start identically.
     torch.manual_seed(spec.seed)
-    projector = build_projector(spec.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)
-    # Not partitioned under ZeRO-3 (built outside the construction context), like the tiny encoder.
-    audio_encoder = load_audio_encoder(spec.audio_encoder_path, dtype)
-    audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
-    audio_prompt = None
-    if spec.audio_prompt_finetune or spec.audio_prompt_num:
-        audio_prompt = torch.nn.Embedding(spec.audio_prompt_num, hidden).to(dtype)
+    projector = None
+    if vision_tower is not None:
+        projector = build_projector(spec.mm_projector_type, vision_tower.hidden_size, hidden).to(dtype)
+    audio_encoder = audio_adapter = audio_prompt = None
+    if spec.audio_encoder_path:
+        # Not partitioned under ZeRO-3 (built outside the construction context), like the tiny encoder.
+        audio_encoder = load_audio_encoder(spec.audio_encoder_path, dtype)
+        audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
+        if spec.audio_prompt_finetune or spec.audio_prompt_num:
+            audio_prompt = torch.nn.Embedding(spec.audio_prompt_num, hidden).to(dtype)
     # VITA's fo model: a 3-class user-state head on the last hidden state.
     state_head = torch.nn.Linear(hidden, 3).to(dtype) if spec.model_type == "qwen2p5_fo_instruct" else None
 
     mm_config = {
-        "mm_vision_tower": vision_tower.source,
-        "mm_audio_encoder": audio_encoder.source,
+        "mm_vision_tower": vision_tower.source if vision_tower is not None else None,
+        "mm_audio_encoder": audio_encoder.source if audio_encoder is not None else None,
         "mm_projector_type": spec.mm_projector_type,
-        "mm_hidden_size": vision_tower.hidden_size,
+        "mm_hidden_size": vision_tower.hidden_size if vision_tower is not None else None,
         "use_mm_proj": True,
         "image_aspect_ratio": spec.image_aspect_ratio,
         "tokenizer_padding_side": "right",

@@ -48,12 +48,13 @@ class ModelPlan:
 def plan_model(config: RunConfig, with_data: bool = True) -> ModelPlan:
     """Read the LLM's config (no weights), infer its model type, and build the embedded default when needed.
 
-    The embedded default is needed for any part without a path (outside a VITA-layout folder, which
-    holds every part) and, when ``with_data``, for a run without data flags (its synthetic data).
+    The embedded default is needed for a run without ``--model_name_or_path`` (its parts stand in
+    for those without a path) and, when ``with_data``, for a run without data flags (its synthetic
+    data). A run with its own LLM takes no part from it: a part without a path is absent.
     """
     m, d = config.model, config.data
     exported = read_export_config(m.model_name_or_path)
-    model_complete = exported is not None or bool(m.model_name_or_path and m.vision_tower and m.audio_encoder)
+    model_complete = exported is not None or bool(m.model_name_or_path)
     needs_assets = not model_complete or (with_data and not (d.data_path or d.dataset_use))
     assets = ensure_default_assets() if needs_assets else None
     llm_path = m.model_name_or_path or assets.llm
@@ -118,6 +119,21 @@ def build_model_from_config(config: RunConfig, deepspeed_config: Optional[dict] 
     plan = plan_model(config, with_data=False)
     spec = model_spec(plan.config, plan.assets, from_export=plan.exported is not None)
     return build_run_model(spec, plan.exported, start_weights(plan.config), deepspeed_config), plan.config
+
+
+def check_select_layer(select_layer: Optional[int], tower) -> None:
+    """LLaVA's ``--mm_vision_select_layer`` must name the hidden layer vitacore takes for this tower (VITA's).
+
+    Raises:
+        ValueError: another layer, naming the flag, both layers and the tower.
+    """
+    if select_layer is None or tower is None:
+        return
+    num_states = tower.encoder.config.num_hidden_layers + 1  # hidden_states: the embeddings, then each layer
+    if not -num_states <= select_layer < num_states or select_layer % num_states != tower.select_layer % num_states:
+        raise ValueError(f"--mm_vision_select_layer {select_layer}: vitacore takes layer {tower.select_layer} of "
+                         f"this tower ({tower.source}), as VITA does, and no other; drop the flag or pass "
+                         f"{tower.select_layer}")
 
 
 def model_inputs(model: VitaModel) -> ModelInputs:

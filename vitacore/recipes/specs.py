@@ -47,12 +47,13 @@ def compute_dtype(config: RunConfig) -> torch.dtype:
 
 
 def model_spec(config: RunConfig, assets: Optional[DefaultAssets], from_export: bool) -> ModelSpec:
-    """The model's config. Parts without a path come from the embedded default's ``assets``, except
-    for a VITA-layout ``--model_name_or_path`` (``from_export``), whose folder holds every part."""
+    """The model's config. Without ``--model_name_or_path``, parts without a path come from the embedded
+    default's ``assets``; with a real LLM (or a VITA-layout folder, ``from_export``), a part without a
+    path is absent: a real run never trains on a stand-in part."""
     m, t = config.model, config.training
     llm, tower, audio = m.model_name_or_path, m.vision_tower, m.audio_encoder
-    if not from_export:
-        llm, tower, audio = llm or assets.llm, tower or assets.vision_tower, audio or assets.audio_encoder
+    if not llm:
+        llm, tower, audio = assets.llm, tower or assets.vision_tower, audio or assets.audio_encoder
     lora = None
     if t.lora_enable:
         lora = LoraSpec(t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_bias, t.lora_target_modules)
@@ -78,7 +79,7 @@ def data_spec(config: RunConfig, assets: Optional[DefaultAssets], demo_data: Syn
         audio_folder=d.audio_folder, video_folder=d.video_folder, eval_data_path=d.eval_data_path, bundled=bundled,
         image_aspect_ratio=d.image_aspect_ratio, min_dynamic_patch=d.min_dynamic_patch,
         max_dynamic_patch=d.max_dynamic_patch, use_thumbnail=d.use_thumbnail, on_bad_sample=d.on_bad_sample,
-        model_max_length=t.model_max_length, seed=t.seed)
+        max_bad_sample_ratio=d.max_bad_sample_ratio, model_max_length=t.model_max_length, seed=t.seed)
 
 
 def loop_config(config: RunConfig) -> LoopConfig:
@@ -94,7 +95,7 @@ def loop_config(config: RunConfig) -> LoopConfig:
         max_bad_sample_ratio=config.data.max_bad_sample_ratio, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_persistent_workers=t.dataloader_persistent_workers,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor, group_by_modality_length=t.group_by_modality_length,
-        report_to=t.report_to, progress_label=f"stage {config.stage}")
+        report_to=t.report_to, progress_label="train" if config.stage == "none" else f"stage {config.stage}")
 
 
 def optim_config(config: RunConfig) -> OptimConfig:
@@ -104,7 +105,7 @@ def optim_config(config: RunConfig) -> OptimConfig:
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type,
         warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps, mm_projector_lr=t.mm_projector_lr,
-        vision_tower_lr=t.vision_tower_lr, unit_lr=t.unit_lr)
+        vision_tower_lr=t.vision_tower_lr, unit_lr=t.unit_lr, optim=t.optim)
 
 
 def derive_specs(config: RunConfig, assets: Optional[DefaultAssets], demo_data: SyntheticSelection,

@@ -21,15 +21,15 @@ import time
 from typing import Optional, Sequence
 
 from vitacore.checkpoint import Checkpointer, StageArtifacts
-from vitacore.config import RunConfig, parse_args, validate
+from vitacore.config import RunConfig, ignored_flag_notes, parse_args, validate
 from vitacore.console import enable_console, logger
 from vitacore.data import build_data
 from vitacore.engine import NonFiniteLossError, Trainer, TrainResult, init_distributed, resolve_deepspeed_config
 from vitacore.freeze import build_report, format_report, param_groups_for_run, policy_from_config
 from vitacore.model import UNIT_PREFIXES, VitaModel, prepare_for_training
-from vitacore.recipes.model import build_run_model, model_inputs, plan_model, start_weights
+from vitacore.recipes.model import build_run_model, check_select_layer, model_inputs, plan_model, start_weights
 from vitacore.recipes.specs import derive_specs
-from vitacore.recipes.stages import describe_sources, resolve_stage, stage_notes, uses_embedded_default
+from vitacore.recipes.stages import NO_PRESET, describe_sources, resolve_stage, stage_notes, uses_embedded_default
 
 CHAINED_STAGES = ("1", "2", "3", "4")
 
@@ -45,6 +45,7 @@ class StageRecipe:
     def __init__(self, config: RunConfig, demo_output: Optional[str] = None):
         self.started = time.time()
         self.embedded = uses_embedded_default(config)
+        self.stage_given = config.stage is not None
         self.stage, self.config = resolve_stage(config, embedded_default=self.embedded, demo_output=demo_output)
         validate(self.config)
         self.trainer: Optional[Trainer] = None
@@ -63,16 +64,23 @@ class StageRecipe:
 
     def build_parts(self) -> None:
         """The model (frozen, grouped, reported), then the data and the checkpointer (not with ``--dry_run``)."""
-        self.dist = dist = init_distributed()
+        self.dist = dist = init_distributed(self.config.training.ddp_timeout)
         stage = self.stage
         demo = ", embedded default model and data" if self.embedded else ""
-        logger.info(f"vitacore: stage {stage.key} ({stage.name}: trains {stage.trains}), {dist.world_size} "
-                    f"process(es) on {dist.device.type}{demo}")
-        for note in stage_notes(self.config, stage):
+        where = f"{dist.world_size} process(es) on {dist.device.type}{demo}"
+        if stage is NO_PRESET:
+            why = "--stage none" if self.stage_given else "--model_name_or_path given without --stage"
+            logger.info(f"vitacore: no stage preset ({why}): the flags alone decide what trains, as in VITA; {where}")
+        else:
+            default = "" if self.stage_given else "; the default stage without --model_name_or_path"
+            logger.info(f"vitacore: stage {stage.key} ({stage.name}: trains {stage.trains}{default}), {where}")
+        for note in stage_notes(self.config, stage) + ignored_flag_notes(self.config):
             logger.info(f"note: {note}")
         self._setup_model()
         self._setup_policy()
         if self.config.dry_run:
+            for note in self.notes:
+                logger.info(f"note: {note}")
             logger.info("dry run: nothing trained")
             return
         self._setup_data()
@@ -100,17 +108,23 @@ class StageRecipe:
             specs.deepspeed, loop=specs.loop, optim=specs.optim, world_size=self.dist.world_size,
             hidden_size=plan.hidden_size, bf16=specs.bf16, fp16=specs.fp16)
         self.bundle = build_run_model(specs.model, plan.exported, start_weights(plan.config), self.deepspeed_config)
+        check_select_layer(self.config.model.mm_vision_select_layer, self.model.vision_tower)
+        for part, flag, modality in (("vision_tower", "--vision_tower", "images and video"),
+                                     ("audio_encoder", "--audio_encoder", "audio")):
+            if getattr(self.model, part) is None:
+                logger.info(f"note: no {part} ({flag} not given): the run has no {modality}")
         self.notes += prepare_for_training(self.model, specs.model.gradient_checkpointing, specs.model.tf32,
                                            self.dist.world_size, self.dist.device)
 
     def _setup_policy(self) -> None:
-        self.policy = policy_from_config(self.config)
+        self.policy = policy_from_config(self.config, present_units=self.model.unit_modules())
         self.policy.apply(self.model, UNIT_PREFIXES)
         self.param_groups = param_groups_for_run(self.model, UNIT_PREFIXES, self.specs.optim)
         self.report = build_report(self.model, UNIT_PREFIXES, self.policy, self.param_groups)
         logger.info(describe_sources(self.config))
         logger.info(format_report(self.report))
         if self.config.report_json and self.dist.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(self.config.report_json)), exist_ok=True)
             with open(self.config.report_json, "w") as fh:
                 json.dump(self.report, fh, indent=2)
 

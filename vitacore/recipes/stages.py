@@ -109,6 +109,10 @@ BUILTIN_PRESETS = (
 )
 
 
+# "No preset": the flags alone decide, as VITA's own scripts do (the default with a real LLM).
+NO_PRESET = StagePreset("none", "none", "your flags", "what the flags say (VITA's flag rules, no preset)", {})
+
+
 def _index(presets) -> dict[str, StagePreset]:
     table = {}
     for preset in presets:
@@ -171,7 +175,7 @@ def get_preset(stage: str, stage_file: str | None = None) -> StagePreset:
     Raises:
         ValueError: unknown stage, listing the known ones.
     """
-    presets = list(BUILTIN_PRESETS) + (load_stage_file(stage_file) if stage_file else [])
+    presets = [*BUILTIN_PRESETS, NO_PRESET] + (load_stage_file(stage_file) if stage_file else [])
     table = _index(presets)
     if stage not in table:
         known = ", ".join(p.key if p.key == p.name else f"{p.key}/{p.name}" for p in presets)
@@ -193,6 +197,10 @@ def resolve_stage(config: RunConfig, embedded_default: bool, demo_output: Option
                   ) -> tuple[StagePreset, RunConfig]:
     """The stage ``config.stage`` names, and a copy of ``config`` with the preset's values where the user gave none.
 
+    Without ``--stage``: stage 1 for a run without ``--model_name_or_path`` (the embedded default's
+    demo), and no preset (:data:`NO_PRESET`) for a run with its own LLM, so VITA's flags alone mean
+    what they mean in VITA.
+
     Args:
         config: the parsed run config (left unchanged).
         embedded_default: the run uses the embedded default model and data (demo settings apply).
@@ -205,7 +213,8 @@ def resolve_stage(config: RunConfig, embedded_default: bool, demo_output: Option
     Raises:
         ValueError: unknown stage or a preset field that is not a config field.
     """
-    preset = get_preset(config.stage, config.stage_file)
+    stage = config.stage or (NO_PRESET.key if config.model.model_name_or_path else "1")
+    preset = get_preset(stage, config.stage_file)
     resolved = copy.deepcopy(config)
     resolved.stage = preset.key
     values = dict(preset.defaults)
@@ -251,5 +260,5 @@ def preset_summary() -> str:
     return "\n".join(f"{p.key:>4} / {p.name:<19} trains {p.trains} ({p.script})" for p in BUILTIN_PRESETS)
 
 
-__all__ = ["BUILTIN_PRESETS", "StagePreset", "describe_sources", "get_preset", "load_stage_file", "preset_summary",
-           "resolve_stage", "stage_notes", "uses_embedded_default"]
+__all__ = ["BUILTIN_PRESETS", "NO_PRESET", "StagePreset", "describe_sources", "get_preset", "load_stage_file",
+           "preset_summary", "resolve_stage", "stage_notes", "uses_embedded_default"]
