@@ -7,35 +7,12 @@ import copy
 import json
 
 import pytest
+from vita_deepspeed import vita_zero3
 
 from vitacore.engine import LoopConfig, OptimConfig
 from vitacore.engine.ds_config import builtin_config, complete_config, load_user_config
 
 HIDDEN = 64
-
-
-def vita_zero3():
-    """The shape of VITA's scripts/zero3.json."""
-    return {
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-                 "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": "auto"},
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "sub_group_size": 1e9,
-            "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1e9,
-            "stage3_max_reuse_distance": 1e9,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-    }
 
 
 _LOOP_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")

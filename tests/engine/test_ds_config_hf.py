@@ -35,6 +35,7 @@ from test_loop import (
     read_metrics,
     reference_step,
 )
+from vita_deepspeed import vita_zero2, vita_zero3
 
 from vitacore.checkpoint import Checkpointer
 from vitacore.data.dataset import Collator
@@ -42,28 +43,7 @@ from vitacore.engine import LoopConfig, OptimConfig, Trainer, resolve_deepspeed_
 from vitacore.engine.ds_config import complete_config
 
 # VITA's script/deepspeed/zero3.json and zero2.json, verbatim (note: no gradient_clipping).
-VITA_ZERO3 = json.loads("""{
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
-    "bf16": {"enabled": "auto"},
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": "auto",
-    "zero_optimization": {"stage": 3, "overlap_comm": true, "contiguous_gradients": true, "sub_group_size": 1e9,
-                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                          "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
-                          "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": true}
-}""")
-VITA_ZERO2 = json.loads("""{
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
-    "bf16": {"enabled": "auto"},
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": "auto",
-    "zero_optimization": {"stage": 2, "overlap_comm": true, "contiguous_gradients": true, "sub_group_size": 1e9,
-                          "reduce_bucket_size": "auto"}
-}""")
+VITA_ZERO3, VITA_ZERO2 = vita_zero3(), vita_zero2()
 AUTO_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
 AUTO_SCHEDULER = {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_min_lr": "auto",
                                                       "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}

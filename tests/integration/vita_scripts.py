@@ -9,22 +9,7 @@ import json
 import os
 
 import torch
-
-# script/deepspeed/zero3.json, the --deepspeed file of every script (JSON data, verbatim)
-ZERO3 = {
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
-    "bf16": {"enabled": "auto"},
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": "auto",
-    "zero_optimization": {
-        "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
-        "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
-        "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True,
-    },
-}
+from vita_deepspeed import vita_zero3
 
 SCRIPTS = {
     # script/train/pretrain_mlp_qwen.sh
@@ -156,7 +141,7 @@ def write_registry(folder) -> str:
 
 def write_zero3(path) -> str:
     with open(path, "w") as fh:
-        json.dump(ZERO3, fh, indent=4)
+        json.dump(vita_zero3(), fh, indent=4)
     return str(path)
 
 
