@@ -312,3 +312,15 @@ def test_packed_records_give_each_image_its_own_set(tmp_path):
     chat.write_text(json.dumps(records[2:]))
     _, _, rejected = load_source(source, seed=0)
     assert "field 'set' lists 3 names for 2 image(s)" in rejected[0].message
+
+
+def test_records_with_unmapped_sets_are_dropped_and_the_rest_keep_their_origins(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    bad = {"set": "other", "image": "x.png", "conversations": _conv("<image>")}
+    _write_json(tmp_path / "d.json", [{"id": "a", "conversations": _conv("q")}, bad, bad,
+                                      {"id": "b", "conversations": _conv("q")}])
+    (tmp_path / "r.yaml").write_text("mix:\n  - chat_path: d.json\n    known_set: imgs\n")
+    sources = sources_from_config(_data("--data_registry", str(tmp_path / "r.yaml"), "--dataset_use", "mix"))
+    records, origins, rejected = load_sources(sources, seed=0)
+    assert [r["id"] for r in records] == ["a", "b"] and [r.index for r in rejected] == [1, 2]
+    assert [o.rsplit(", ", 1)[1] for o in origins] == ["record 0", "record 3"]

@@ -105,6 +105,9 @@ def audio_transform_for(num_mel_bins: int, feature_extractor=None):
     return AudioTransform(num_mel_bins=num_mel_bins)
 
 
+_NUM_NAMED = 5  # malformed records named in the log; the rest are counted
+
+
 def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec, source: str) -> list[dict]:
     """The good records, after the bad-record policy: ``error`` stops at the first bad one; ``skip``
     names the first few, counts them and stops only past ``max_bad_sample_ratio`` of the records."""
@@ -123,9 +126,6 @@ def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec
                          f"{spec.max_bad_sample_ratio}; the warnings above name them. Fix the data, or raise "
                          "--max_bad_sample_ratio")
     return records
-
-
-_NUM_NAMED = 5  # malformed records named in the log; the rest are counted
 
 
 def _dataset(paths: list[str], media_root: str, tokenizer, template, image_transform, inputs: ModelInputs,

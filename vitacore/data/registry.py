@@ -242,14 +242,14 @@ def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str], l
         rng = random.Random(f"{seed}/{os.path.basename(source.chat_path)}")
         keep = max(1, math.floor(len(records) * source.data_ratio))
         indices = sorted(rng.sample(indices, keep))
-    origins = [f"{source.chat_path}, record {file_indices[i]}" for i in indices]
-    resolved = []
-    for i, where in zip(indices, origins):
+    resolved, origins = [], []
+    for i in indices:
+        where = f"{source.chat_path}, record {file_indices[i]}"
         try:
             resolved.append(_resolve(records[i], source, where))
+            origins.append(where)
         except ValueError as err:  # a 'set' that names no folder: this record's problem, not the run's
             rejected.append(RejectedRecord(file_indices[i], str(err)))
-            origins.remove(where)
     return resolved, origins, rejected
 
 
