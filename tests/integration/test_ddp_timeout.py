@@ -2,7 +2,8 @@
 
 Two ranks train the embedded default under ``torchrun``; once a metrics row is written, rank 1 is
 frozen with SIGSTOP. Rank 0 then waits in its next collective and must give up after ``--ddp_timeout``
-seconds (60 here), naming the timeout, instead of after the 1800 s default.
+seconds (30 here, to keep the suite short; VITA's scripts' 60 behaves the same), naming the timeout,
+instead of after the 1800 s default.
 """
 
 import contextlib
@@ -17,9 +18,9 @@ from test_distributed import REPO, SCRIPT, env_for, torchrun
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 60
-# The timeout, then teardown: the failing rank's bounded exit barrier and torchrun stopping the group.
-EXIT_WITHIN_S = 150
+TIMEOUT_S = 30
+# Rank 0 must give up on its own, about TIMEOUT_S after the stall (gloo counts from the collective's start).
+GIVES_UP_WITHIN_S = 90
 
 
 def wait_for_a_row(path, proc, stderr_path, timeout=300):
@@ -45,10 +46,15 @@ def rank_processes(agent_pid):
     return ranks
 
 
+def rank0_timeout_line(stderr_path) -> str:
+    """Rank 0's line naming a timed-out collective, or ""; ``--tee 3`` prefixes its lines with ``[default0]``."""
+    with open(stderr_path) as fh:
+        return next((line for line in fh if line.startswith("[default0]") and "timed out" in line.lower()), "")
+
+
 def test_a_stalled_rank_fails_the_job_after_ddp_timeout(vitacore_cache, tmp_path):
     out = tmp_path / "o"
-    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("stdout", "stderr")}
-    # --tee 3 prefixes every worker line with its rank, so rank 0's own error can be told apart.
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("stdout", "stderr")}
     proc = subprocess.Popen(torchrun(2, "--tee", "3", SCRIPT, "--ddp_timeout", str(TIMEOUT_S), "--max_steps",
                                      "100000", "--logging_steps", "1", "--save_strategy", "no",
                                      "--output_dir", str(out)),
@@ -58,25 +64,22 @@ def test_a_stalled_rank_fails_the_job_after_ddp_timeout(vitacore_cache, tmp_path
         wait_for_a_row(out / "metrics.jsonl", proc, tmp_path / "stderr.log")
         ranks = rank_processes(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
-        stalled = ranks[1]
-        stalled.send_signal(signal.SIGSTOP)
+        ranks[1].send_signal(signal.SIGSTOP)
         stalled_at = time.time()
-        try:
-            returncode = proc.wait(timeout=EXIT_WITHIN_S)
-        except subprocess.TimeoutExpired:
-            returncode = None
+        line = ""
+        while not line and time.time() - stalled_at < GIVES_UP_WITHIN_S:
+            time.sleep(0.5)
+            line = rank0_timeout_line(tmp_path / "stderr.log")
         seconds = time.time() - stalled_at
-        logs["stderr"].seek(0)
-        stderr = logs["stderr"].read()
-        print(f"job exited {returncode} {seconds:.1f} s after rank 1 was stopped")
-        assert returncode not in (None, 0), f"still running or exit 0 after {seconds:.0f} s:\n{stderr[-4000:]}"
-        assert seconds < EXIT_WITHIN_S
-        # Rank 0 gave up in a collective, on the timeout it was given (gloo counts milliseconds).
-        rank0 = "\n".join(line for line in stderr.splitlines() if line.startswith("[default0]"))
-        assert "timed out" in rank0.lower() or "timeout" in rank0.lower(), stderr[-4000:]
-        assert f"{TIMEOUT_S * 1000}ms" in rank0 or f"{TIMEOUT_S}s" in rank0 or f"{TIMEOUT_S} s" in rank0, rank0[-4000:]
+        print(f"rank 0 gave up {seconds:.1f} s after rank 1 was stopped: {line.strip()[:200]}")
+        tail = open(tmp_path / "stderr.log").read()[-4000:]
+        assert line, f"rank 0 still waiting {seconds:.0f} s after the stall:\n{tail}"
+        assert f"{TIMEOUT_S * 1000}ms" in line  # the timeout it was given (gloo counts milliseconds)
+        assert seconds >= TIMEOUT_S - 5
+        # A SIGSTOPped process ignores SIGTERM until continued: kill it, and the job ends with an error.
+        ranks[1].kill()
+        assert proc.wait(timeout=120) != 0
     finally:
-        # A SIGSTOPped process ignores SIGTERM until it is continued: SIGKILL whatever is left.
         for worker in ranks.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
