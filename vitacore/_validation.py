@@ -1,5 +1,6 @@
 """Value rules for the run config: ranges, choices and combinations, each error naming the flag."""
 
+import math
 import re
 from typing import List, Sequence
 
@@ -32,6 +33,10 @@ def rule_errors(cfg) -> List[str]:
         value = cfg.get(name)
         check(value in allowed, f"--{name} {value!r} is not one of: {', '.join(allowed)}")
 
+    for name, value in cfg.flat_dict().items():
+        # nan passes no comparison and inf passes "> 0": refuse both before any range rule reads them.
+        check(not isinstance(value, float) or math.isfinite(value),
+              f"--{name} {value} must be a finite number")
     check(not (t.bf16 and t.fp16), "--bf16 True and --fp16 True both set; choose one precision")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps", "logging_steps", "lora_r"):
@@ -42,6 +47,7 @@ def rule_errors(cfg) -> List[str]:
     check(t.dataloader_prefetch_factor is None or t.dataloader_prefetch_factor >= 1,
           f"--dataloader_prefetch_factor {t.dataloader_prefetch_factor} must be >= 1")
     check(t.learning_rate > 0, f"--learning_rate {t.learning_rate} must be > 0")
+    check(t.adam_epsilon > 0, f"--adam_epsilon {t.adam_epsilon} must be > 0 (it keeps AdamW's division finite)")
     check(t.num_train_epochs > 0, f"--num_train_epochs {t.num_train_epochs} must be > 0")
     check(t.max_steps == -1 or t.max_steps > 0,
           f"--max_steps {t.max_steps} must be > 0, or -1 to train for --num_train_epochs")
