@@ -5,13 +5,12 @@ import re
 from typing import List, Sequence
 
 from vitacore import _flags
+from vitacore.engine.config import OPTIMIZERS
 from vitacore.freeze import UNITS, parse_unit_lr
 
 _SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 _STRATEGIES = ("epoch", "no", "steps")
 _REPORTERS = ("all", "none", "tensorboard")
-# The HF Trainer --optim names vitacore implements (vitacore.engine.config.OPTIMIZERS).
-_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _PROJECTOR = re.compile(r"^mlp([1-9]\d*)x_gelu$")
 
 
@@ -61,7 +60,7 @@ def rule_errors(cfg) -> List[str]:
     one_of("eval_strategy", _STRATEGIES)
     one_of("quant_type", ("fp4", "nf4"))
     one_of("lora_bias", ("all", "lora_only", "none"))
-    check(t.optim in _OPTIMIZERS,
+    check(t.optim in OPTIMIZERS,
           f"--optim {t.optim!r} is not supported; vitacore implements adamw_torch (torch.optim.AdamW) and "
           "adamw_torch_fused (torch.optim.AdamW with fused=True)")
     check(t.bits in (4, 8, 16), f"--bits {t.bits} is not one of: 4, 8, 16")

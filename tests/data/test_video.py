@@ -1,15 +1,16 @@
 """Video decoding (PyAV for containers, PIL for GIF) and VITA's 3 fps / 4..16 frame sampling."""
 
+import random
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from vitacore.data.bad_samples import BadSampleError
 from vitacore.data.dataset import load_video_frames
 from vitacore.data.lengths import count_video_frames
-from vitacore.data.video import count_sampled_frames, load_video, sample_frame_indices
+from vitacore.data.video import _gif_durations, count_sampled_frames, load_video, sample_frame_indices
 
 av = pytest.importorskip("av")
 
@@ -126,3 +127,21 @@ def test_dataset_classifies_corrupt_video_as_bad_sample(tmp_path):
     ds.media_root = str(tmp_path)
     with pytest.raises(BadSampleError, match="bad.mp4"):
         ds._media("video", "bad.mp4", load_video_frames)
+
+
+def test_gif_frame_timing_is_read_from_its_blocks_as_pil_reports_it(tmp_path):
+    # Counting frames for the length grouping must not decode them; it must still agree with the loader.
+    rng = random.Random(0)
+    for trial in range(20):
+        count = rng.randint(1, 30)
+        durations = [rng.choice([0, 20, 50, 100, 333, 1000]) for _ in range(count)]
+        frames = [Image.new("RGB", (8 + rng.randint(0, 8), 8), (rng.randint(0, 255), 5 * i % 255, 0))
+                  for i in range(count)]
+        path = tmp_path / f"clip{trial}.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        with Image.open(path) as clip:
+            pil = [frame.info.get("duration") or 0 for frame in ImageSequence.Iterator(clip)]
+        assert _gif_durations(str(path)) == pil
+        assert count_sampled_frames(str(path)) == len(load_video(str(path))[0])
+    Image.new("RGB", (8, 8)).save(tmp_path / "still.webp")
+    assert _gif_durations(str(tmp_path / "still.webp")) is None  # not a GIF: PIL walks its frames

@@ -187,8 +187,68 @@ def count_sampled_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> Optio
             return None
         return len(sample_frame_indices(num_frames, fps)) or None
     try:
-        with Image.open(path) as clip:
-            durations = [frame.info.get("duration") or 0 for frame in ImageSequence.Iterator(clip)]
+        durations = _gif_durations(path)
+        if durations is None:  # WebP: PIL walks the frames
+            with Image.open(path) as clip:
+                durations = [frame.info.get("duration") or 0 for frame in ImageSequence.Iterator(clip)]
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     return len(sample_frame_indices(len(durations), _animated_fps(durations), max_frames=max_frames)) or None
+
+
+def _gif_durations(path: str) -> Optional[List[int]]:
+    """Each frame's duration in ms, as PIL reports it (its Graphic Control Extension delay x 10, else 0),
+    read from the GIF's blocks alone: PIL's frame iterator decodes every frame to get there.
+
+    Returns:
+        None when ``path`` is not a GIF.
+
+    Raises:
+        ValueError: a GIF whose blocks are cut short or unknown.
+    """
+    with open(path, "rb") as fh:
+        header = fh.read(13)
+        if not header.startswith(b"GIF"):
+            return None
+        if len(header) < 13:
+            raise ValueError("GIF header cut short")
+        _skip_colour_table(fh, header[10])
+        durations, delay = [], 0
+        while True:
+            kind = fh.read(1)
+            if kind in (b"", b";"):
+                return durations
+            if kind == b"!":  # an extension: label, then data sub-blocks
+                label = fh.read(1)
+                blocks = _sub_blocks(fh)
+                if label == b"\xf9" and len(blocks) and len(blocks[0]) >= 3:
+                    delay = int.from_bytes(blocks[0][1:3], "little") * 10
+            elif kind == b",":  # an image: descriptor, colour table, LZW size, data sub-blocks
+                descriptor = fh.read(9)
+                if len(descriptor) < 9:
+                    raise ValueError("GIF image descriptor cut short")
+                _skip_colour_table(fh, descriptor[8])
+                fh.read(1)
+                _sub_blocks(fh)
+                durations.append(delay)
+                delay = 0  # a control extension applies to the next image only
+            else:
+                raise ValueError(f"unknown GIF block {kind!r}")
+
+
+def _skip_colour_table(fh, flags: int) -> None:
+    if flags & 0x80:
+        fh.seek(3 * (2 << (flags & 7)), os.SEEK_CUR)
+
+
+def _sub_blocks(fh) -> list:
+    """Read data sub-blocks up to their terminator; the first one is returned whole, the rest skipped."""
+    first = []
+    while True:
+        size = fh.read(1)
+        if not size or size[0] == 0:
+            return first
+        if first:
+            fh.seek(size[0], os.SEEK_CUR)
+        else:
+            first = [fh.read(size[0])]
