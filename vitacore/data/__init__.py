@@ -6,12 +6,14 @@ from vitacore.data.build import BundledFiles, DataBundle, DataSpec, ModelInputs,
 from vitacore.data.conversation import ChatTemplate, get_template, tokenize_conversation
 from vitacore.data.dataset import Collator, Sample, VitaJsonDataset, load_records
 from vitacore.data.images import ImageSpec, ImageTransform
+from vitacore.data.kaldi_fbank import FbankSettings, KaldiFbankTransform
 from vitacore.data.registry import DataSource, load_registry, sources_from_config
 from vitacore.data.whisper_audio import WhisperAudioTransform
 
 __all__ = [
     "AudioTransform", "BadSampleLog", "BundledFiles", "ChatTemplate", "Collator", "DataBundle", "DataSource",
-    "DataSpec", "ImageSpec", "ImageTransform", "ModelInputs", "Sample", "VitaJsonDataset", "WhisperAudioTransform",
+    "DataSpec", "FbankSettings", "ImageSpec", "ImageTransform", "KaldiFbankTransform", "ModelInputs", "Sample",
+    "VitaJsonDataset", "WhisperAudioTransform",
     "audio_transform_for", "build_data", "get_template", "load_records", "load_registry", "sources_from_config",
     "tokenize_conversation",
 ]

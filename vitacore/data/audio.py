@@ -17,10 +17,11 @@ from typing import Tuple, Union
 import numpy as np
 import torch
 
-from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio, read_compressed
+from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio, read_compressed_channels
 
 __all__ = [
-    "AudioTransform", "audio_token_length", "fbank", "load_wav", "resample", "wav_num_samples", "write_wav",
+    "AudioTransform", "audio_token_length", "fbank", "load_audio_channels", "load_wav", "resample",
+    "wav_num_samples", "write_wav",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -72,6 +73,48 @@ def _pcm_to_float(raw: bytes, sample_width: int) -> np.ndarray:
     raise ValueError(f"unsupported sample width {sample_width} bytes")
 
 
+def load_audio_channels(path: PathLike) -> Tuple[np.ndarray, int]:
+    """Reads every channel of an audio file at its own sample rate, without mixing or resampling.
+
+    WAV is read here; FLAC / MP3 / OGG (by extension) through ``soundfile``
+    (:mod:`vitacore.data.audio_files`). Scaling is torchaudio's: 16-bit PCM is
+    ``int16 / 32768``, 24/32-bit ``int32 / 2**31``, 8-bit ``(uint8 - 128) / 128``.
+
+    Args:
+        path: WAV file path (8, 16, 24 or 32-bit integer PCM), or FLAC/MP3/OGG.
+
+    Returns:
+        ``(samples, rate)``: float32 samples of shape ``(channels, num_samples)``
+        and the file's sample rate in Hz.
+
+    Raises:
+        FileNotFoundError: If no file exists at ``path``.
+        ValueError: If the file cannot be decoded (the message names it).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file not found: {path}")
+    if is_compressed_audio(path):
+        return read_compressed_channels(path)
+    try:
+        with wave.open(path, "rb") as src:
+            channels = src.getnchannels()
+            width = src.getsampwidth()
+            rate = src.getframerate()
+            raw = src.readframes(src.getnframes())
+        if channels < 1 or rate <= 0:
+            raise ValueError(f"bad header (channels={channels}, rate={rate})")
+        samples = _pcm_to_float(raw, width)
+        # A truncated data chunk can end mid-frame; drop the partial frame.
+        samples = samples[: (samples.size // channels) * channels]
+    # The stdlib reader signals malformed files in several ways (wave.Error,
+    # EOFError, struct.error, even a bare RuntimeError from chunk seeking).
+    except (wave.Error, EOFError, ValueError, RuntimeError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable WAV file (expected RIFF/WAVE with "
+                         f"8/16/24/32-bit integer PCM): {exc}") from exc
+    return np.ascontiguousarray(samples.reshape(-1, channels).T), rate
+
+
 def load_wav(path: PathLike, target_sample_rate: int = 16000) -> torch.Tensor:
     """Reads an audio file as a mono float waveform at ``target_sample_rate``.
 
@@ -90,30 +133,8 @@ def load_wav(path: PathLike, target_sample_rate: int = 16000) -> torch.Tensor:
         FileNotFoundError: If no file exists at ``path``.
         ValueError: If the file cannot be decoded (the message names it).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio file not found: {path}")
-    if is_compressed_audio(path):
-        mono, rate = read_compressed(path)
-        waveform = torch.from_numpy(mono)
-        return resample(waveform, rate, target_sample_rate) if rate != target_sample_rate else waveform
-    try:
-        with wave.open(path, "rb") as src:
-            channels = src.getnchannels()
-            width = src.getsampwidth()
-            rate = src.getframerate()
-            raw = src.readframes(src.getnframes())
-        if channels < 1 or rate <= 0:
-            raise ValueError(f"bad header (channels={channels}, rate={rate})")
-        samples = _pcm_to_float(raw, width)
-        # A truncated data chunk can end mid-frame; drop the partial frame.
-        samples = samples[: (samples.size // channels) * channels]
-    # The stdlib reader signals malformed files in several ways (wave.Error,
-    # EOFError, struct.error, even a bare RuntimeError from chunk seeking).
-    except (wave.Error, EOFError, ValueError, RuntimeError, struct.error) as exc:
-        raise ValueError(f"{path} is not a readable WAV file (expected RIFF/WAVE with "
-                         f"8/16/24/32-bit integer PCM): {exc}") from exc
-    mono = samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
+    samples, rate = load_audio_channels(path)
+    mono = samples.mean(axis=0, dtype=np.float64).astype(np.float32)
     waveform = torch.from_numpy(mono)
     if rate != target_sample_rate:
         waveform = resample(waveform, rate, target_sample_rate)

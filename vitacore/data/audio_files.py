@@ -11,7 +11,10 @@ import os
 
 import numpy as np
 
-__all__ = ["COMPRESSED_AUDIO_EXTENSIONS", "is_compressed_audio", "read_compressed", "compressed_num_frames"]
+__all__ = [
+    "COMPRESSED_AUDIO_EXTENSIONS", "is_compressed_audio", "read_compressed", "read_compressed_channels",
+    "compressed_num_frames",
+]
 
 COMPRESSED_AUDIO_EXTENSIONS = frozenset({".flac", ".mp3", ".ogg", ".oga"})
 
@@ -21,8 +24,11 @@ def is_compressed_audio(path: str) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in COMPRESSED_AUDIO_EXTENSIONS
 
 
-def read_compressed(path: str) -> tuple[np.ndarray, int]:
-    """Mono float32 samples in [-1, 1] and the file's sample rate.
+def read_compressed_channels(path: str) -> tuple[np.ndarray, int]:
+    """Every channel as float32 samples in [-1, 1] (16-bit sources: int16 / 32768), and the sample rate.
+
+    Returns:
+        ``(samples, rate)`` with ``samples`` of shape ``(channels, num_samples)``.
 
     Raises:
         ValueError: libsndfile cannot decode the file; the message names it.
@@ -35,8 +41,18 @@ def read_compressed(path: str) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path} is not a readable audio file: {err}") from None
     if data.shape[0] == 0 or rate <= 0:
         raise ValueError(f"{path} is not a readable audio file: no samples (rate={rate})")
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def read_compressed(path: str) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the file's sample rate.
+
+    Raises:
+        ValueError: libsndfile cannot decode the file; the message names it.
+    """
+    data, rate = read_compressed_channels(path)
     # Average channels in float64 like the WAV reader, so both paths give the same mono mix.
-    return data.mean(axis=1, dtype=np.float64).astype(np.float32), int(rate)
+    return data.mean(axis=0, dtype=np.float64).astype(np.float32), rate
 
 
 def compressed_num_frames(path: str) -> tuple[int, int]:
