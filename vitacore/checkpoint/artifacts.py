@@ -51,7 +51,8 @@ def save_stage_artifacts(model: nn.Module, output_dir: str, trainable_units: set
         plan.append((AUDIO_ADAPTER_FILE, model.audio_adapter, AUDIO_ADAPTER_PREFIX))
     written = {}
     for file_name, module, prefix in plan:
-        state = gathered_state(module, prefix)
+        # Parameters only, as VITA writes them (a BatchNorm adapter's running statistics are not in its files).
+        state = gathered_state(module, prefix, parameters_only=True)
         path = os.path.join(output_dir, file_name)
         if is_main:
             os.makedirs(output_dir, exist_ok=True)

@@ -11,6 +11,7 @@ from vitacore.data.audio import AudioTransform
 from vitacore.data.conversation import get_template, load_system_prompts, with_system_prompts
 from vitacore.data.dataset import Collator, VitaJsonDataset
 from vitacore.data.images import ImageSpec, ImageTransform, pad_colour
+from vitacore.data.kaldi_fbank import FbankSettings, KaldiFbankTransform
 from vitacore.data.records import RejectedRecord, read_records
 from vitacore.data.registry import DataSource, load_sources, sources_from_config
 from vitacore.data.tiling import ImageTiler
@@ -97,11 +98,15 @@ class DataBundle:
     collator: Collator
 
 
-def audio_transform_for(num_mel_bins: int, feature_extractor=None):
-    """The audio transform an encoder reads: its own Whisper ``feature_extractor`` when it has one,
-    else Kaldi fbank with ``num_mel_bins`` bins and VITA's token arithmetic."""
+def audio_transform_for(num_mel_bins: int, feature_extractor=None, fbank_settings: Optional[FbankSettings] = None,
+                        adapter_stride: int = 2):
+    """The audio transform an encoder reads: its own Whisper ``feature_extractor`` when it has one;
+    VITA's Kaldi fbank with its yaml's ``fbank_settings`` (tokens per ``adapter_stride`` encoder
+    states) for VITA's own encoder; else Kaldi-style fbank with ``num_mel_bins`` bins."""
     if feature_extractor is not None:
         return WhisperAudioTransform(feature_extractor)
+    if fbank_settings is not None:
+        return KaldiFbankTransform(fbank_settings, adapter_stride=adapter_stride)
     return AudioTransform(num_mel_bins=num_mel_bins)
 
 

@@ -2,15 +2,24 @@
 
 from vitacore.model.audio import (
     AUDIO_CONFIG_FILE,
-    AudioAdapter,
     AudioEncoder,
     AudioEncoderConfig,
+    AudioStack,
     build_audio_encoder,
     load_audio_encoder,
+    load_audio_stack,
 )
+from vitacore.model.audio_adapters import AudioAdapter, CnnAdapter, LinearAdapter, build_audio_adapter
 from vitacore.model.build import ModelBundle, build_model, finish_model, llm_load_kwargs, load_adapter_weights
 from vitacore.model.families import INFERRED_SOURCE, ModelTypeChoice, infer_model_type
-from vitacore.model.loading import is_zero3, load_tokenizer_for, quiet_load_report, zero3_construction
+from vitacore.model.loading import (
+    LOAD_ERRORS,
+    folder_load_errors,
+    is_zero3,
+    load_tokenizer_for,
+    quiet_load_report,
+    zero3_construction,
+)
 from vitacore.model.lora import apply_lora, find_lora_targets, is_quantized
 from vitacore.model.multimodal import UNIT_PREFIXES, VitaModel
 from vitacore.model.projector import build_projector
@@ -19,10 +28,11 @@ from vitacore.model.spec import AdapterWeights, LoraSpec, LoraWeights, ModelSpec
 from vitacore.model.vision import VisionTower, build_vision_tower, load_vision_tower
 
 __all__ = [
-    "AUDIO_CONFIG_FILE", "AdapterWeights", "AudioAdapter", "AudioEncoder", "AudioEncoderConfig", "INFERRED_SOURCE",
-    "LoraSpec", "LoraWeights", "ModelBundle", "ModelSpec", "ModelTypeChoice", "QuantSpec", "StartWeights",
-    "UNIT_PREFIXES", "VisionTower", "VitaModel", "apply_lora", "build_audio_encoder", "build_model", "build_projector",
-    "build_vision_tower", "find_lora_targets", "finish_model", "infer_model_type", "is_quantized", "is_zero3",
-    "llm_load_kwargs", "load_adapter_weights", "load_audio_encoder", "load_tokenizer_for", "load_vision_tower",
-    "prepare_for_training", "quiet_load_report", "zero3_construction",
+    "AUDIO_CONFIG_FILE", "AdapterWeights", "AudioAdapter", "AudioEncoder", "AudioEncoderConfig", "AudioStack",
+    "CnnAdapter", "INFERRED_SOURCE", "LOAD_ERRORS", "LinearAdapter", "LoraSpec", "LoraWeights", "ModelBundle",
+    "ModelSpec", "ModelTypeChoice", "QuantSpec", "StartWeights", "UNIT_PREFIXES", "VisionTower", "VitaModel",
+    "apply_lora", "build_audio_adapter", "build_audio_encoder", "build_model", "build_projector",
+    "build_vision_tower", "find_lora_targets", "finish_model", "folder_load_errors", "infer_model_type",
+    "is_quantized", "is_zero3", "llm_load_kwargs", "load_adapter_weights", "load_audio_encoder", "load_audio_stack",
+    "load_tokenizer_for", "load_vision_tower", "prepare_for_training", "quiet_load_report", "zero3_construction",
 ]

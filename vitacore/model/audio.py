@@ -3,10 +3,12 @@
 Token arithmetic matches VITA: the encoder's two stride-2 convolutions and the adapter's stride-2
 convolution turn ``T`` fbank frames into ``len(ones(T)[2::2][2::2][0::2])`` LLM tokens.
 
-``--audio_encoder PATH`` is either a folder written by :meth:`AudioEncoder.save` (the tiny default's
-kind) or a transformers Whisper checkpoint (:mod:`vitacore.model.whisper`). Each kind reads its own
-features: an encoder's ``feature_extractor`` (Whisper's) or its ``num_mel_bins`` (Kaldi fbank) tells
-the data pipeline which (:func:`vitacore.data.audio_transform_for`).
+``--audio_encoder PATH`` is a folder of one of three kinds: VITA's own encoder (``train.yaml``,
+``global_cmvn``, ``final.pt``: :mod:`vitacore.model.whale`), a transformers Whisper checkpoint
+(:mod:`vitacore.model.whisper`), or a folder written by :meth:`AudioEncoder.save` (the tiny default's
+kind). Each kind reads its own features: VITA's encoder its yaml's ``fbank_settings``, Whisper its
+``feature_extractor``, the tiny one Kaldi fbank of its ``num_mel_bins``
+(:func:`vitacore.data.audio_transform_for`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from vitacore.model.audio_adapters import AudioAdapter
+from vitacore.model.whale import WHALE_FILES, build_whale_parts, is_whale_folder, load_whale_folder
 from vitacore.model.whisper import build_whisper_encoder, is_whisper_folder, load_whisper_encoder
 
 AUDIO_CONFIG_FILE = "vitacore_audio_config.json"
@@ -93,8 +97,9 @@ class AudioEncoder(nn.Module):
 def _read_config(path: str) -> AudioEncoderConfig:
     if not os.path.isfile(os.path.join(path, AUDIO_CONFIG_FILE)):
         raise FileNotFoundError(
-            f"--audio_encoder {path!r}: neither a Whisper checkpoint (config.json with model_type 'whisper' and "
-            f"preprocessor_config.json) nor a vitacore audio encoder folder ({AUDIO_CONFIG_FILE})"
+            f"--audio_encoder {path!r}: not an audio encoder folder vitacore reads: VITA's ({', '.join(WHALE_FILES)}), "
+            f"a Whisper checkpoint (config.json with model_type 'whisper' and preprocessor_config.json), or "
+            f"vitacore's own ({AUDIO_CONFIG_FILE})"
         )
     with open(os.path.join(path, AUDIO_CONFIG_FILE)) as fh:
         return AudioEncoderConfig(**json.load(fh))
@@ -124,23 +129,44 @@ def build_audio_encoder(path: str, dtype: torch.dtype, source: str) -> nn.Module
     return encoder
 
 
-class AudioAdapter(nn.Module):
-    """VITA-1.5's subsampling adapter: conv (stride 2) -> LayerNorm -> GELU -> linear.
+@dataclass
+class AudioStack:
+    """An audio encoder, its adapter to the LLM, and prompt embeddings its folder holds (or None)."""
 
-    Attribute names (``conv1d2``, ``bn2``, ``project``) are VITA's, so ``audio_adpter.bin`` keys map
-    one to one.
+    encoder: nn.Module
+    adapter: nn.Module
+    prompt_state: Optional[dict] = None
+
+
+def load_audio_stack(path: str, dtype: torch.dtype, llm_hidden_size: int, with_weights: bool = True,
+                     source: Optional[str] = None, adapter_kernel_size: int = 5) -> AudioStack:
+    """The encoder in ``path`` and the adapter that maps it to an LLM of width ``llm_hidden_size``.
+
+    A VITA folder's yaml describes its adapter and ``final.pt`` holds its weights; the other kinds get
+    VITA-1.5's ``subsampling`` adapter, freshly initialised.
+
+    Args:
+        path: the encoder's folder.
+        dtype: the dtype to build in.
+        llm_hidden_size: the LLM's width (a VITA folder's ``llm_embed_dim`` must equal it).
+        with_weights: False builds the shapes only (a full checkpoint's shards fill them).
+        source: where the encoder is recorded to come from (default: ``path``).
+        adapter_kernel_size: the fresh subsampling adapter's kernel (not for VITA folders).
+
+    Raises:
+        FileNotFoundError / ValueError: ``path`` is not an encoder folder, or its files do not fit.
     """
-
-    def __init__(self, in_features: int, out_features: int, kernel_size: int = 5):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.conv1d2 = nn.Conv1d(in_features, 2 * in_features, kernel_size, stride=2)
-        self.bn2 = nn.LayerNorm(2 * in_features, eps=1e-3)
-        self.relu2 = nn.GELU()
-        self.project = nn.Linear(2 * in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, T, in)`` encoder states to ``(B, ceil(T/2), out)`` LLM embeddings."""
-        x = F.pad(x.transpose(1, 2), (0, self.kernel_size - 1))
-        x = self.conv1d2(x).transpose(1, 2)
-        return self.project(self.relu2(self.bn2(x)))
+    if is_whale_folder(path):
+        if with_weights:
+            parts = load_whale_folder(path, dtype, llm_hidden_size)
+            parts.encoder.source = source or parts.encoder.source
+        else:
+            parts = build_whale_parts(path, dtype, llm_hidden_size, source)
+        return AudioStack(parts.encoder, parts.adapter, parts.prompt_state)
+    if with_weights:
+        encoder = load_audio_encoder(path, dtype)
+        encoder.source = source or encoder.source
+    else:
+        encoder = build_audio_encoder(path, dtype, source or os.path.abspath(path))
+    adapter = AudioAdapter(encoder.hidden_size, llm_hidden_size, kernel_size=adapter_kernel_size).to(dtype)
+    return AudioStack(encoder, adapter)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vitacore.model.audio import AudioAdapter, load_audio_encoder
+from vitacore.model.audio import load_audio_stack
 from vitacore.model.families import attention_implementation
-from vitacore.model.loading import load_tokenizer_for, zero3_construction
+from vitacore.model.loading import folder_load_errors, load_tokenizer_for, zero3_construction
 from vitacore.model.lora import apply_lora, kbit_load_kwargs
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.projector import build_projector
@@ -47,12 +47,13 @@ def load_adapter_weights(module: nn.Module, weights: AdapterWeights) -> None:
         if key in expected and expected[key].shape != value.shape:
             raise ValueError(f"{weights.origin}: {weights.key_marker}{key} has shape {tuple(value.shape)} but this "
                              f"model needs {tuple(expected[key].shape)}; the file was trained for another tower/LLM")
-    missing = set(expected) - set(weights.state)
+    # VITA's adapter files hold parameters only: buffers (BatchNorm statistics) may be absent and keep their values.
+    missing = set(dict(module.named_parameters())) - set(weights.state)
     unexpected = set(weights.state) - set(expected)
     if missing or unexpected:
         raise ValueError(f"{weights.origin}: keys do not fit (missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)})")
-    module.load_state_dict(weights.state, strict=True)
+    module.load_state_dict(weights.state, strict=False)
 
 
 def finish_model(model: VitaModel, spec: ModelSpec, start: StartWeights) -> VitaModel:
@@ -102,7 +103,8 @@ def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_co
     dtype = spec.dtype
     tokenizer = load_tokenizer_for(spec.llm_path, spec.model_max_length, spec.model_type)
     with zero3_construction(deepspeed_config):
-        llm = AutoModelForCausalLM.from_pretrained(spec.llm_path, dtype=dtype, **llm_load_kwargs(spec))
+        with folder_load_errors("--model_name_or_path", spec.llm_path, "the LLM"):
+            llm = AutoModelForCausalLM.from_pretrained(spec.llm_path, dtype=dtype, **llm_load_kwargs(spec))
         llm.config.use_cache = False
         vision_tower = load_vision_tower(spec.vision_tower_path, torch_dtype=dtype) if spec.vision_tower_path else None
     hidden = llm.config.hidden_size
@@ -115,10 +117,15 @@ def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_co
     audio_encoder = audio_adapter = audio_prompt = None
     if spec.audio_encoder_path:
         # Not partitioned under ZeRO-3 (built outside the construction context), like the tiny encoder.
-        audio_encoder = load_audio_encoder(spec.audio_encoder_path, dtype)
-        audio_adapter = AudioAdapter(audio_encoder.hidden_size, hidden).to(dtype)
+        with folder_load_errors("--audio_encoder", spec.audio_encoder_path, "the audio encoder"):
+            stack = load_audio_stack(spec.audio_encoder_path, dtype, hidden)
+        audio_encoder, audio_adapter = stack.encoder, stack.adapter
         if spec.audio_prompt_finetune or spec.audio_prompt_num:
             audio_prompt = torch.nn.Embedding(spec.audio_prompt_num, hidden).to(dtype)
+            if stack.prompt_state is not None:  # VITA's final.pt may carry trained prompts
+                load_adapter_weights(audio_prompt, AdapterWeights(
+                    stack.prompt_state, f"--audio_encoder {spec.audio_encoder_path!r} (final.pt)",
+                    "prompt_embeddings."))
     # VITA's fo model: a 3-class user-state head on the last hidden state.
     state_head = torch.nn.Linear(hidden, 3).to(dtype) if spec.model_type == "qwen2p5_fo_instruct" else None
 

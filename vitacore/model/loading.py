@@ -8,7 +8,33 @@ import logging
 import os
 from typing import Optional
 
+from safetensors import SafetensorError
+
 from vitacore.model.families import apply_pad_rule
+
+# What loading a folder raises when its files are broken or incomplete (unreadable or truncated
+# weights, a SyntaxError or ImportError in its code, a class or key its code lacks): the folder's
+# problem, reported as such rather than as a traceback.
+LOAD_ERRORS = (OSError, ImportError, SyntaxError, AttributeError, RuntimeError, KeyError, TypeError, NameError,
+               SafetensorError)
+
+
+@contextlib.contextmanager
+def folder_load_errors(flag: str, path: str, what: str):
+    """Turn a failure to load ``path`` into ``ValueError`` naming the flag and the folder.
+
+    Args:
+        flag: the flag that named the folder (``--model_name_or_path``).
+        path: the folder.
+        what: what was being loaded, for the message (``the LLM``).
+    """
+    try:
+        yield
+    except LOAD_ERRORS as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{flag} {path!r}: {what} does not load ({type(err).__name__}: {detail}). Check that the "
+                         "folder is complete (config.json and every weight file, as saved by save_pretrained) "
+                         "and readable") from err
 
 
 def is_zero3(deepspeed_config: Optional[dict]) -> bool:

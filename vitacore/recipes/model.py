@@ -142,7 +142,9 @@ def model_inputs(model: VitaModel) -> ModelInputs:
     tower, encoder = model.vision_tower, model.audio_encoder
     audio = None
     if encoder is not None:
-        audio = audio_transform_for(encoder.num_mel_bins, getattr(encoder, "feature_extractor", None))
+        audio = audio_transform_for(encoder.num_mel_bins, getattr(encoder, "feature_extractor", None),
+                                    getattr(encoder, "fbank_settings", None),
+                                    getattr(model.audio_adapter, "time_stride", 2))
     return ModelInputs(image_spec=tower.image_spec if tower is not None else None,
                        tokens_per_image=tower.num_tokens_per_image if tower is not None else None,
                        audio_transform=audio)

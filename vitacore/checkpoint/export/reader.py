@@ -38,21 +38,22 @@ from vitacore.checkpoint.vita_layout import from_vita_name, is_llm_key
 from vitacore.console import logger
 from vitacore.model import (
     AUDIO_CONFIG_FILE,
-    AudioAdapter,
     ModelBundle,
     ModelSpec,
     StartWeights,
     VitaModel,
-    build_audio_encoder,
     build_projector,
     build_vision_tower,
     finish_model,
+    folder_load_errors,
     infer_model_type,
     llm_load_kwargs,
+    load_audio_stack,
     load_tokenizer_for,
     quiet_load_report,
     zero3_construction,
 )
+from vitacore.model.whale import CONFIG_FILE as WHALE_CONFIG_FILE
 from vitacore.partition import gathered, is_partitioned
 
 
@@ -95,7 +96,7 @@ def _load_llm(spec: ModelSpec, exported: dict):
     from transformers import AutoModelForCausalLM
 
     path = spec.llm_path
-    with quiet_load_report():
+    with quiet_load_report(), folder_load_errors("--model_name_or_path", path, "the LLM part"):
         llm, info = AutoModelForCausalLM.from_pretrained(path, config=llm_config_for(path, exported), dtype=spec.dtype,
                                                          output_loading_info=True, **llm_load_kwargs(spec))
     missing = sorted(info.get("missing_keys", ()))
@@ -223,11 +224,12 @@ def load_export_model(spec: ModelSpec, exported: dict) -> VitaModel:
     if exported.get("mm_audio_encoder") or spec.audio_encoder_path or has_audio:
         recorded = exported.get("mm_audio_encoder")
         source = _encoder_source(spec.audio_encoder_path, directory, AUDIO_SUBFOLDER,
-                                 (AUDIO_CONFIG_FILE, CONFIG_FILE), recorded, "mm_audio_encoder", "--audio_encoder")
-        encoder = build_audio_encoder(source, dtype, (None if spec.audio_encoder_path else recorded)
-                                      or os.path.abspath(source))
+                                 (AUDIO_CONFIG_FILE, CONFIG_FILE, WHALE_CONFIG_FILE), recorded, "mm_audio_encoder",
+                                 "--audio_encoder")
         kernel = reader.shape(ADAPTER_CONV_KEY)[-1] if ADAPTER_CONV_KEY in keys else 5
-        adapter = AudioAdapter(encoder.hidden_size, hidden, kernel_size=kernel).to(dtype)
+        stack = load_audio_stack(source, dtype, hidden, with_weights=False, adapter_kernel_size=kernel,
+                                 source=(None if spec.audio_encoder_path else recorded) or os.path.abspath(source))
+        encoder, adapter = stack.encoder, stack.adapter
         mm_config["mm_audio_encoder"] = encoder.source
 
     # Parts this run adds to what the folder holds start fresh (e.g. stage fo's audio prompts).
