@@ -84,3 +84,78 @@ def write_tiny_internvit(folder, seed: int = 1, image_size: int = 28, patch_size
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as fh:
         json.dump(processor, fh, indent=2)
     return folder
+
+
+INTERNVIT_REAL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "internvit_real")
+
+
+def internvit_key_shapes(config: dict) -> dict[str, tuple]:
+    """Every tensor of an InternViT checkpoint (``InternVisionModel``'s state dict) and its shape, from
+    the config's sizes alone (as the released weights are named: no model is built to learn them)."""
+    hidden, inner, patch = config["hidden_size"], config["intermediate_size"], config["patch_size"]
+    patches = (config["image_size"] // patch) ** 2
+    shapes = {"embeddings.class_embedding": (1, 1, hidden), "embeddings.position_embedding": (1, patches + 1, hidden),
+              "embeddings.patch_embedding.weight": (hidden, 3, patch, patch),
+              "embeddings.patch_embedding.bias": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"encoder.layers.{i}."
+        shapes.update({layer + "attn.qkv.weight": (3 * hidden, hidden), layer + "attn.proj.weight": (hidden, hidden),
+                       layer + "attn.proj.bias": (hidden,), layer + "mlp.fc1.weight": (inner, hidden),
+                       layer + "mlp.fc1.bias": (inner,), layer + "mlp.fc2.weight": (hidden, inner),
+                       layer + "mlp.fc2.bias": (hidden,), layer + "ls1": (hidden,), layer + "ls2": (hidden,)})
+        if config["qkv_bias"]:
+            shapes[layer + "attn.qkv.bias"] = (3 * hidden,)
+        if config["qk_normalization"]:
+            shapes.update({layer + "attn.q_norm.weight": (hidden,), layer + "attn.k_norm.weight": (hidden,)})
+        for norm in ("norm1", "norm2"):
+            shapes[layer + norm + ".weight"] = (hidden,)
+            if config["norm_type"] == "layer_norm":
+                shapes[layer + norm + ".bias"] = (hidden,)
+    return shapes
+
+
+def write_real_internvit(folder, seed: int = 1, image_size: int = 28, patch_size: int = 7, hidden_size: int = 16,
+                         num_hidden_layers: int = 2, drop_path_rate: float = 0.1, norm_type: str = "layer_norm",
+                         qk_normalization: bool = False) -> str:
+    """A tiny tower laid out exactly as OpenGVLab's InternViT-300M-448px folder is released: config.json
+    (``auto_map`` to ``configuration_intern_vit`` / ``modeling_intern_vit``, ``torch_dtype`` bfloat16,
+    ``use_flash_attn`` true), the two ``.py`` files of ``tests/model/internvit_real`` (which import timm
+    and never call ``post_init``), the release's old-style CLIP preprocessor_config.json, and random
+    bfloat16 weights in model.safetensors. Returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    for name in ("configuration_intern_vit.py", "modeling_intern_vit.py"):
+        shutil.copyfile(os.path.join(INTERNVIT_REAL_CODE, name), os.path.join(folder, name))
+    config = {
+        "architectures": ["InternVisionModel"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_intern_vit.InternVisionConfig",
+                     "AutoModel": "modeling_intern_vit.InternVisionModel"},
+        "drop_path_rate": drop_path_rate, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": hidden_size,
+        "image_size": image_size, "initializer_factor": 0.1, "initializer_range": 1e-10,
+        "intermediate_size": 4 * hidden_size, "layer_norm_eps": 1e-6, "model_type": "intern_vit_6b",
+        "norm_type": norm_type, "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": num_hidden_layers,
+        "patch_size": patch_size, "qk_normalization": qk_normalization, "qkv_bias": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.37.2", "use_flash_attn": True,
+    }
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, shape in internvit_key_shapes(config).items():
+        noise = torch.randn(shape, generator=generator)
+        if key.endswith(("ls1", "ls2")) or "norm" in key and key.endswith("weight"):
+            value = (1.0 if "norm" in key else 0.5) + 0.05 * noise  # norms near 1, layer scales near 0.5
+        else:
+            value = 0.2 * noise
+        weights[key] = value.to(torch.bfloat16).contiguous()
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    processor = {
+        "crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(INTERNVIT_MEAN),
+        "image_std": list(INTERNVIT_STD), "resample": 3, "size": image_size,
+    }
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as fh:
+        json.dump(processor, fh, indent=2)
+    return folder

@@ -1,18 +1,23 @@
-"""InternViT (VITA-1.5's tower) by config model_type, with a tiny local model in InternViT's remote-code layout.
+"""InternViT (VITA-1.5's tower) by config model_type, with tiny local models in InternViT's remote-code layout.
 
-The tiny model (``tests/model/internvit_tiny/``) has ``model_type`` ``intern_vit_6b`` and an ``auto_map``
-to its own ``.py`` files, so it takes the same ``trust_remote_code`` path as InternViT-300M-448px.
-A stage-1 step with it runs in ``tests/integration/test_model_families.py`` (it needs the embedded
-default's synthetic data).
+Two tiny towers: a look-alike (``tests/model/internvit_tiny/``: ``model_type`` ``intern_vit_6b`` and an
+``auto_map`` to its own ``.py`` files, which call ``post_init`` and import no timm), and one laid out as
+InternViT-300M-448px is released (``tests/model/internvit_real/``: the release's file and class names,
+its module-level ``timm`` import and its ``__init__`` without ``post_init``), which plain transformers
+cannot load here. Stage runs with each are in ``tests/integration/`` (they need the embedded default's
+synthetic data).
 """
 
+import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
-from tiny_models import INTERNVIT_MEAN, INTERNVIT_STD, write_tiny_internvit
+from safetensors.torch import load_file, save_file
+from tiny_models import INTERNVIT_MEAN, INTERNVIT_STD, internvit_key_shapes, write_real_internvit, write_tiny_internvit
 from transformers import AutoModel, Qwen2Config, Qwen2ForCausalLM
 
 from vitacore.checkpoint.export import save_full_export
@@ -21,7 +26,8 @@ from vitacore.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vitacore.data.dataset import Collator, Sample
 from vitacore.demo.tokenizer import build_tokenizer, save_tokenizer
 from vitacore.model.audio import AudioEncoder, AudioEncoderConfig
-from vitacore.model.vision import TOWERS, load_vision_tower, vita_pixel_shuffle
+from vitacore.model.remote_code import DropPath, timm_standin
+from vitacore.model.vision import TOWERS, build_vision_tower, load_vision_tower, vita_pixel_shuffle
 from vitacore.recipes import build_model_from_config
 
 IMAGE, PATCH, HIDDEN = 28, 7, 16  # a 4×4 patch grid -> 4 tokens of width 64 after the shuffle
@@ -181,3 +187,150 @@ def test_zero3_build_partitions_the_remote_tower_and_exports_the_same_tensors(pa
     assert set(plain) == set(again) and all(torch.equal(plain[k], again[k]) for k in plain)
     folders = [sorted(os.listdir(tmp_path / name / "vision_tower")) for name in ("plain", "zero3")]
     assert folders[0] == folders[1] and "modeling_tiny_intern_vit.py" in folders[0]
+
+
+# --- The tower as released: module-level timm import, no post_init() (tests/model/internvit_real) ---
+
+ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+         "zero_allow_untested_optimizer": True,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+@pytest.fixture(scope="module")
+def real_tower(tmp_path_factory):
+    return write_real_internvit(tmp_path_factory.mktemp("internvit_real") / "InternViT-300M-448px",
+                                image_size=IMAGE, patch_size=PATCH, hidden_size=HIDDEN)
+
+
+def _file_weights(folder):
+    return {k: v.float() for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+
+
+def test_released_layout_fails_in_plain_transformers_and_loads_in_vitacore(real_tower):
+    assert importlib.util.find_spec("timm") is None  # this environment has no timm, and must keep it that way
+    with pytest.raises(ImportError, match="timm"):
+        AutoModel.from_pretrained(real_tower, trust_remote_code=True)
+    with timm_standin(), pytest.raises(AttributeError, match="all_tied_weights_keys"):  # the missing post_init()
+        AutoModel.from_pretrained(real_tower, trust_remote_code=True)
+    assert "timm" not in sys.modules  # the stand-in leaves with its context
+
+    tower = load_vision_tower(real_tower)
+    encoder = tower.encoder
+    assert type(encoder).__name__ == "InternVisionModel" and type(encoder).__module__.startswith("transformers_modules")
+    assert not encoder.training and hasattr(encoder, "all_tied_weights_keys")  # post-init state completed
+    assert "timm" not in sys.modules and importlib.util.find_spec("timm") is None
+    # drop_path_rate 0.1 over 2 layers: layer 0 gets rate 0 (Identity), layer 1 gets vitacore's DropPath(0.1).
+    assert isinstance(encoder.encoder.layers[0].drop_path1, torch.nn.Identity)
+    last_drop = encoder.encoder.layers[1].drop_path2
+    assert isinstance(last_drop, DropPath) and last_drop.drop_prob == pytest.approx(0.1)
+    state = encoder.state_dict()
+    stored = _file_weights(real_tower)  # bfloat16 on disk, float32 in the model: exact
+    assert set(state) == set(stored) == set(internvit_key_shapes(encoder.config.to_dict()))
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], stored[k]) for k in stored)
+    assert (tower.hidden_size, tower.num_tokens_per_image, tower.encoder_tokens_per_image) == (4 * HIDDEN, 4, 17)
+    assert tower.image_spec.mean == INTERNVIT_MEAN and tower.image_spec.std == INTERNVIT_STD
+    pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = tower(pixels)
+        last = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(features, vita_pixel_shuffle(last[:, 1:] * 0.5)) and features.abs().sum() > 0
+
+
+def test_the_6b_variant_with_rms_norms_and_qk_normalization_loads(tmp_path):
+    folder = write_real_internvit(tmp_path / "6b_style", norm_type="rms_norm", qk_normalization=True, seed=4)
+    tower = load_vision_tower(folder)
+    layer = tower.encoder.encoder.layers[0]
+    assert type(layer.norm1).__name__ == "InternRMSNorm" and hasattr(layer.attn, "q_norm")
+    state = tower.encoder.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in _file_weights(folder).items())
+
+
+def _rewrite_weights(folder, change):
+    path = os.path.join(folder, "model.safetensors")
+    weights = load_file(path)
+    change(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_weights_that_do_not_fit_are_refused_naming_the_folder_and_key(real_tower, tmp_path):
+    cases = {
+        "missing": (lambda w: w.pop("encoder.layers.1.mlp.fc2.bias"), "no 'encoder.layers.1.mlp.fc2.bias'"),
+        "unexpected": (lambda w: w.update({"encoder.layers.2.ls1": torch.ones(HIDDEN)}),
+                       "hold 'encoder.layers.2.ls1'"),
+        "shape": (lambda w: w.update({"encoder.layers.0.ls2": torch.ones(HIDDEN + 1)}),
+                  r"'encoder.layers.0.ls2' has shape \(17,\) in the weights but \(16,\)"),
+    }
+    for name, (change, message) in cases.items():
+        folder = shutil.copytree(real_tower, tmp_path / name)
+        _rewrite_weights(folder, change)
+        with pytest.raises(ValueError, match=message) as err:
+            load_vision_tower(str(folder))
+        assert f"--vision_tower {str(folder)!r}" in str(err.value)
+    empty = shutil.copytree(real_tower, tmp_path / "no_weights")
+    os.remove(empty / "model.safetensors")
+    with pytest.raises(ValueError, match="no weights") as err:
+        load_vision_tower(str(empty))
+    assert f"--vision_tower {str(empty)!r}" in str(err.value)
+
+
+def test_broken_folders_are_value_errors_naming_the_folder(real_tower, tmp_path):
+    syntax = shutil.copytree(real_tower, tmp_path / "syntax")
+    with open(syntax / "modeling_intern_vit.py", "a") as fh:
+        fh.write("\ndef broken(:\n")
+    with pytest.raises(ValueError, match="SyntaxError") as err:
+        load_vision_tower(str(syntax))
+    assert f"--vision_tower {str(syntax)!r}: the tower does not load" in str(err.value)
+    assert isinstance(err.value.__cause__.__cause__, SyntaxError)  # ValueError <- RemoteCodeError <- SyntaxError
+    wrong_class = shutil.copytree(real_tower, tmp_path / "wrong_class")
+    config = json.loads((wrong_class / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = "modeling_intern_vit.InternViTModel"
+    (wrong_class / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="importing modeling_intern_vit.InternViTModel raised AttributeError") as err:
+        build_vision_tower(str(wrong_class))
+    assert str(wrong_class) in str(err.value)
+    heads = shutil.copytree(real_tower, tmp_path / "heads")  # the folder's own code refuses its config
+    config = json.loads((heads / "config.json").read_text())
+    config["num_attention_heads"] = 3
+    (heads / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"InternVisionModel\(config\) raised ValueError: hidden_size 16") as err:
+        load_vision_tower(str(heads))
+    assert f"--vision_tower {str(heads)!r}: the tower does not load" in str(err.value)
+    garbled = shutil.copytree(real_tower, tmp_path / "garbled")
+    (garbled / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_vision_tower(str(garbled))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_vision_tower(real_tower, trust_remote_code=False)
+
+
+def test_zero3_load_partitions_the_released_tower_and_fills_it_from_the_file(parts, real_tower, tmp_path, dist):
+    from vitacore.checkpoint import gathered_state
+
+    model = _build([*_flags(parts, tmp_path), "--vision_tower", real_tower], deepspeed_config=ZERO3).model
+    params = list(model.vision_tower.parameters())
+    assert params and all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)  # partitioned (one rank: all here)
+    state = gathered_state(model.vision_tower.encoder)
+    stored = _file_weights(real_tower)
+    assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
+
+
+def test_full_export_of_the_released_tower_reloads_with_equal_logits(parts, real_tower, tmp_path):
+    model = _build([*_flags(parts, tmp_path / "run"), "--vision_tower", real_tower]).model.eval()
+    export = tmp_path / "export"
+    save_full_export(model, parts["tokenizer"], str(export), is_main=True, dtype=torch.float32)
+    assert sorted(os.listdir(export / "vision_tower")) == ["config.json", "configuration_intern_vit.py",
+                                                          "modeling_intern_vit.py", "preprocessor_config.json"]
+    code = (export / "vision_tower" / "modeling_intern_vit.py").read_text()
+    assert "from timm.models.layers import DropPath" in code  # copied as released, never rewritten
+    moved = shutil.move(real_tower, str(tmp_path / "moved"))
+    try:  # the export's own vision_tower/ folder must suffice
+        loaded = _build(["--model_name_or_path", str(export), "--output_dir", str(tmp_path / "r")]).model.eval()
+    finally:
+        shutil.move(moved, real_tower)
+    assert type(loaded.vision_tower.encoder).__name__ == "InternVisionModel" and "timm" not in sys.modules
+    original = model.state_dict()
+    assert set(loaded.state_dict()) == set(original)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.items())
+    batch = _image_batch(model.llm.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch)["logits"], model(**batch)["logits"])

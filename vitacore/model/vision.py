@@ -4,8 +4,9 @@ Supported families (:data:`TOWERS`), each with VITA's feature selection:
 
 - SigLIP: ``hidden_states[-2]``, every token kept (SigLIP has no CLS token).
 - CLIP: ``hidden_states[-2]``, CLS token dropped.
-- InternViT (``intern_vit_6b``, VITA-1.5's tower): remote code, loaded with ``trust_remote_code=True``
-  from the files its config's ``auto_map`` names; ``hidden_states[-1]``, CLS dropped, then VITA's
+- InternViT (``intern_vit_6b``, VITA-1.5's tower): remote code, run from the files its config's
+  ``auto_map`` names (``trust_remote_code``) through :mod:`vitacore.model.remote_code`, which loads the
+  released folder without timm and despite its missing ``post_init()``; ``hidden_states[-1]``, CLS dropped, then VITA's
   pixel shuffle of the features scaled by 0.5 (:func:`vita_pixel_shuffle`): ``(N, 1024, 1024)`` →
   ``(N, 256, 4096)`` for InternViT-300M-448px.
 """
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from vitacore.data.images import ImageSpec
+from vitacore.model.loading import LOAD_ERRORS
+from vitacore.model.remote_code import build_remote_model, load_remote_config, load_remote_weights
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -184,8 +187,12 @@ def tower_kind(path: str) -> tuple[str, TowerKind]:
         raise FileNotFoundError(f"--vision_tower {path!r}: no config.json there; pass a folder saved with "
                                 "save_pretrained (SigLIP, CLIP) or a released InternViT folder")
     with open(config_file) as fh:
-        raw = json.load(fh)
-    model_type = raw.get("model_type")
+        try:
+            raw = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--vision_tower {path!r}: config.json is not valid JSON ({err}); restore the file "
+                             "from the tower's release") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in TOWERS:
         raise ValueError(f"--vision_tower {path!r}: config model_type {model_type!r} is not a supported tower; "
                          f"supported: {', '.join(sorted(TOWERS))}")
@@ -197,10 +204,13 @@ def tower_kind(path: str) -> tuple[str, TowerKind]:
     return model_type, kind
 
 
-def _tower_config(path: str, kind: TowerKind):
-    from transformers import AutoConfig
+def _tower_config(path: str, kind: TowerKind, trust_remote_code: bool):
+    if kind.remote_code:
+        config = load_remote_config(path, trust_remote_code, label=_label(path))
+    else:
+        from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=kind.remote_code)
+        config = AutoConfig.from_pretrained(path)
     return getattr(config, "vision_config", config)  # full SigLIP / CLIP configs hold the vision part
 
 
@@ -212,8 +222,8 @@ def _check_grid(path: str, kind: TowerKind, vision_config) -> None:
                          "needs an even side")
 
 
-def build_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32,
-                       source: Optional[str] = None) -> VisionTower:
+def build_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32, source: Optional[str] = None,
+                       trust_remote_code: bool = True) -> VisionTower:
     """A tower of the architecture ``path`` describes, with fresh weights (a full export's shards fill them).
 
     Under a live ZeRO-3 config (``HfDeepSpeedConfig``) the encoder is built partitioned, as
@@ -223,44 +233,72 @@ def build_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32,
         path: a folder holding the tower's config.json (and, for remote code, its ``.py`` files).
         torch_dtype: dtype to build in.
         source: the ``source`` to record (default: ``path``).
+        trust_remote_code: allow running the folder's Python files (remote-code towers: InternViT).
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`tower_kind`.
+        FileNotFoundError: ``path`` or its config.json does not exist.
+        ValueError: as :func:`load_vision_tower`.
     """
-    return _make_tower(path, torch_dtype, source or os.path.abspath(path), with_weights=False)
+    return _make_tower(path, torch_dtype, source or os.path.abspath(path), False, trust_remote_code)
 
 
-def load_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32) -> VisionTower:
+def load_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32,
+                      trust_remote_code: bool = True) -> VisionTower:
     """Load a vision tower, weights included, from a local folder.
 
     An InternViT folder (``model_type`` ``intern_vit_6b``) runs the Python files its config's
-    ``auto_map`` names (``trust_remote_code=True``), as VITA does; other types use transformers' classes.
+    ``auto_map`` names, as VITA does (``trust_remote_code``), through
+    :mod:`vitacore.model.remote_code`: without timm, although its model never calls ``post_init``,
+    with its weights loaded strictly (partitioned under ZeRO-3). Other types use transformers' classes.
 
     Args:
         path: a folder holding a transformers ``config.json`` and weights.
         torch_dtype: dtype to load in.
+        trust_remote_code: allow running the folder's Python files (today every caller allows it;
+            a ``--trust_remote_code`` flag will decide it).
 
     Raises:
         FileNotFoundError: ``path`` or its config.json does not exist.
-        ValueError: the config's ``model_type`` is not a supported tower (the message lists them).
+        ValueError: the config's ``model_type`` is not a supported tower (the message lists them), or the
+            folder does not load (its code fails, weights missing or not fitting): naming the folder,
+            ``--vision_tower`` and what to do.
     """
-    return _make_tower(path, torch_dtype, os.path.abspath(path), with_weights=True)
+    return _make_tower(path, torch_dtype, os.path.abspath(path), True, trust_remote_code)
 
 
-def _make_tower(path: str, torch_dtype: torch.dtype, source: str, with_weights: bool) -> VisionTower:
-    import transformers
+def _label(path: str) -> str:
+    return f"--vision_tower {path!r}"
 
+
+def _make_tower(path: str, torch_dtype: torch.dtype, source: str, with_weights: bool,
+                trust_remote_code: bool) -> VisionTower:
     _, kind = tower_kind(path)
-    config = _tower_config(path, kind)
-    _check_grid(path, kind, config)
-    model_class = transformers.AutoModel if kind.remote_code else getattr(transformers, kind.class_name)
-    remote = {"trust_remote_code": True} if kind.remote_code else {}
-    if with_weights:
-        encoder = model_class.from_pretrained(path, dtype=torch_dtype, **remote)
-    else:
-        build = model_class.from_config if kind.remote_code else model_class._from_config
-        encoder = build(config, dtype=torch_dtype, **remote)
-        encoder.eval()  # as from_pretrained returns it
+    try:
+        encoder, config = _make_encoder(path, kind, torch_dtype, with_weights, trust_remote_code)
+    except LOAD_ERRORS as err:  # the folder's problem (a RemoteCodeError is its code's): a message, not a traceback
+        code = ", and the .py files its auto_map names, which run as code" if kind.remote_code else ""
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{_label(path)}: the tower does not load ({type(err).__name__}: {detail}). Check that the "
+                         f"folder is complete and as released: config.json, the weights{code}; pass another "
+                         "folder, or drop --vision_tower") from err
     spec = read_image_spec(path, config.image_size, kind)
     return VisionTower(encoder, kind.select_layer, kind.drop_cls, spec, source=source,
                        pixel_shuffle=kind.pixel_shuffle)
+
+
+def _make_encoder(path: str, kind: TowerKind, torch_dtype: torch.dtype, with_weights: bool,
+                  trust_remote_code: bool) -> tuple[nn.Module, object]:
+    """The encoder and its (vision) config; fresh weights unless ``with_weights``."""
+    import transformers
+
+    config = _tower_config(path, kind, trust_remote_code)
+    _check_grid(path, kind, config)
+    if kind.remote_code:
+        encoder = build_remote_model(path, config, torch_dtype, trust_remote_code, label=_label(path))
+        if with_weights:
+            load_remote_weights(encoder, path, label=_label(path))
+        return encoder, config
+    model_class = getattr(transformers, kind.class_name)
+    if with_weights:
+        return model_class.from_pretrained(path, dtype=torch_dtype), config
+    return model_class._from_config(config, dtype=torch_dtype).eval(), config  # eval, as from_pretrained returns it
