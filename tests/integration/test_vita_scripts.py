@@ -10,8 +10,8 @@ import json
 import os
 
 import pytest
-from tiny_families import save_tiny_llm, save_tiny_whisper
-from tiny_models import write_tiny_internvit
+from tiny_families import save_tiny_llm
+from tiny_models import write_real_internvit
 from vita_scripts import (
     INTERNVIT_PIXEL_SHUFFLE,
     SCRIPTS,
@@ -20,6 +20,7 @@ from vita_scripts import (
     write_vita_projector,
     write_zero3,
 )
+from whale_folder import write_vita_audio_encoder
 
 from vitacore.recipes import recipe_main
 
@@ -79,11 +80,16 @@ def stand_ins(tmp_path_factory, vitacore_cache):
     from vitacore.demo import ensure_default_assets
 
     root = tmp_path_factory.mktemp("vita_scripts")
+    qwen = save_tiny_llm(root / "Qwen2.5-7B-Instruct", "qwen2")
+    with open(os.path.join(qwen, "config.json")) as fh:
+        qwen_hidden = json.load(fh)["hidden_size"]
     paths = {
-        "qwen": save_tiny_llm(root / "Qwen2.5-7B-Instruct", "qwen2"),
+        "qwen": qwen,
         "siglip": ensure_default_assets().vision_tower,  # a SigLIP-style tower (siglip-so400m-patch14-384)
-        "internvit": write_tiny_internvit(root / "InternViT-300M-448px"),
-        "audio": save_tiny_whisper(root / "audio-encoder"),
+        # VITA-1.5's own parts, laid out as released: InternViT's remote code, VITA's audio encoder folder.
+        "internvit": write_real_internvit(root / "InternViT-300M-448px"),
+        "audio": write_vita_audio_encoder(root / "audio-encoder-Qwen2-7B-1107-weight-base-11wh-tunning",
+                                          llm_embed_dim=qwen_hidden).path,
         "zero3": write_zero3(root / "zero3.json"),
         "registry": write_registry(root / "data"),
     }
