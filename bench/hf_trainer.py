@@ -2,7 +2,7 @@
 
 Both sides get the same work: the embedded default model at stage 1 (built fresh for each side and
 round, from the same seed, partitioned at construction), the same freeze policy and parameter
-groups, ``torch.optim.AdamW`` over those groups, the same ``LambdaLR`` multiplier, the same completed
+groups, ``torch.optim.AdamW`` over those groups, the same schedule, the same completed
 DeepSpeed config (``configs/zero3.json`` with its ``"auto"`` values filled by
 ``vitacore.resolve_deepspeed_config``), the same dataset and collator, micro-batch and accumulation,
 and the same number of optimizer steps. Only the loop differs:
@@ -97,7 +97,7 @@ import torch  # noqa: E402
 from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import vitacore  # noqa: E402
-from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
+from vitacore.engine.schedule import build_scheduler, warmup_steps_for  # noqa: E402
 from vitacore.recipes import build_run_model, model_inputs, plan_model, start_weights  # noqa: E402
 
 STAMPS: list[float] = []
@@ -235,7 +235,7 @@ def run_hf(args, dist, out: str) -> dict:
     recipe = make_recipe(args, out)
     t = recipe.config.training
     total = t.max_steps
-    multiplier = lr_multiplier(t.lr_scheduler_type, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), total)
+    warmup = warmup_steps_for(total, t.warmup_steps, t.warmup_ratio)
 
     def training_args(ds_config: dict):
         return transformers.TrainingArguments(
@@ -270,7 +270,7 @@ def run_hf(args, dist, out: str) -> dict:
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, multiplier)
+                self.lr_scheduler = build_scheduler(optimizer or self.optimizer, t.lr_scheduler_type, warmup, total)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 

@@ -6,7 +6,7 @@ projector trains), and then alternates, for ``--rounds`` rounds:
 
   (a) the stage run's ``recipe.build_trainer().fit()`` for ``--warmup + --steps`` optimizer steps, and
   (b) a hand-written loop: ``torch.optim.AdamW`` on the same parameter groups, the same
-      ``LambdaLR`` multiplier, the same sampler / batch size / collator, ``loss.backward()``,
+      schedule (``build_scheduler``), the same sampler / batch size / collator, ``loss.backward()``,
       ``clip_grad_norm_``, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad()``.
 
 Both sides are timed the same way: a post-hook on the optimizer stamps the clock after every
@@ -37,7 +37,7 @@ from ratios import print_summary  # noqa: E402  (bench/ is on sys.path when run 
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import vitacore  # noqa: E402
-from vitacore.engine.schedule import lr_multiplier, warmup_steps_for  # noqa: E402
+from vitacore.engine.schedule import build_scheduler, warmup_steps_for  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -122,8 +122,8 @@ def run_raw(recipe, model, groups, data, args) -> tuple[tuple[float, float], int
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=o.learning_rate,
         betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
-    multiplier = lr_multiplier(o.lr_scheduler_type, warmup_steps_for(total, o.warmup_steps, o.warmup_ratio), total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    scheduler = build_scheduler(optimizer, o.lr_scheduler_type, warmup_steps_for(total, o.warmup_steps, o.warmup_ratio),
+                                total, o.lr_scheduler_kwargs)
     sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=loop.seed, drop_last=False)
     loader = DataLoader(data.train, batch_size=loop.per_device_train_batch_size, sampler=sampler,
                         collate_fn=data.collator, num_workers=loop.dataloader_num_workers)

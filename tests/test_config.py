@@ -238,8 +238,8 @@ VALIDATION_CASES = [
     (["--image_aspect_ratio", "anyres"], ["--image_aspect_ratio"]),
     (["--mm_projector_type", "mlp0x_gelu"], ["--mm_projector_type", "linear"]),
     (["--mm_projector_type", "qformer"], ["--mm_projector_type"]),
-    (["--report_to", "wandb"], ["--report_to"]),
-    (["--report_to", "tensorboard,wandb"], ["--report_to"]),
+    (["--report_to", "comet_ml"], ["--report_to"]),
+    (["--report_to", "tensorboard,mlflow"], ["--report_to"]),
     (["--optim", "sgd"], ["--optim"]), (["--optim", "adamw"], ["--optim", "adamw_torch_fused"]),
     (["--ddp_timeout", "0"], ["--ddp_timeout"]),
     (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers"]),
@@ -263,15 +263,16 @@ def test_validation_rejects(argv, flags):
 def test_scheduler_message_lists_choices():
     with pytest.raises(ConfigError) as info:
         parse_args(["--lr_scheduler_type", "cosin"])
-    assert str(info.value) == ("--lr_scheduler_type 'cosin' is not one of: "
-                               "constant, constant_with_warmup, cosine, linear")
+    assert str(info.value) == ("--lr_scheduler_type 'cosin' is not one of: linear, cosine, cosine_with_restarts, "
+                               "polynomial, constant, constant_with_warmup, cosine_with_min_lr, warmup_stable_decay")
 
 
 @pytest.mark.parametrize("argv", [
     ["--max_grad_norm", "0"], ["--max_steps", "10"], ["--warmup_ratio", "0"],
     ["--mm_projector_type", "linear"], ["--mm_projector_type", "identity"],
     ["--mm_projector_type", "mlp12x_gelu"], ["--report_to", "tensorboard"],
-    ["--report_to", "none,tensorboard"], ["--report_to", "all"], ["--bits", "4", "--lora_enable", "True"],
+    ["--report_to", "none,tensorboard"], ["--report_to", "all"], ["--report_to", "wandb"],
+    ["--report_to", "tensorboard,wandb"], ["--bits", "4", "--lora_enable", "True"],
     ["--image_aspect_ratio", "pad"], ["--save_strategy", "no", "--save_steps", "0"],
     ["--audio_prompt_finetune", "True", "--audio_prompt_num", "4"], ["--optim", "adamw_torch_fused"],
     ["--fp16", "True"], ["--stage", "3"],

@@ -1,16 +1,17 @@
 """Value rules for the run config: ranges, choices and combinations, each error naming the flag."""
 
+import json
 import math
 import re
 from typing import List, Sequence
 
 from vitacore import _flags
 from vitacore.engine.config import OPTIMIZERS
+from vitacore.engine.schedule import SCHEDULES
 from vitacore.freeze import UNITS, parse_unit_lr
 
-_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 _STRATEGIES = ("epoch", "no", "steps")
-_REPORTERS = ("all", "none", "tensorboard")
+_REPORTERS = ("all", "none", "tensorboard", "wandb")
 _PROJECTOR = re.compile(r"^mlp([1-9]\d*)x_gelu$")
 
 
@@ -55,7 +56,14 @@ def rule_errors(cfg) -> List[str]:
     check(t.ddp_timeout >= 1, f"--ddp_timeout {t.ddp_timeout} must be >= 1 (seconds a collective may wait)")
     for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
         unit(name)
-    one_of("lr_scheduler_type", _SCHEDULERS)
+    one_of("lr_scheduler_type", SCHEDULES)
+    if t.lr_scheduler_kwargs is not None:
+        try:
+            kwargs = json.loads(t.lr_scheduler_kwargs)
+        except json.JSONDecodeError as err:
+            kwargs = err
+        check(isinstance(kwargs, dict), f"--lr_scheduler_kwargs {t.lr_scheduler_kwargs!r} is not a JSON object "
+                                        "(write it as '{\"num_cycles\": 2}')")
     one_of("save_strategy", _STRATEGIES)
     one_of("eval_strategy", _STRATEGIES)
     one_of("quant_type", ("fp4", "nf4"))

@@ -132,7 +132,12 @@ class TrainingArguments:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping)")
-    lr_scheduler_type: str = _f("linear", "linear, cosine, constant or constant_with_warmup")
+    lr_scheduler_type: str = _f("linear", "a schedule of transformers' get_scheduler: linear, cosine, "
+                                          "cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+                                          "cosine_with_min_lr or warmup_stable_decay")
+    lr_scheduler_kwargs: Optional[str] = _f(None, "JSON object of the schedule's extra arguments, as get_scheduler "
+                                                  "takes them (e.g. '{\"num_cycles\": 2}', '{\"min_lr_rate\": 0.1}')",
+                                            literal=True)
     warmup_ratio: float = _f(0.0, "fraction of steps spent warming up")
     warmup_steps: int = _f(0, "warm-up steps (overrides warmup_ratio when > 0)")
     logging_steps: int = _f(10, "log every N optimizer steps")
@@ -150,7 +155,11 @@ class TrainingArguments:
         False, "keep the training loader's workers alive between epochs (needs dataloader_num_workers > 0)")
     dataloader_prefetch_factor: Optional[int] = _f(
         None, "batches each worker loads ahead (needs dataloader_num_workers > 0; None: torch's default, 2)")
-    report_to: str = _f("none", "none, tensorboard, all or a comma list", literal=True)
+    report_to: str = _f("none", "none, tensorboard, wandb, all, or a comma-separated list of them", literal=True)
+    run_name: Optional[str] = _f(None, "the run's name in trackers (None: the output folder's name)", literal=True)
+    plot_loss: bool = _f(True, "draw training_curves.png beside metrics.jsonl at each checkpoint and at the end")
+    eval_generate: bool = _f(False, "evaluation also generates each answer (greedy): exact match and token F1 "
+                                    "join the eval rows")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (path or name)")
     seed: int = _f(42, "random seed")
     skip_nonfinite_steps: int = _f(0, "skip up to N micro-batches whose loss is NaN/inf (0: stop at the first)")

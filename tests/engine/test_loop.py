@@ -26,7 +26,6 @@ from vitacore.engine import (
     NonFiniteLossError,
     OptimConfig,
     Trainer,
-    lr_multiplier,
     resolve_deepspeed_config,
 )
 from vitacore.model import prepare_for_training
@@ -251,13 +250,6 @@ def test_gradient_accumulation_equals_one_big_batch(dist, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # ---------------------------------------------------------------------------------------------
-
-def test_lr_multiplier_linear_matches_the_formula():
-    factor = lr_multiplier("linear", 0, 4)
-    assert [factor(k) for k in range(5)] == pytest.approx([1 - k / 4 for k in range(5)])
-    warm = lr_multiplier("linear", 2, 6)
-    assert [warm(k) for k in range(7)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0])
-
 
 def test_lr_schedule_steps_per_optimizer_step_and_keeps_group_ratio(dist, tmp_path):
     """Accumulation 2: a scheduler stepped per micro-batch would decay twice as fast."""

@@ -1,11 +1,20 @@
-"""Learning-rate schedules as torch ``LambdaLR`` multipliers (per-group LRs survive them)."""
+"""Learning-rate schedules by transformers' ``get_scheduler`` names, as the HF Trainer builds them.
+
+The schedule is transformers' own (``get_scheduler(name, optimizer, num_warmup_steps,
+num_training_steps, scheduler_specific_kwargs)``), so a run's per-step learning rate equals the HF
+Trainer's for the same flags. Its ``LambdaLR`` multiplies every param group's own base LR by the same
+factor, so per-unit learning rates keep their ratios.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Optional
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+import torch
+
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "cosine_with_min_lr", "warmup_stable_decay")
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
@@ -13,26 +22,27 @@ def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -
     return warmup_steps if warmup_steps > 0 else int(math.ceil(warmup_ratio * total_steps))
 
 
-def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The factor applied to every group's base LR at optimizer step ``s`` (0-based).
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int,
+                    kwargs: Optional[dict] = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``--lr_scheduler_type`` schedule over ``total_steps`` optimizer steps.
+
+    Args:
+        optimizer: the optimizer whose groups' LRs it scales.
+        schedule: a name of :data:`SCHEDULES`.
+        warmup_steps: steps of warm-up (ignored by ``constant``).
+        total_steps: optimizer steps of the run.
+        kwargs: ``--lr_scheduler_kwargs`` (e.g. ``num_cycles``, ``power``, ``min_lr_rate``, ``num_decay_steps``).
 
     Raises:
-        ValueError: unknown schedule name.
+        ValueError: an unknown schedule, or arguments the schedule does not take or lacks.
     """
+    from transformers import get_scheduler
+
     if schedule not in SCHEDULES:
         raise ValueError(f"--lr_scheduler_type {schedule!r} is not one of: {', '.join(SCHEDULES)}")
-
-    def factor(step: int) -> float:
-        if schedule == "constant":
-            return 1.0
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant_with_warmup":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    try:
+        return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=dict(kwargs or {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--lr_scheduler_type {schedule} with --lr_scheduler_kwargs {kwargs or {}}: {err} (see "
+                         "transformers' get_scheduler for the arguments each schedule takes)") from None
