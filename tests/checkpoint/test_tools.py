@@ -38,7 +38,7 @@ def zero2_run(vitacore_cache, tmp_path_factory):
 def test_rotation_keeps_the_newest_complete_checkpoints(zero2_run):
     names = sorted(n for n in os.listdir(zero2_run) if "checkpoint" in n)
     assert names == ["checkpoint-4", "checkpoint-6"], names
-    state = json.load(open(zero2_run / "checkpoint-6" / "trainer_state.json"))
+    state = json.load(open(zero2_run / "checkpoint-6" / "vitacore_state.json"))
     assert state["position"]["step"] == 6 and state["identity"]["world_size"] == 1
     assert set(state["identity"]["trainable"]) == {f"mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     assert {"torch", "deepspeed", "transformers", "vitacore"} <= set(state["versions"])

@@ -12,7 +12,7 @@ import torch
 from test_ds_config_hf import VITA_ZERO3, gathered
 from test_loop import HIDDEN, PAD, make_config, make_model, make_trainer, pair_samples, param_groups, reference_step
 
-import vitacore.engine.trainer as trainer_module
+import vitacore.engine.optimizer as optimizer_module
 from vitacore.checkpoint import Checkpointer
 from vitacore.config import ConfigError, parse_args
 from vitacore.data.dataset import Collator
@@ -67,7 +67,7 @@ def test_each_accepted_optim_builds_its_adamw_and_trains_a_step(dist, tmp_path, 
 
 
 def test_fused_is_refused_on_a_device_without_the_kernel(dist, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "_fused_adamw_devices", lambda: ["cuda", "xpu"])
+    monkeypatch.setattr(optimizer_module, "_fused_adamw_devices", lambda: ["cuda", "xpu"])
     with pytest.raises(ValueError) as err:
         build(dist, tmp_path, "adamw_torch_fused")
     message = str(err.value)
@@ -76,7 +76,7 @@ def test_fused_is_refused_on_a_device_without_the_kernel(dist, tmp_path, monkeyp
 
 
 def test_cpu_has_the_fused_adamw_kernel():
-    assert "cpu" in trainer_module._fused_adamw_devices()
+    assert "cpu" in optimizer_module._fused_adamw_devices()
 
 
 @pytest.mark.parametrize("name", REFUSED)

@@ -5,8 +5,9 @@ A checkpoint folder holds:
 - ``state/`` + ``latest``: DeepSpeed's engine state of the trainable parameters only, with optimizer
   and scheduler (``zero_to_fp32.py`` beside them when ZeRO wrote partitioned optimizer state);
 - ``rng_state_<rank>.pth``: each rank's python / numpy / torch / CUDA generator states;
-- ``trainer_state.json``: step, epoch, data position, the run's identity (what must match to resume)
-  and library versions; ``config.yaml``: the resolved run config;
+- ``vitacore_state.json``: step, epoch, data position, the run's identity (what must match to resume)
+  and library versions (vitacore's own schema, so not named like the HF Trainer's ``trainer_state.json``;
+  checkpoints written before the rename are still read under that old name); ``config.yaml``: the resolved run config;
 - the stage artifacts of that moment (``mm_projector.bin``, ...);
 - ``checkpoint_complete.json``, written last.
 
@@ -32,7 +33,8 @@ from vitacore._version import __version__
 from vitacore.checkpoint.artifacts import atomic_torch_save
 
 COMPLETE_MARKER = "checkpoint_complete.json"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "vitacore_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # what checkpoints of vitacore 0.x before the rename hold
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_TAG = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -297,8 +299,9 @@ def clean_partial_saves(output_dir: str) -> list[str]:
 
 
 def read_trainer_state(path: str) -> dict:
-    """The ``trainer_state.json`` of a checkpoint folder."""
-    with open(os.path.join(path, STATE_FILE)) as fh:
+    """The ``vitacore_state.json`` of a checkpoint folder (``trainer_state.json`` in older ones)."""
+    name = STATE_FILE if os.path.exists(os.path.join(path, STATE_FILE)) else LEGACY_STATE_FILE
+    with open(os.path.join(path, name)) as fh:
         return json.load(fh)
 
 

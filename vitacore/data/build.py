@@ -135,19 +135,21 @@ def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec
 
 def _dataset(paths: list[str], media_root: str, tokenizer, template, image_transform, inputs: ModelInputs,
              spec: DataSpec):
-    records, rejected = [], []
+    records, rejected, names = [], [], []
     for path in paths:
         good, bad = read_records(path)
         records += good
         rejected += bad
+        names += [os.path.splitext(os.path.basename(path))[0]] * len(good)
     return VitaJsonDataset(_checked(records, rejected, spec, ", ".join(paths)), media_root, tokenizer, template,
                            image_transform, inputs.audio_transform, source=", ".join(paths),
-                           tokens_per_image=inputs.tokens_per_image, rejected=rejected)
+                           tokens_per_image=inputs.tokens_per_image, rejected=rejected, dataset_names=names)
 
 
 def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template, image_transform,
                   inputs: ModelInputs):
-    records, origins, rejected = load_sources(sources, spec.seed)
+    dataset_names: list[str] = []
+    records, origins, rejected = load_sources(sources, spec.seed, dataset_names)
     names = ", ".join(s.chat_path for s in sources)
     if not records and not rejected:
         raise ValueError(f"no training records in {names}; add records or check data_ratio")
@@ -155,7 +157,8 @@ def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template
     # Media paths are already absolute on each record, so the root is only a fallback.
     return VitaJsonDataset(records, os.path.dirname(sources[0].chat_path), tokenizer, template,
                            image_transform, inputs.audio_transform, source=names,
-                           origins=origins, tokens_per_image=inputs.tokens_per_image, rejected=rejected)
+                           origins=origins, tokens_per_image=inputs.tokens_per_image, rejected=rejected,
+                           dataset_names=dataset_names)
 
 
 def _check_modalities(dataset: VitaJsonDataset, inputs: ModelInputs) -> None:

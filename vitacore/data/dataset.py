@@ -42,6 +42,8 @@ class Sample:
     audio_token_lengths: list[int]
     modality: str
     replaced_from: Optional[BadSample] = None  # set when this sample stands in for a bad one
+    dataset: str = ""  # the dataset it came from (registry name or file), for per-dataset metrics
+    media: str = "text"  # the metrics' modality: video, image, audio or text (the first the record has)
 
 
 class VitaJsonDataset(Dataset):
@@ -76,7 +78,8 @@ class VitaJsonDataset(Dataset):
                  source: str = "<records>", origins: Optional[list[str]] = None,
                  tokens_per_image: Optional[int] = None,
                  on_bad_sample: str = "error", model_max_length: Optional[int] = None,
-                 image_tiler: Optional[ImageTiler] = None, rejected: Sequence[RejectedRecord] = ()):
+                 image_tiler: Optional[ImageTiler] = None, rejected: Sequence[RejectedRecord] = (),
+                 dataset_names: Optional[Sequence[str]] = None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
         self.on_bad_sample = on_bad_sample
@@ -84,6 +87,9 @@ class VitaJsonDataset(Dataset):
         if origins is not None and len(origins) != len(records):
             raise ValueError(f"{len(origins)} origins for {len(records)} records; give one per record")
         self.origins = origins
+        if dataset_names is not None and len(dataset_names) != len(records):
+            raise ValueError(f"{len(dataset_names)} dataset names for {len(records)} records; give one per record")
+        self.dataset_names = list(dataset_names) if dataset_names is not None else None
         self.records = records
         self.media_root = media_root
         self.tokenizer = tokenizer
@@ -145,7 +151,9 @@ class VitaJsonDataset(Dataset):
         record = self.records[index]
         sample_id = str(record.get("id", index))
         try:
-            return self._build(record, sample_id)
+            sample = self._build(record, sample_id)
+            sample.dataset = self.dataset_names[index] if self.dataset_names is not None else ""
+            return sample
         except BadSampleError as err:
             where = self._where(index, sample_id)
             raise BadSampleError(f"{where}: {err}", err.key or where) from None
@@ -207,7 +215,8 @@ class VitaJsonDataset(Dataset):
         input_ids, labels = tokenize_conversation(conversations, self.tokenizer, self.template, modality,
                                                   inserted_id, end_tag=record.get("end_tag", True))
         self._check_length(input_ids, labels)
-        return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality)
+        media = "video" if video_paths else "image" if image_paths else "audio" if audios else "text"
+        return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality, media=media)
 
     def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
         """Bad when no answer token can survive truncation to ``model_max_length``.
@@ -243,7 +252,9 @@ class Collator:
             labels[row, :n] = torch.tensor(sample.labels)
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                 "sample_ids": [s.sample_id for s in samples]}
+                 "sample_ids": [s.sample_id for s in samples],
+                 # Per row, for the per-modality / per-dataset losses in metrics (the model ignores them).
+                 "sample_modalities": [s.media for s in samples], "sample_datasets": [s.dataset for s in samples]}
         replaced = [s.replaced_from for s in samples if s.replaced_from is not None]
         if replaced:  # counted by the trainer (BadSampleLog), which removes the key before the forward
             batch["bad_samples"] = replaced

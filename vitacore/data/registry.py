@@ -58,6 +58,12 @@ class DataSource:
     set_folders: Mapping[str, str] = field(default_factory=dict)
     audio_folder: Optional[str] = None
     video_folder: Optional[str] = None
+    name: str = ""  # the registry's dataset name ("" for --data_path files: the file's name stands in)
+
+    @property
+    def dataset_name(self) -> str:
+        """How metrics name this source's records: the registry name, else the JSON file's stem."""
+        return self.name or os.path.splitext(os.path.basename(self.chat_path))[0]
 
 
 def _abs(path: str, base: str) -> str:
@@ -77,7 +83,7 @@ def _read_yaml(path: str):
             raise ValueError(f"--data_registry {path}: not valid YAML{at}: {problem}") from None
 
 
-def _entry(raw, where: str, base: str, defaults: Mapping[str, Optional[str]]) -> DataSource:
+def _entry(raw, where: str, base: str, defaults: Mapping[str, Optional[str]], name: str = "") -> DataSource:
     """One registry entry -> a :class:`DataSource`, checking every key."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a mapping with 'chat_path' (and optional data_ratio, audio_folder, "
@@ -100,7 +106,7 @@ def _entry(raw, where: str, base: str, defaults: Mapping[str, Optional[str]]) ->
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{name}: folder {path!r} does not exist")
     return DataSource(chat_path, where, float(ratio), folders["image_folder"], sets,
-                      folders["audio_folder"], folders["video_folder"])
+                      folders["audio_folder"], folders["video_folder"], name)
 
 
 def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = None,
@@ -131,7 +137,8 @@ def load_registry(path: str, defaults: Optional[Mapping[str, Optional[str]]] = N
         if names is not None and str(name) not in names:
             out[str(name)] = []
             continue
-        out[str(name)] = [_entry(raw, f"{path}: {name}[{i}]", base, defaults or {}) for i, raw in enumerate(entries)]
+        out[str(name)] = [_entry(raw, f"{path}: {name}[{i}]", base, defaults or {}, str(name))
+                          for i, raw in enumerate(entries)]
     return out
 
 
@@ -253,11 +260,15 @@ def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str], l
     return resolved, origins, rejected
 
 
-def load_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[str], list[RejectedRecord]]:
-    """:func:`load_source` over several sources, concatenated in order."""
+def load_sources(sources: list[DataSource], seed: int, names: Optional[list[str]] = None
+                 ) -> tuple[list[dict], list[str], list[RejectedRecord]]:
+    """:func:`load_source` over several sources, concatenated in order; ``names``, when given, gets
+    each record's :attr:`DataSource.dataset_name` appended."""
     records, origins, rejected = [], [], []
     for source in sources:
         more, where, bad = load_source(source, seed)
+        if names is not None:
+            names += [source.dataset_name] * len(more)
         records += more
         origins += where
         rejected += bad

@@ -6,11 +6,12 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from vitacore.constants import IGNORE_INDEX
+from vitacore.engine.trackers import TensorBoardLog  # noqa: F401  (moved; importable here as before)
 from vitacore.model.flops import mfu
 
 
@@ -41,41 +42,6 @@ class MetricsLog:
             fh.flush()
 
 
-class TensorBoardLog:
-    """Scalars of every metrics row to TensorBoard (``--report_to tensorboard``), main rank only."""
-
-    def __init__(self, writer=None):
-        self.writer = writer
-
-    @classmethod
-    def create(cls, report_to: str, output_dir: str, is_main: bool, notes: list) -> "TensorBoardLog":
-        """A writer into ``output_dir/runs`` when ``report_to`` names TensorBoard (a note when it is missing)."""
-        wanted = {r.strip() for r in report_to.split(",")} & {"tensorboard", "all"}
-        if not wanted or not is_main:
-            return cls()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            notes.append("--report_to tensorboard ignored: the tensorboard package is not installed "
-                         "(pip install tensorboard)")
-            return cls()
-        return cls(SummaryWriter(os.path.join(output_dir, "runs")))
-
-    def write(self, row: dict) -> None:
-        if self.writer is None:
-            return
-        for key, value in row.items():
-            if key == "lr" and isinstance(value, dict):
-                for group, lr in value.items():
-                    self.writer.add_scalar(f"lr/{group}", lr, row["step"])
-            elif isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
     """Teacher-forced argmax accuracy on supervised tokens.
 
@@ -97,6 +63,36 @@ def format_lr(lrs: dict[str, float]) -> Optional[float | dict]:
     return next(iter(lrs.values())) if len(values) == 1 else dict(lrs)
 
 
+# The modalities the per-modality losses are named after (a record counts as the first it has).
+MODALITIES = ("image", "video", "audio", "text")
+
+
+@torch.no_grad()
+def sample_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Per row: the summed next-token cross-entropy over its supervised positions, and their count.
+
+    Computed row by row in float32 (one row's logits at a time), as the training loss counts them.
+    """
+    sums, counts = [], []
+    for row_logits, row_labels in zip(logits, labels):
+        target = row_labels[1:]
+        keep = target != IGNORE_INDEX
+        count = int(keep.sum())
+        loss = torch.nn.functional.cross_entropy(row_logits[:-1][keep].float(), target[keep], reduction="sum")
+        sums.append(float(loss) if count else 0.0)
+        counts.append(count)
+    return sums, counts
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """CUDA's peak allocated memory on a GPU, the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class MetricsWindow:
     """Sums over the micro-batches since the last logged row."""
 
@@ -109,8 +105,11 @@ class MetricsWindow:
         # True when losses arrive as shares of their step's token-mean (see Trainer._loss_divisor);
         # otherwise they are per-micro-batch means, averaged over micro-batches.
         self.per_step = False
+        # Token-loss sums and supervised-token counts per metric key ("all", "image", "dataset/x", ...).
+        self.groups: dict[str, list[float]] = {}
+        self.data_wait = 0.0  # seconds spent waiting for batches
 
-    _SAVED = ("loss", "micro", "tokens", "samples", "steps", "flops", "per_step", "bad")
+    _SAVED = ("loss", "micro", "tokens", "samples", "steps", "flops", "per_step", "bad", "groups", "data_wait")
 
     def state_dict(self) -> dict:
         """The sums so far (a checkpoint between two logged rows keeps them)."""
@@ -119,6 +118,17 @@ class MetricsWindow:
     def load_state_dict(self, state: dict) -> None:
         for name in self._SAVED:
             setattr(self, name, state.get(name, 0))  # "bad" is absent from older checkpoints
+        self.groups = {key: list(value) for key, value in (state.get("groups") or {}).items()}
+
+    def add_breakdown(self, loss_sums: list[float], counts: list[int], modalities: list[str],
+                      datasets: list[str]) -> None:
+        """Add each row's token-loss sum and supervised tokens to its modality and dataset (and "all")."""
+        for loss, count, modality, dataset in zip(loss_sums, counts, modalities, datasets):
+            for key in ("all", modality, f"dataset/{dataset}" if dataset else None):
+                if key is not None:
+                    total = self.groups.setdefault(key, [0.0, 0])
+                    total[0] += loss
+                    total[1] += count
 
     def add(self, loss: float, batch: dict, share_of_step: bool) -> None:
         self.per_step = share_of_step
@@ -128,24 +138,48 @@ class MetricsWindow:
             self.tokens + int(batch["attention_mask"].sum()))
         self.samples += batch_size(batch)
 
-    def row(self, step: int, epoch: float, lr, grad_norm, dist) -> dict:
-        """The metrics row; loss, tokens, samples and bad samples are summed over ranks."""
+    def row(self, step: int, epoch: float, lr, grad_norm, dist, datasets: Sequence[str] = ()) -> dict:
+        """The metrics row; loss, tokens, samples and bad samples are summed over ranks.
+
+        With per-row token losses (:meth:`add_breakdown`), ``loss`` is the token-weighted mean over
+        the window's supervised tokens on every rank, and ``loss_<modality>`` / ``loss/<dataset>``
+        the same over each one's tokens (None when the window had none), with their token counts
+        ``answer_tokens_<modality>``: the counts weigh the parts back to ``loss``. ``datasets``:
+        every dataset name the data has (the same on all ranks, so the sums line up).
+        """
         elapsed = max(1e-9, time.time() - self.started)
-        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops, self.bad],
-                            dtype=torch.float64)
+        keys = ["all", *MODALITIES, *(f"dataset/{name}" for name in datasets)]
+        breakdown = [value for key in keys for value in self.groups.get(key, (0.0, 0))]
+        sums = torch.tensor([self.loss, self.micro, self.tokens or 0, self.samples, self.flops, self.bad,
+                             self.data_wait, *breakdown], dtype=torch.float64)
+        peak = torch.tensor([_peak_memory_gb(dist.device)], dtype=torch.float64)
         if dist.world_size > 1:
-            sums = sums.to(dist.device)
+            sums, peak = sums.to(dist.device), peak.to(dist.device)
             torch.distributed.all_reduce(sums)
-            sums = sums.cpu()
-        loss, micro, tokens, samples, flops, bad = sums.tolist()
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            sums, peak = sums.cpu(), peak.cpu()
+        loss, micro, tokens, samples, flops, bad, data_wait, *breakdown = sums.tolist()
         self.global_samples = int(samples)
-        # Shares are summed over ranks: divide by ranks and by the optimizer steps in the window.
-        mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
-        return {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
-                "bad_samples": int(bad),
-                **self._utilization(flops, elapsed, dist)}
+        parts = {key: (breakdown[2 * i], breakdown[2 * i + 1]) for i, key in enumerate(keys)}
+        if parts["all"][1] > 0:
+            mean_loss = parts["all"][0] / parts["all"][1]
+        else:  # shares are summed over ranks: divide by ranks and by the optimizer steps in the window
+            mean_loss = loss / dist.world_size / max(1, self.steps) if self.per_step else loss / max(1.0, micro)
+        row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "tokens_per_s": None if self.tokens is None else tokens / elapsed, "samples_per_s": samples / elapsed,
+               "bad_samples": int(bad), "peak_memory_gb": float(peak[0]),
+               "data_wait_share": data_wait / dist.world_size / elapsed,
+               **self._utilization(flops, elapsed, dist)}
+        if parts["all"][1] > 0:
+            for modality in MODALITIES:
+                total, count = parts[modality]
+                row[f"loss_{modality}"] = total / count if count else None
+                row[f"answer_tokens_{modality}"] = int(count)
+            for name in datasets:
+                total, count = parts[f"dataset/{name}"]
+                row[f"loss/{name}"] = total / count if count else None
+        return row
 
     def _utilization(self, flops: float, elapsed: float, dist) -> dict:
         """``tflops_per_s`` and ``mfu`` on GPUs (encoders counted; see vitacore.model.flops)."""

@@ -1,0 +1,397 @@
+"""A picture of a run: ``training_curves.png`` drawn from ``metrics.jsonl``, and several runs side by side.
+
+:func:`curve_rows` turns the log into series, one point per step: a resumed run appends to the
+same file, so a ``resumed`` row at step S drops the earlier rows past S, and of several rows for
+one step the last one written wins. Values that are not finite numbers (``null``, ``"inf"``,
+``"nan"``) are skipped. :func:`draw_training_curves` and :func:`draw_runs` draw with matplotlib's
+object API on the Agg canvas (no display needed; matplotlib is imported only then) and write the PNG
+atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from vitacore.console import logger
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+# Eval scores in [0, 1], drawn in the accuracy panel when present.
+EVAL_SCORES = ("eval_accuracy", "eval_exact_match", "eval_generate_exact_match", "eval_generate_f1")
+MODALITY_LOSSES = ("loss_image", "loss_video", "loss_audio", "loss_text")
+_NOT_SERIES = ("step", "epoch", "lr", "event", "path", "signal")
+_RESUME_COLOR, _CHECKPOINT_COLOR = "tab:red", "0.55"
+
+Series = tuple[list[int], list[float]]
+
+
+@dataclass
+class Curves:
+    """What a ``metrics.jsonl`` says, one point per step.
+
+    Attributes:
+        series: metric name -> (steps, values), steps ascending; ``loss``, ``grad_norm``, ``eval_loss``,
+            ``loss_image`` ... as logged. Learning rates are ``lr`` (one group) or ``lr/<group>``.
+        resumes: steps a resumed run started from.
+        checkpoints: steps a checkpoint was saved at.
+    """
+
+    series: dict[str, Series] = field(default_factory=dict)
+    resumes: list[int] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+
+    @property
+    def has_training(self) -> bool:
+        """Whether any training row (one with a finite ``loss``) was logged."""
+        return bool(self.series.get("loss", ((), ()))[0])
+
+    def lr_series(self) -> dict[str, Series]:
+        """Group name -> learning-rate series (``"lr"`` when the log never told groups apart)."""
+        return {k.split("/", 1)[1] if "/" in k else k: v for k, v in self.series.items()
+                if k == "lr" or k.startswith("lr/")}
+
+
+def read_rows(metrics_path: str) -> list[dict]:
+    """The JSON objects of a ``metrics.jsonl`` with a numeric ``step``, in file order.
+
+    Lines that are not JSON objects (a line cut short by a killed run) are skipped.
+    """
+    rows = []
+    with open(metrics_path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = _number(row.get("step")) if isinstance(row, dict) else None
+            if step is not None:
+                rows.append({**row, "step": int(step)})
+    return rows
+
+
+def current_rows(rows: Iterable[dict]) -> list[dict]:
+    """The rows of the run as it stands, ordered by step.
+
+    A ``resumed`` row at step S drops the rows written before it for steps past S (the killed run's
+    tail, redone after the resume); then, for each step, the last row of each kind (training row,
+    eval row, each event) is kept.
+    """
+    kept: list[dict] = []
+    for row in rows:
+        if row.get("event") == "resumed":
+            kept = [r for r in kept if r["step"] <= row["step"]]
+        kept.append(row)
+    latest: dict[tuple, dict] = {}
+    for row in kept:
+        key = (_kind(row), row["step"])
+        latest.pop(key, None)  # re-inserted, so the dict keeps the order of the last write
+        latest[key] = row
+    return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def curve_rows(metrics_path: str) -> Curves:
+    """Read ``metrics_path`` into :class:`Curves`: one point per step and metric, finite values only."""
+    rows = current_rows(read_rows(metrics_path))
+    groups = list(dict.fromkeys(g for r in rows if isinstance(r.get("lr"), dict) for g in r["lr"]))
+    points: dict[str, dict[int, float]] = {}
+
+    def add(name: str, step: int, value) -> None:
+        number = _number(value)
+        if number is not None:
+            points.setdefault(name, {})[step] = number
+
+    curves = Curves()
+    for row in rows:
+        step = int(row["step"])
+        event = row.get("event")
+        if event == "resumed":
+            curves.resumes.append(step)
+        elif event == "checkpoint":
+            curves.checkpoints.append(step)
+        if event is not None:
+            continue
+        for name, value in row.items():
+            if name not in _NOT_SERIES:
+                add(name, step, value)
+        lr = row.get("lr")
+        if isinstance(lr, dict):
+            for group, value in lr.items():
+                add(f"lr/{group}", step, value)
+        elif lr is not None:  # one number: every group had this LR
+            for group in groups or [None]:
+                add(f"lr/{group}" if group else "lr", step, lr)
+    curves.series = {name: (sorted(by_step), [by_step[s] for s in sorted(by_step)])
+                     for name, by_step in points.items()}
+    curves.resumes, curves.checkpoints = sorted(set(curves.resumes)), sorted(set(curves.checkpoints))
+    return curves
+
+
+def smooth(values: Sequence[float], span: int) -> list[float]:
+    """Bias-corrected exponential moving average with ``alpha = 2 / (span + 1)`` (TensorBoard's smoothing)."""
+    alpha, average, weight, out = 2.0 / (span + 1), 0.0, 0.0, []
+    for value in values:
+        average = (1 - alpha) * average + alpha * value
+        weight = (1 - alpha) * weight + alpha
+        out.append(average / weight)
+    return out
+
+
+def smoothing_span(count: int) -> int:
+    """The EMA span for ``count`` logged rows: about a tenth of them, between 2 and 100."""
+    return max(2, min(100, count // 10))
+
+
+def draw_training_curves(output_dir: str, path: Optional[str] = None) -> Optional[str]:
+    """Draw ``output_dir/metrics.jsonl`` as a four-panel PNG.
+
+    Panels: (a) training loss, raw and EMA-smoothed, eval loss and per-modality losses; (b) learning
+    rate per param group; (c) gradient norm; (d) eval accuracy / exact match. Resumes are dashed red
+    vertical lines, checkpoints small grey marks on the bottom edge.
+
+    Args:
+        output_dir: a run's output folder.
+        path: where to write (default ``output_dir/training_curves.png``).
+
+    Returns:
+        The path written, or None when there is no ``metrics.jsonl`` or it has no training row yet.
+    """
+    metrics = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(metrics):
+        return None
+    curves = curve_rows(metrics)
+    if not curves.has_training:
+        return None
+    path = path or os.path.join(output_dir, CURVES_FILE)
+    fig = _figure(12, 8)
+    (loss_ax, lr_ax), (grad_ax, score_ax) = fig.subplots(2, 2, sharex=True)
+    _loss_panel(loss_ax, curves)
+    _lr_panel(lr_ax, curves.lr_series())
+    _grad_panel(grad_ax, curves.series.get("grad_norm"))
+    _score_panel(score_ax, curves)
+    for ax in (loss_ax, lr_ax, grad_ax, score_ax):
+        _mark_events(ax, curves, label=ax is loss_ax)
+        ax.grid(True, alpha=0.3)
+    for ax in (grad_ax, score_ax):
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(_title(output_dir, curves), fontsize=12)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def redraw_training_curves(output_dir: str, enabled: bool = True) -> Optional[str]:
+    """The Trainer's call: :func:`draw_training_curves` when ``enabled`` (``loop.plot_loss``, main rank).
+
+    A failure is a one-line warning on the vitacore logger, never an error. Returns the path or None.
+    """
+    if not enabled:
+        return None
+    try:
+        return draw_training_curves(output_dir)
+    except Exception as exc:  # a picture must never stop training
+        logger.warning(f"warning: training_curves.png not drawn ({type(exc).__name__}: {exc}); training goes on "
+                       "(--plot_loss False turns the picture off)")
+        return None
+
+
+def draw_runs(run_dirs: Sequence[str], path: str, labels: Optional[Sequence[str]] = None) -> str:
+    """Draw several runs' training loss, eval loss and learning rate on one chart for comparison.
+
+    Args:
+        run_dirs: output folders, each with a ``metrics.jsonl``.
+        path: the PNG to write.
+        labels: one legend label per run (default: the folder names).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``labels`` does not match ``run_dirs``, or a folder has no ``metrics.jsonl`` or no
+            training row in it.
+    """
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"draw_runs: {len(labels)} labels for {len(run_dirs)} run folders; give one label per "
+                         f"folder, or none")
+    labels = list(labels) if labels is not None else _run_labels(run_dirs)
+    runs = []
+    for run_dir in run_dirs:
+        metrics = os.path.join(run_dir, METRICS_FILE)
+        if not os.path.isfile(metrics):
+            raise ValueError(f"{run_dir} has no {METRICS_FILE}; pass a run's --output_dir")
+        curves = curve_rows(metrics)
+        if not curves.has_training:
+            raise ValueError(f"{metrics} has no training row (no finite 'loss') yet; plot it once it has logged")
+        runs.append(curves)
+    fig = _figure(16, 5.5)
+    loss_ax, eval_ax, lr_ax = fig.subplots(1, 3, sharex=True)
+    for i, (curves, label) in enumerate(zip(runs, labels)):
+        color = f"C{i % 10}"  # matplotlib's default cycle
+        steps, values = curves.series["loss"]
+        loss_ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        loss_ax.plot(steps, smooth(values, smoothing_span(len(values))), color=color, linewidth=1.8,
+                     label=f"{label} (EMA)")
+        if "eval_loss" in curves.series:
+            eval_ax.plot(*curves.series["eval_loss"], color=color, marker="o", markersize=3, label=label)
+        for (group, series), style in zip(curves.lr_series().items(), ("-", "--", ":", "-.") * 8):
+            name = label if group == "lr" else f"{label} / {group}"
+            lr_ax.plot(*series, color=color, linestyle=style, label=name)
+        for ax in (loss_ax, eval_ax, lr_ax):
+            for step in curves.resumes:
+                ax.axvline(step, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
+    _log_scale_if_wide(loss_ax, [v for c in runs for v in c.series["loss"][1]])
+    _log_scale_if_wide(eval_ax, [v for c in runs for v in c.series.get("eval_loss", ((), ()))[1]])
+    if not any("eval_loss" in c.series for c in runs):
+        _empty(eval_ax, "no eval_loss logged")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax, title in ((loss_ax, "training loss (faint: raw; solid: EMA)"), (eval_ax, "eval loss"),
+                      (lr_ax, "learning rate (dashed lines: resumes)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{len(runs)} runs compared", fontsize=12)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def _loss_panel(ax, curves: Curves) -> None:
+    steps, values = curves.series["loss"]
+    span = smoothing_span(len(values))
+    ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=0.9, label="train loss (raw)")
+    if len(values) >= 5:
+        ax.plot(steps, smooth(values, span), color="tab:blue", linewidth=2.0,
+                label=f"train loss (EMA, span {span} rows)")
+    shown = list(values)
+    modalities = [name for name in MODALITY_LOSSES if name in curves.series]
+    for name, color in zip(modalities if len(modalities) > 1 else (), ("tab:purple", "tab:brown", "tab:olive", "C9")):
+        ax.plot(*curves.series[name], color=color, linewidth=0.7, alpha=0.8, label=name)  # one alone is the loss
+        shown += curves.series[name][1]
+    if "eval_loss" in curves.series:
+        ax.plot(*curves.series["eval_loss"], color="tab:orange", marker="o", markersize=4, linewidth=1.3,
+                label="eval loss")
+        shown += curves.series["eval_loss"][1]
+    _log_scale_if_wide(ax, shown)
+    ax.set_title("(a) loss", fontsize=10)
+
+
+def _lr_panel(ax, lrs: dict[str, Series]) -> None:
+    ax.set_title("(b) learning rate" + (" per param group" if len(lrs) > 1 else ""), fontsize=10)
+    if not lrs:
+        _empty(ax, "no lr logged")
+        return
+    for (group, series), style in zip(lrs.items(), ("-", "--", "-.", ":") * 8):
+        ax.plot(*series, linestyle=style, linewidth=1.5, label=group)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if len(lrs) > 1:
+        ax.legend(fontsize=8, loc="best")
+
+
+def _grad_panel(ax, series: Optional[Series]) -> None:
+    ax.set_title("(c) gradient norm (before clipping)", fontsize=10)
+    if not series or not series[0]:
+        _empty(ax, "no grad_norm logged (ZeRO-3 logs none on some versions)")
+        return
+    ax.plot(*series, color="tab:green", linewidth=1.0)
+    _log_scale_if_wide(ax, series[1])
+
+
+def _score_panel(ax, curves: Curves) -> None:
+    ax.set_title("(d) eval accuracy / exact match", fontsize=10)
+    present = [name for name in EVAL_SCORES if name in curves.series]
+    if not present:
+        _empty(ax, "no eval accuracy logged (set --eval_strategy steps and an eval set)")
+        return
+    for name, marker in zip(present, ("o", "s", "^", "D")):
+        steps, values = curves.series[name]
+        ax.plot(steps, values, marker=marker, markersize=4, linewidth=1.3, label=f"{name} (last {values[-1]:.3f})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _mark_events(ax, curves: Curves, label: bool) -> None:
+    """Resumes as dashed red lines; checkpoints as small grey marks on the panel's bottom edge."""
+    for i, step in enumerate(curves.resumes):
+        ax.axvline(step, color=_RESUME_COLOR, linestyle="--", linewidth=1.2,
+                   label=f"resumed at step {step}" if label and i < 3 else None)
+    if curves.checkpoints:
+        ax.plot(curves.checkpoints, [0.0] * len(curves.checkpoints), linestyle="none", marker="^", markersize=6,
+                color=_CHECKPOINT_COLOR, alpha=0.8, transform=ax.get_xaxis_transform(), clip_on=False,
+                label="checkpoint" if label else None)
+    if label:
+        ax.legend(fontsize=8, loc="upper right")
+
+
+def _title(output_dir: str, curves: Curves) -> str:
+    steps, losses = curves.series["loss"]
+    parts = [os.path.basename(os.path.normpath(os.path.abspath(output_dir))), f"step {steps[-1]}",
+             f"loss {losses[0]:.4g} -> {losses[-1]:.4g}"]
+    parts += [f"{name.replace('_', ' ')} {curves.series[name][1][-1]:.4g}" for name in ("eval_loss", "eval_accuracy")
+              if name in curves.series]
+    if curves.resumes:
+        parts.append(f"resumed {len(curves.resumes)}x")
+    return "   |   ".join(parts)
+
+
+def _kind(row: dict) -> str:
+    if row.get("event") is not None:
+        return f"event:{row['event']}"
+    return "eval" if any(k.startswith("eval_") for k in row) else "train"
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a finite float, or None (null, bools, "inf" / "nan", text)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _log_scale_if_wide(ax, values: Sequence[float]) -> None:
+    """A log y axis when every value is positive and they span more than 30x."""
+    if values and min(values) > 0 and max(values) / min(values) > 30:
+        ax.set_yscale("log")
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize=9)
+
+
+def _run_labels(run_dirs: Sequence[str]) -> list[str]:
+    """Folder names; the full paths where two runs share a name."""
+    names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
+    return names if len(set(names)) == len(names) else [os.path.normpath(d) for d in run_dirs]
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (object API: no pyplot state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str) -> None:
+    """Write ``fig`` as PNG to a temporary file beside ``path``, then move it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
