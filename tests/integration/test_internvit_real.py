@@ -13,13 +13,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_distributed import env_for, free_port
 from tiny_models import write_real_internvit
 
 import vitacore
@@ -49,19 +49,6 @@ def tower(tmp_path_factory):
 
 def stage_flags(stage, tower, out, *extra):
     return ["--stage", stage, "--vision_tower", tower, "--output_dir", str(out), *COMMON, *extra]
-
-
-def env_for(cache):
-    env = dict(os.environ, VITACORE_CACHE=cache, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    return env
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unit(state, prefix):

@@ -33,14 +33,19 @@ class LoopConfig:
         max_steps: optimizer steps of the run (-1: from ``num_train_epochs``).
         logging_steps: a metrics row every N optimizer steps.
         eval_strategy / eval_steps: ``no``, ``steps`` (every ``eval_steps``, default ``logging_steps``) or ``epoch``.
+        eval_generate: each evaluation also generates every eval sample's answer (greedy) and scores it
+            (:func:`vitacore.engine.evaluation.evaluate_generation`; the Trainer's ``eval_generation``: the prompts).
         save_strategy / save_steps: ``no``, ``steps`` (every ``save_steps``) or ``epoch``.
         seed: data order and loader seeds.
         skip_nonfinite_steps: micro-batches with a NaN / inf loss skipped before the run stops.
         max_bad_sample_ratio: stop once more than this share of the samples seen were bad.
         dataloader_num_workers / dataloader_persistent_workers / dataloader_prefetch_factor: the loader.
         group_by_modality_length: VITA's modality- and length-grouped sampler.
-        report_to: ``none``, ``tensorboard``, ``all`` or a comma list.
+        report_to: ``none``, ``tensorboard``, ``wandb``, ``all`` or a comma list (:mod:`vitacore.engine.trackers`).
+        run_name: the run's name in wandb (None: the output folder's base name).
         progress_label: the progress bar's label (``"stage 1"``).
+        plot_loss: draw ``training_curves.png`` from ``metrics.jsonl`` (main rank) after each checkpoint
+            and at the end of the run (:func:`vitacore.engine.plots.draw_training_curves`).
     """
 
     per_device_train_batch_size: int = 8
@@ -51,6 +56,7 @@ class LoopConfig:
     logging_steps: int = 10
     eval_strategy: str = "no"
     eval_steps: Optional[int] = None
+    eval_generate: bool = False
     save_strategy: str = "steps"
     save_steps: int = 500
     seed: int = 42
@@ -61,7 +67,9 @@ class LoopConfig:
     dataloader_prefetch_factor: Optional[int] = None
     group_by_modality_length: bool = False
     report_to: str = "none"
+    run_name: Optional[str] = None
     progress_label: str = "train"
+    plot_loss: bool = True
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -83,7 +91,8 @@ class OptimConfig:
         learning_rate: the peak LR of every unit without its own.
         weight_decay / adam_beta1 / adam_beta2 / adam_epsilon: AdamW's.
         max_grad_norm: clip the global gradient norm (0: no clipping).
-        lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
+        lr_scheduler_type: a name of transformers' ``get_scheduler`` (:data:`vitacore.engine.schedule.SCHEDULES`).
+        lr_scheduler_kwargs: the schedule's extra arguments (``num_cycles``, ``power``, ``min_lr_rate``, ...).
         warmup_ratio / warmup_steps: warm-up length (``warmup_steps`` wins when > 0).
         mm_projector_lr / vision_tower_lr / unit_lr: per-unit LRs (see :mod:`vitacore.freeze.param_groups`).
         optim: the HF Trainer's ``--optim``: ``adamw_torch`` (``torch.optim.AdamW``) or ``adamw_torch_fused``
@@ -97,6 +106,7 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: Optional[dict] = None
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     mm_projector_lr: Optional[float] = None

@@ -1,11 +1,15 @@
-"""Evaluation: loss and teacher-forced answer accuracy over a held-out set, summed over ranks."""
+"""Evaluation: loss and teacher-forced answer accuracy over a held-out set, summed over ranks; with
+``--eval_generate``, also the answers generated from each sample's prompt (exact match, token F1)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vitacore.engine.config import LoopConfig
 from vitacore.engine.loader import to_device
@@ -13,7 +17,8 @@ from vitacore.engine.metrics import answer_accuracy, batch_size
 
 
 @torch.no_grad()
-def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, dist, token_model: bool) -> dict:
+def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, dist, token_model: bool,
+             generation: Optional[GenerationEval] = None) -> dict:
     """One pass over ``dataset`` (each rank its share) in eval mode; the engine is back in train mode after.
 
     Args:
@@ -23,10 +28,12 @@ def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, d
         loop: the eval batch size, workers and seed.
         dist: this process's place in the job.
         token_model: the model predicts tokens (accuracy fields are always reported then).
+        generation: with ``loop.eval_generate``, the prompts to answer (:func:`evaluate_generation`).
 
     Returns:
         ``eval_loss`` (weighted by supervised tokens) and ``eval_samples``; with token predictions,
-        ``eval_accuracy`` (answer tokens right) and ``eval_exact_match`` (answers with every token right).
+        ``eval_accuracy`` (answer tokens right) and ``eval_exact_match`` (answers with every token right);
+        with generation, ``eval_generate_exact_match`` and ``eval_generate_f1``.
     """
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=loop.per_device_eval_batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -49,9 +56,96 @@ def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, d
         totals = totals.to(dist.device)
         torch.distributed.all_reduce(totals)
         totals = totals.cpu()
+    generated = evaluate_generation(engine, generation, loop, dist) if loop.eval_generate and generation else {}
     engine.train()
     loss_sum, supervised, correct, exact, rows, _ = totals.tolist()
     row = {"eval_loss": loss_sum / max(1.0, supervised), "eval_samples": int(rows)}
     if correct or exact or token_model:
         row.update(eval_accuracy=correct / max(1.0, supervised), eval_exact_match=exact / max(1.0, rows))
-    return row
+    return {**row, **generated}
+
+
+@dataclass(frozen=True)
+class GenerationEval:
+    """What generation-based evaluation needs from the data side.
+
+    Attributes:
+        dataset: prompt-only samples, one per eval sample.
+        collate_fn: samples -> a batch of the model's ``generate`` inputs plus ``references`` (answer texts).
+        decode: generated token ids -> the answer's text (end of turn and state token removed).
+        max_new_tokens: tokens generated per answer (the same on every rank).
+        eos_token_id: the ids that end an answer.
+        pad_token_id: fills finished rows.
+    """
+
+    dataset: Dataset
+    collate_fn: Callable
+    decode: Callable[[Sequence[int]], str]
+    max_new_tokens: int = 64
+    eos_token_id: Optional[list[int]] = None
+    pad_token_id: Optional[int] = None
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace collapsed to single spaces, ends stripped."""
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the answers are equal after :func:`normalize_answer`, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1 over whitespace-split words: the harmonic mean of precision and recall of the
+    words in common (counted with multiplicity); 1.0 when both answers are empty."""
+    predicted, expected = prediction.split(), reference.split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def evaluate_generation(engine, generation: GenerationEval, loop: LoopConfig, dist) -> dict:
+    """Generate (greedily) the answer of every prompt and score it against its reference, summed over ranks.
+
+    Each rank takes every ``world_size``-th prompt from its rank on; the shorter shares are padded with
+    repeats that are generated but not counted, so every rank runs the same number of ``generate``
+    calls. With several ranks every call generates exactly ``max_new_tokens`` tokens (no early stop),
+    so under ZeRO-3 every rank runs the same forwards.
+
+    Returns:
+        ``eval_generate_exact_match`` and ``eval_generate_f1`` (means over the prompts).
+    """
+    model = getattr(engine, "module", engine)
+    total = len(generation.dataset)
+    mine = list(range(dist.rank, total, dist.world_size))
+    share = math.ceil(total / dist.world_size)
+    padded = mine + [mine[0] if mine else 0] * (share - len(mine))
+    loader = DataLoader(Subset(generation.dataset, padded), batch_size=loop.per_device_eval_batch_size,
+                        shuffle=False, collate_fn=generation.collate_fn, num_workers=loop.dataloader_num_workers)
+    totals = torch.zeros(3, dtype=torch.float64)
+    position = 0
+    for batch in loader:
+        references = batch.pop("references")
+        batch.pop("bad_samples", None)
+        batch = to_device(batch, dist.device)
+        answers = model.generate(**batch, max_new_tokens=generation.max_new_tokens,
+                                 eos_token_id=generation.eos_token_id, pad_token_id=generation.pad_token_id,
+                                 synced=dist.world_size > 1)
+        for ids, reference in zip(answers, references):
+            if position < len(mine):
+                text = generation.decode(ids)
+                totals += torch.tensor([exact_match(text, reference), token_f1(text, reference), 1.0],
+                                       dtype=torch.float64)
+            position += 1
+    if dist.world_size > 1:
+        totals = totals.to(dist.device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+    exact, f1, count = totals.tolist()
+    return {"eval_generate_exact_match": exact / max(1.0, count), "eval_generate_f1": f1 / max(1.0, count)}

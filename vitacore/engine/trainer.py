@@ -24,20 +24,14 @@ from vitacore.constants import IGNORE_INDEX
 from vitacore.data.bad_samples import BadSampleLog
 from vitacore.engine.config import LoopConfig, OptimConfig
 from vitacore.engine.distributed import DistInfo
-from vitacore.engine.evaluation import evaluate
+from vitacore.engine.evaluation import GenerationEval, evaluate
 from vitacore.engine.loader import AccumulationGroup, accumulation_groups, build_train_loader, to_device
-from vitacore.engine.metrics import MetricsLog, MetricsWindow, TensorBoardLog, format_lr
-from vitacore.engine.schedule import lr_multiplier, warmup_steps_for
+from vitacore.engine.metrics import MetricsLog, MetricsWindow, format_lr, sample_token_losses
+from vitacore.engine.optimizer import build_optimizer
+from vitacore.engine.plots import redraw_training_curves
+from vitacore.engine.schedule import build_scheduler, warmup_steps_for
 from vitacore.engine.signals import StopRequest
-
-
-def _fused_adamw_devices() -> list[str]:
-    """Device types torch's fused AdamW kernel runs on (``cpu`` included since torch 2.4)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:  # a private helper: if it moves, assume the devices of torch 2.4+
-        return ["cuda", "cpu"]
-    return [d for d in _get_fused_kernels_supported_devices() if d]
+from vitacore.engine.trackers import Trackers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,6 +77,7 @@ class Trainer:
             beside its checkpoints.
         eval_dataset: held-out samples for :meth:`evaluate` (None: no evaluation).
         on_log: called with every metrics row.
+        eval_generation: with ``loop.eval_generate``, the eval set's prompts to answer at each evaluation.
 
     Raises:
         ValueError: fp16 on a CPU.
@@ -91,7 +86,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], train_dataset: Dataset,
                  collate_fn: Callable, dist: DistInfo, *, loop: LoopConfig, optim: OptimConfig,
                  deepspeed_config: dict, checkpointer: Checkpointer, eval_dataset: Optional[Dataset] = None,
-                 on_log: Optional[Callable[[dict], None]] = None):
+                 on_log: Optional[Callable[[dict], None]] = None, eval_generation: Optional[GenerationEval] = None):
         if dist.device.type == "cpu" and deepspeed_config.get("fp16", {}).get("enabled"):
             raise ValueError("--fp16 True is not supported on CPU (DeepSpeed refuses fp16 there); "
                              "use --bf16 True or drop the flag for fp32")
@@ -99,6 +94,7 @@ class Trainer:
         self.param_groups = param_groups
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
+        self.eval_generation = eval_generation
         self.collate_fn = collate_fn
         self.dist = dist
         self.loop = loop
@@ -107,9 +103,13 @@ class Trainer:
         self.checkpointer = checkpointer
         self.on_log = on_log or (lambda row: None)
         self.metrics = MetricsLog(checkpointer.output_dir, enabled=dist.is_main)
+        # Every dataset the records name, the same list on every rank (per-dataset losses line up).
+        self.dataset_names = sorted({name for name in getattr(train_dataset, "dataset_names", None) or () if name})
         self.bad_samples = BadSampleLog(loop.max_bad_sample_ratio, dist.is_main)
         self.notes: list[str] = []
-        self.tensorboard = TensorBoardLog.create(loop.report_to, checkpointer.output_dir, dist.is_main, self.notes)
+        self.trackers = Trackers.create(loop.report_to, loop.run_name, checkpointer.output_dir, dist.is_main,
+                                        checkpointer.resume_path is not None, self.notes,  # resumed: known now
+                                        config={"loop": loop, "optim": optim, "deepspeed": deepspeed_config})
         self._accepts_num_items = "num_items_in_batch" in inspect.signature(model.forward).parameters
 
         self.sampler, self.loader, self.loader_generator = build_train_loader(train_dataset, collate_fn, loop, dist)
@@ -130,7 +130,8 @@ class Trainer:
         import deepspeed  # seconds to import: paid when a Trainer is built, not by `import vitacore`
 
         optim = self.optim
-        multiplier = lr_multiplier(optim.lr_scheduler_type, self.warmup_steps, self.total_steps)
+        schedule = (optim.lr_scheduler_type, self.warmup_steps, self.total_steps, optim.lr_scheduler_kwargs)
+        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), *schedule)  # bad kwargs: now
         kwargs = {"model": self.model.to(self.dist.device), "config": self.ds_config, "dist_init_required": False}
         if "optimizer" in self.ds_config:
             kwargs["model_parameters"] = self.param_groups
@@ -138,32 +139,14 @@ class Trainer:
                 self.notes.append(f"--optim {optim.optim} is not used: the DeepSpeed config's optimizer block "
                                   f"({self.ds_config['optimizer'].get('type')}) builds the optimizer")
         else:
-            kwargs["optimizer"] = self._optimizer()
+            kwargs["optimizer"] = build_optimizer(self.param_groups, optim, self.dist.device.type)
         # A callable, so DeepSpeed hands it the (possibly wrapped) optimizer; per-group LRs survive.
-        kwargs["lr_scheduler"] = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        kwargs["lr_scheduler"] = lambda optimizer: build_scheduler(optimizer, *schedule)
         engine, _, _, _ = deepspeed.initialize(**kwargs)
         if self.dist.world_size == 1 and engine.zero_optimization_stage() == 0:
             # One process, no ZeRO: the gradient all-reduce has no peer; skip flattening for it.
             engine.enable_backward_allreduce = False
         return engine
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """``--optim`` as the HF Trainer reads it: ``torch.optim.AdamW``, with ``fused=True`` for adamw_torch_fused.
-
-        Raises:
-            ValueError: adamw_torch_fused on a device without torch's fused AdamW kernel.
-        """
-        optim = self.optim
-        kwargs = {"lr": optim.learning_rate, "betas": (optim.adam_beta1, optim.adam_beta2), "eps": optim.adam_epsilon,
-                  "weight_decay": optim.weight_decay}
-        if optim.optim == "adamw_torch_fused":
-            devices = _fused_adamw_devices()
-            if self.dist.device.type not in devices:
-                raise ValueError(f"--optim adamw_torch_fused needs a device with torch's fused AdamW kernel "
-                                 f"({', '.join(devices)}); this run is on {self.dist.device.type}: "
-                                 "use --optim adamw_torch")
-            kwargs["fused"] = True
-        return torch.optim.AdamW(self.param_groups, **kwargs)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -182,7 +165,7 @@ class Trainer:
                 return self._fit(bar, stop)
         finally:
             bar.close()
-            self.tensorboard.close()
+            self.trackers.close()
 
     def _fit(self, bar, stop: StopRequest) -> TrainResult:
         loop = self.loop
@@ -199,16 +182,20 @@ class Trainer:
             return self._finish(epoch, next_micro, started, stopped_by)
         groups = accumulation_groups(self.loader, self.sampler, self.loader_generator, loop, self.num_micro_per_epoch,
                                      position["epoch"], position["micro_in_epoch"])
+        ready = time.perf_counter()
         for group in groups:
+            window.data_wait += time.perf_counter() - ready  # the loader's share of the step
             epoch, next_micro = group.epoch, group.next_micro
             outcome = self.train_step(group, window, stop)
+            ready = time.perf_counter()
             self.step += 1
             bar.update(1)
             window.steps += 1
             grad_norm = outcome.grad_norm if outcome.grad_norm is not None else self.engine.get_global_grad_norm()
             epoch_progress = self._epoch_progress(epoch, next_micro)
             if self.step % loop.logging_steps == 0 or self.step == self.total_steps:
-                row = window.row(self.step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist)
+                row = window.row(self.step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist,
+                                 self.dataset_names)
                 rejected = len(getattr(self.train_dataset, "rejected", ()))
                 if rejected:  # records dropped when the data was read (--on_bad_sample skip)
                     row["bad_records_at_load"] = rejected
@@ -249,9 +236,14 @@ class Trainer:
             batch = to_device(batch, self.dist.device)
             if divisor is not None:
                 batch["num_items_in_batch"] = divisor
-            loss = engine(**batch)["loss"]
+            output = engine(**batch)
+            loss = output["loss"]
             finite, stop_requested = self._agree(loss, stop)
             if finite:
+                if "logits" in output and "merged_labels" in output and "sample_modalities" in batch:
+                    window.add_breakdown(*sample_token_losses(output["logits"].detach(), output["merged_labels"]),
+                                         batch["sample_modalities"], batch["sample_datasets"])
+                del output  # the logits: free before backward
                 engine.backward(loss)
                 window.flops += getattr(self.model, "last_flops", 0.0)
                 # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
@@ -272,9 +264,13 @@ class Trainer:
     def evaluate(self, step: int, epoch: float) -> dict:
         """Loss and teacher-forced answer accuracy on the eval set, summed over ranks; logged and returned."""
         row = evaluate(self.engine, self.eval_dataset, self.collate_fn, self.loop, self.dist,
-                       token_model=hasattr(self.model, "llm"))
+                       token_model=hasattr(self.model, "llm"), generation=self.eval_generation)
         row = {"step": step, "epoch": epoch, **row}
         self._log(row)
+        if self.dist.is_main:  # shown as it happens, not only in metrics.jsonl
+            shown = (f"{key.removeprefix('eval_')} {value:.4g}" if isinstance(value, float) else
+                     f"{key.removeprefix('eval_')} {value}" for key, value in row.items() if key.startswith("eval_"))
+            logger.info(f"eval at step {step}: {', '.join(shown)}")
         return row
 
     def save(self, epoch: int, micro_in_epoch: int, window: MetricsWindow) -> str:
@@ -285,6 +281,7 @@ class Trainer:
         state = {"position": position, "identity": self.identity, "total_steps": self.total_steps}
         path = self.checkpointer.save(self.engine, self.step, state)
         self._log({"step": self.step, "event": "checkpoint", "path": path})
+        redraw_training_curves(self.checkpointer.output_dir, self.loop.plot_loss and self.dist.is_main)
         return path
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -361,6 +358,7 @@ class Trainer:
         final_eval = {}
         if self.eval_dataset is not None and stopped_by is None:
             final_eval = self.evaluate(self.step, self._epoch_progress(epoch, next_micro))
+        redraw_training_curves(self.checkpointer.output_dir, self.loop.plot_loss and self.dist.is_main)
         train_rows = [r for r in self.metrics.rows if "loss" in r]
         return TrainResult(self.step, time.time() - started, train_rows[0]["loss"] if train_rows else None,
                            train_rows[-1]["loss"] if train_rows else None, final_eval, self.metrics.rows,
@@ -368,7 +366,7 @@ class Trainer:
 
     def _log(self, row: dict) -> None:
         self.metrics.write(row)
-        self.tensorboard.write(row)
+        self.trackers.write(row)
         self.on_log(row)
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from vitacore.model.flops import ModuleCost, attention_flops, step_flops
+from vitacore.model.generation import generate_answers
 from vitacore.model.merge import merge_media_embeddings
 
 # Each freeze unit is the set of parameters under these attribute prefixes.
@@ -172,6 +173,11 @@ class VitaModel(nn.Module):
             output["loss"] = output["loss"] + 0.0 * unused
         output["merged_labels"] = merged.labels
         return output
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> list[list[int]]:
+        """New token ids per prompt row, media merged as in training (see
+        :func:`vitacore.model.generation.generate_answers` for the arguments); greedy by default."""
+        return generate_answers(self, input_ids, **kwargs)
 
     def _training_flops(self, merged, images, audio_blocks) -> float:
         """Forward + backward model FLOPs of this micro-batch, encoders included (no recomputation)."""

@@ -7,6 +7,7 @@ its own config from here: the model a :class:`ModelSpec`, the data a :class:`Dat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,12 +91,15 @@ def loop_config(config: RunConfig) -> LoopConfig:
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps, logging_steps=t.logging_steps, eval_strategy=t.eval_strategy, eval_steps=t.eval_steps,
+        eval_generate=config.get("eval_generate"),
         save_strategy=t.save_strategy, save_steps=t.save_steps, seed=t.seed,
         skip_nonfinite_steps=t.skip_nonfinite_steps,
         max_bad_sample_ratio=config.data.max_bad_sample_ratio, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_persistent_workers=t.dataloader_persistent_workers,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor, group_by_modality_length=t.group_by_modality_length,
-        report_to=t.report_to, progress_label="train" if config.stage == "none" else f"stage {config.stage}")
+        report_to=t.report_to, run_name=config.get("run_name"),
+        progress_label="train" if config.stage == "none" else f"stage {config.stage}",
+        plot_loss=t.plot_loss)
 
 
 def optim_config(config: RunConfig) -> OptimConfig:
@@ -104,6 +108,7 @@ def optim_config(config: RunConfig) -> OptimConfig:
     return OptimConfig(
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=json.loads(t.lr_scheduler_kwargs) if t.lr_scheduler_kwargs else None,
         warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps, mm_projector_lr=t.mm_projector_lr,
         vision_tower_lr=t.vision_tower_lr, unit_lr=t.unit_lr, optim=t.optim)
 

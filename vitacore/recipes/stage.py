@@ -27,6 +27,7 @@ from vitacore.data import build_data
 from vitacore.engine import NonFiniteLossError, Trainer, TrainResult, init_distributed, resolve_deepspeed_config
 from vitacore.freeze import build_report, format_report, param_groups_for_run, policy_from_config
 from vitacore.model import UNIT_PREFIXES, VitaModel, prepare_for_training
+from vitacore.recipes.inference import eval_generation
 from vitacore.recipes.model import build_run_model, check_select_layer, model_inputs, plan_model, start_weights
 from vitacore.recipes.specs import derive_specs
 from vitacore.recipes.stages import NO_PRESET, describe_sources, resolve_stage, stage_notes, uses_embedded_default
@@ -94,7 +95,7 @@ class StageRecipe:
         trainer = Trainer(self.model, self.param_groups, train_dataset or self.data.train, self.data.collator,
                           self.dist, loop=self.specs.loop, optim=self.specs.optim,
                           deepspeed_config=self.deepspeed_config, checkpointer=checkpointer or self.checkpointer,
-                          eval_dataset=self.data.eval)
+                          eval_dataset=self.data.eval, eval_generation=self.eval_generation)
         for note in self.notes + trainer.notes:
             logger.info(f"note: {note}")
         return trainer
@@ -134,6 +135,11 @@ class StageRecipe:
             raise ValueError("--audio_state_predictor_tuning True: the state head needs per-turn user-state labels, "
                              "which this data pipeline does not produce yet; set it to False")
         self.data = build_data(self.specs.data, self.bundle.tokenizer, model_inputs(self.model))
+        self.eval_generation = None  # --eval_generate: the eval set's prompts, answered at each evaluation
+        if self.specs.loop.eval_generate and self.data.eval is None:
+            logger.info("note: --eval_generate True has no eval set to answer (give --eval_data_path)")
+        elif self.specs.loop.eval_generate:
+            self.eval_generation = eval_generation(self.data.eval)
 
     def train(self) -> TrainResult:
         """Fit (resuming from the newest checkpoint where there is one)."""
@@ -152,6 +158,9 @@ class StageRecipe:
             ev = result.final_eval
             logger.info(f"eval: loss {ev['eval_loss']:.4f}, answer-token accuracy {ev['eval_accuracy']:.3f}, "
                         f"exact answers {ev['eval_exact_match']:.3f} ({ev['eval_samples']} held-out samples)")
+            if "eval_generate_exact_match" in ev:
+                logger.info(f"generated answers: exact match {ev['eval_generate_exact_match']:.3f}, "
+                            f"token F1 {ev['eval_generate_f1']:.3f}")
         output_dir = self.checkpointer.output_dir
         written = {**artifacts, "metrics.jsonl": os.path.join(output_dir, "metrics.jsonl"),
                    "checkpoint": self.checkpointer.latest()}

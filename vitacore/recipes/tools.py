@@ -13,7 +13,7 @@ import argparse
 import glob
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,36 @@ def _drop_adapter_flags(config, trainable: set[str]) -> None:
         config.model.pretrain_audio_mlp_adapter = None
 
 
+def rebuild_from_checkpoint(checkpoint: str, prog: str, build: Optional[Callable] = None) -> tuple:
+    """The model a ``checkpoint-N`` trained: rebuilt from its config.yaml (frozen parts from the run's
+    own paths), its trained tensors loaded from the DeepSpeed state.
+
+    Args:
+        checkpoint: the checkpoint folder.
+        prog: the tool, for messages (``export``).
+        build: config -> (bundle, config); default :func:`vitacore.recipes.build_model_from_config`.
+
+    Returns:
+        ``(bundle, config, number of trained tensors loaded)``.
+
+    Raises:
+        ValueError: trained tensors missing from the state, or tensors that fit no parameter.
+    """
+    trainable = set(read_trainer_state(checkpoint).get("identity", {}).get("trainable", {}))
+    config = _run_config(checkpoint, prog)
+    _drop_adapter_flags(config, trainable)
+    bundle, config = (build or build_model_from_config)(config)
+    weights = _trained_weights(checkpoint)
+    missing = trainable - set(weights)
+    if missing:
+        raise ValueError(f"{prog} {checkpoint!r}: the engine state lacks trained parameters {sorted(missing)[:5]}")
+    result = bundle.model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{prog} {checkpoint!r}: weights {result.unexpected_keys[:5]} fit no parameter of the "
+                         "model rebuilt from its config.yaml")
+    return bundle, config, len(weights)
+
+
 def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Consolidate a resumable checkpoint into a full export in ``out_dir``.
 
@@ -81,19 +111,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
                                 "checkpoint-<step> folder of a run's --output_dir")
     if os.path.exists(os.path.join(checkpoint, ADAPTER_CONFIG)):
         return merge_lora_folder(checkpoint, out_dir, dtype)
-    trainable = set(read_trainer_state(checkpoint).get("identity", {}).get("trainable", {}))
-    config = _run_config(checkpoint, "export")
-    _drop_adapter_flags(config, trainable)
-    bundle, _ = build_model_from_config(config)  # frozen parts from the run's own paths
-    weights = _trained_weights(checkpoint)
-    missing = trainable - set(weights)
-    if missing:
-        raise ValueError(f"export {checkpoint!r}: the engine state lacks trained parameters {sorted(missing)[:5]}")
-    result = bundle.model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"export {checkpoint!r}: weights {result.unexpected_keys[:5]} fit no parameter of the "
-                         "model rebuilt from its config.yaml")
-    logger.info(f"loaded {len(weights)} trained tensors from {checkpoint}")
+    bundle, config, count = rebuild_from_checkpoint(checkpoint, "export")
+    logger.info(f"loaded {count} trained tensors from {checkpoint}")
     return save_full_export(bundle.model, bundle.tokenizer, out_dir, is_main=True, dtype=dtype)
 
 
