@@ -60,16 +60,24 @@ class VitacoreLog:
         self.caplog.clear()
 
 
+_LOGGER = logging.getLogger("vitacore")
+_PRISTINE_LOGGER = (_LOGGER.level, _LOGGER.propagate, list(_LOGGER.handlers))  # before any test ran
+
+
+def _reset_vitacore_logger() -> None:
+    _LOGGER.setLevel(_PRISTINE_LOGGER[0])
+    _LOGGER.propagate = _PRISTINE_LOGGER[1]
+    _LOGGER.handlers[:] = _PRISTINE_LOGGER[2]
+
+
 @pytest.fixture(autouse=True)
 def _restore_vitacore_logger():
-    """Put the "vitacore" logger back as each test found it: an entry point (``recipe_main``) calls
-    ``enable_console()``, which adds a console handler and turns propagation off for the session."""
-    logger = logging.getLogger("vitacore")
-    saved = (logger.level, logger.propagate, list(logger.handlers))
+    """Give each test the "vitacore" logger as the session found it, and put it back after: an entry
+    point (``recipe_main``) calls ``enable_console()``, which adds a console handler and turns
+    propagation off; a module-scoped fixture that runs one does so before this fixture starts."""
+    _reset_vitacore_logger()
     yield
-    logger.setLevel(saved[0])
-    logger.propagate = saved[1]
-    logger.handlers[:] = saved[2]
+    _reset_vitacore_logger()
 
 
 @pytest.fixture

@@ -248,6 +248,7 @@ def test_a_failed_drawing_warns_and_training_goes_on(dist, vitacore_cache, vitac
             "--output_dir", str(tmp_path / "out")]
     assert recipe_main(argv) == 0
     warnings = [line for line in vitacore_log.lines if "training_curves.png not drawn" in line]
-    assert len(warnings) == 3, vitacore_log.text  # checkpoints 2 and 4, and the end of the run
+    # Checkpoint 2 and the end of the run; checkpoint 4 came seconds after the drawing at 2.
+    assert len(warnings) == 2, vitacore_log.text
     assert (tmp_path / "out" / "mm_projector.bin").exists()
     assert [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")] == []

@@ -28,7 +28,7 @@ from vitacore.engine.evaluation import GenerationEval, evaluate
 from vitacore.engine.loader import AccumulationGroup, accumulation_groups, build_train_loader, to_device
 from vitacore.engine.metrics import MetricsLog, MetricsWindow, format_lr, sample_token_losses
 from vitacore.engine.optimizer import build_optimizer
-from vitacore.engine.plots import redraw_training_curves
+from vitacore.engine.plots import CurveRedraws
 from vitacore.engine.schedule import build_scheduler, warmup_steps_for
 from vitacore.engine.signals import StopRequest
 from vitacore.engine.trackers import Trackers
@@ -106,6 +106,7 @@ class Trainer:
         # Every dataset the records name, the same list on every rank (per-dataset losses line up).
         self.dataset_names = sorted({name for name in getattr(train_dataset, "dataset_names", None) or () if name})
         self.bad_samples = BadSampleLog(loop.max_bad_sample_ratio, dist.is_main)
+        self.curves = CurveRedraws(checkpointer.output_dir, loop.plot_loss and dist.is_main)
         self.notes: list[str] = []
         self.trackers = Trackers.create(loop.report_to, loop.run_name, checkpointer.output_dir, dist.is_main,
                                         checkpointer.resume_path is not None, self.notes,  # resumed: known now
@@ -281,7 +282,7 @@ class Trainer:
         state = {"position": position, "identity": self.identity, "total_steps": self.total_steps}
         path = self.checkpointer.save(self.engine, self.step, state)
         self._log({"step": self.step, "event": "checkpoint", "path": path})
-        redraw_training_curves(self.checkpointer.output_dir, self.loop.plot_loss and self.dist.is_main)
+        self.curves.at_checkpoint()
         return path
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ class Trainer:
         final_eval = {}
         if self.eval_dataset is not None and stopped_by is None:
             final_eval = self.evaluate(self.step, self._epoch_progress(epoch, next_micro))
-        redraw_training_curves(self.checkpointer.output_dir, self.loop.plot_loss and self.dist.is_main)
+        self.curves.at_end()
         train_rows = [r for r in self.metrics.rows if "loss" in r]
         return TrainResult(self.step, time.time() - started, train_rows[0]["loss"] if train_rows else None,
                            train_rows[-1]["loss"] if train_rows else None, final_eval, self.metrics.rows,
