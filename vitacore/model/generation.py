@@ -25,28 +25,7 @@ from transformers import GenerationConfig
 from vitacore.constants import IGNORE_INDEX
 from vitacore.model.merge import merge_media_embeddings
 
-__all__ = ["generate_answers", "media_blocks"]
-
-
-def media_blocks(model: nn.Module, images: Optional[torch.Tensor], audios: Optional[torch.Tensor],
-                 audio_lengths: Optional[torch.Tensor], audio_token_lengths: Optional[torch.Tensor],
-                 device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Image and audio feature blocks of a batch, encoders in the order the training forward runs them.
-
-    With ``model.run_all_encoders`` (several ranks), an encoder whose media the batch lacks still runs
-    once on a dummy input (its output is dropped), so every rank enters the same collectives.
-    """
-    image_blocks: list[torch.Tensor] = []
-    if images is not None and images.shape[0]:
-        image_blocks = model.encode_images(images)
-    else:
-        model._dummy_image_output(device)
-    audio_blocks: list[torch.Tensor] = []
-    if audios is not None and audios.shape[0]:
-        audio_blocks = model.encode_audio(audios, audio_lengths, audio_token_lengths)
-    else:
-        model._dummy_audio_output(device)
-    return image_blocks, audio_blocks
+__all__ = ["generate_answers"]
 
 
 def _stop_ids(eos_token_id) -> list[int]:
@@ -119,7 +98,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        image_blocks, audio_blocks = media_blocks(model, images, audios, audio_lengths, audio_token_lengths, device)
+        image_blocks, audio_blocks, _ = model.encode_media(images, audios, audio_lengths, audio_token_lengths, device)
         merged = merge_media_embeddings(
             input_ids, torch.full_like(input_ids, IGNORE_INDEX), attention_mask, llm.get_input_embeddings(),
             image_blocks, audio_blocks, max_length=2**62, padding_side="left", sample_ids=sample_ids)

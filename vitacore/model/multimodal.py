@@ -121,6 +121,24 @@ class VitaModel(nn.Module):
             blocks = [torch.cat([self.audio_prompt.weight.to(block.dtype), block]) for block in blocks]
         return blocks
 
+    def encode_media(self, images: Optional[torch.Tensor], audios: Optional[torch.Tensor],
+                     audio_lengths: Optional[torch.Tensor], audio_token_lengths: Optional[torch.Tensor],
+                     device: torch.device) -> tuple[list, list, Optional[torch.Tensor]]:
+        """Image and audio blocks of a batch, and the summed output of any dummy encoder pass (or None).
+
+        Vision first, then audio, on every rank and every micro-batch (real or dummy input): under
+        ZeRO-3 each module's parameters are gathered collectively, so all ranks must agree on order.
+        With ``run_all_encoders``, an encoder whose media the batch lacks runs once on a dummy input.
+        """
+        image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
+        unused = None if image_blocks else self._dummy_image_output(device)
+        audio_blocks = (self.encode_audio(audios, audio_lengths, audio_token_lengths)
+                        if audios is not None and audios.shape[0] else [])
+        if not audio_blocks:
+            audio_unused = self._dummy_audio_output(device)
+            unused = audio_unused if unused is None else (unused if audio_unused is None else unused + audio_unused)
+        return image_blocks, audio_blocks, unused
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -141,19 +159,8 @@ class VitaModel(nn.Module):
         supervised-token count of the whole accumulation group over all ranks, scaled so every token
         weighs the same however the batch is split); None gives the per-micro-batch mean.
         """
-        # Vision first, then audio, on every rank and every micro-batch (real or dummy input): under
-        # ZeRO-3 each module's parameters are gathered collectively, so all ranks must agree on order.
-        device = input_ids.device
-        image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
-        unused = None if image_blocks else self._dummy_image_output(device)
-        audio_blocks = (
-            self.encode_audio(audios, audio_lengths, audio_token_lengths)
-            if audios is not None and audios.shape[0]
-            else []
-        )
-        if not audio_blocks:
-            audio_unused = self._dummy_audio_output(device)
-            unused = audio_unused if unused is None else (unused if audio_unused is None else unused + audio_unused)
+        image_blocks, audio_blocks, unused = self.encode_media(images, audios, audio_lengths, audio_token_lengths,
+                                                               input_ids.device)
         merged = merge_media_embeddings(
             input_ids, labels, attention_mask, self.llm.get_input_embeddings(),
             image_blocks, audio_blocks, self.model_max_length, self.padding_side, sample_ids,
