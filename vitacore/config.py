@@ -58,6 +58,8 @@ class ModelArguments:
                                                      "(SigLIP/CLIP -2, InternViT -1) and refuses another")
     mm_use_im_start_end: bool = _f(False, "LLaVA's image start/end tokens (VITA has none: only False)")
     mm_use_im_patch_token: bool = _f(False, "LLaVA's image patch token (VITA has none: only False)")
+    trust_remote_code: bool = _f(False, "allow running the Python files of a tower, encoder or export folder whose "
+                                        "config.json has an auto_map (InternViT); only for folders you trust")
 
 
 @dataclass
@@ -90,7 +92,20 @@ class DataArguments:
     on_bad_sample: str = _f("skip", "a record with a missing/corrupt media file, no answer, or too long: "
                                     "error (stop, naming it) or skip (use the next good record, count it)")
     max_bad_sample_ratio: float = _f(0.01, "stop the run once more than this share of the samples seen "
-                                           "were bad (--on_bad_sample skip)")
+                                           "were bad (--on_bad_sample skip); checked only once "
+                                           "--min_samples_for_bad_ratio samples were seen")
+    min_samples_for_bad_ratio: int = _f(200, "samples (over all ranks) seen before --max_bad_sample_ratio "
+                                             "applies, so one early bad record does not stop a large run")
+    max_image_pixels: int = _f(89_478_485, "an image (or GIF frame) with more pixels is a bad sample, "
+                                           "refused before it is decoded")
+    max_images_per_record: int = _f(64, "a record with more images (or <image> placeholders) is a bad sample")
+    max_tiles_per_record: int = _f(256, "a record whose images tile into more tiles is a bad sample")
+    max_video_frames_decoded: int = _f(20_000, "a video needing more decoded frames is a bad sample")
+    max_animation_frames: int = _f(1_000, "an animated image (GIF, WebP) with more frames is a bad sample")
+    max_audio_sample_rate: int = _f(192_000, "an audio file whose header claims a higher rate (Hz) is a bad sample")
+    max_audio_seconds: float = _f(600.0, "an audio file longer than this is a bad sample")
+    restrict_media_paths: bool = _f(False, "a media path that resolves outside its declared folder "
+                                           "(--image_folder, a registry set's folder, ...) is a bad sample")
 
 
 @dataclass
@@ -162,7 +177,11 @@ class TrainingArguments:
                                     "join the eval rows")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (path or name)")
     seed: int = _f(42, "random seed")
-    skip_nonfinite_steps: int = _f(0, "skip up to N micro-batches whose loss is NaN/inf (0: stop at the first)")
+    skip_nonfinite_steps: int = _f(0, "skip up to N micro-batches whose loss is NaN/inf, or optimizer steps whose "
+                                      "gradient norm is (0: stop at the first)")
+    allow_resume_changes: Optional[str] = _f(None, "flags that may differ from the checkpoint's config.yaml when "
+                                                   "resuming, comma-separated (e.g. learning_rate,max_steps); "
+                                                   "others refuse the resume", literal=True)
     resume_from_checkpoint: Optional[str] = _f(
         None, "checkpoint path, or True/False (kept verbatim)", literal=True)
     local_rank: int = _f(-1, "set by the distributed launcher")
