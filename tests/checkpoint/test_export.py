@@ -205,7 +205,7 @@ def test_interrupted_export_leaves_the_earlier_one_and_other_files_intact(tmp_pa
     def killed(staging, directory):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(export_writer, "_publish", killed)
+    monkeypatch.setattr(export_writer, "publish_into", killed)
     with pytest.raises(KeyboardInterrupt):
         save_full_export(second, tokenizer, str(out), is_main=True, dtype=torch.float32)
     monkeypatch.undo()

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from vitacore.checkpoint.manifest import OWNER_FILE
 from vitacore.checkpoint.resumable import (
     COMPLETE_MARKER,
     CheckpointMismatchError,
@@ -17,10 +18,12 @@ from vitacore.checkpoint.resumable import (
 )
 
 
-def make(root, name, complete=True):
+def make(root, name, complete=True, ours=True):
     path = root / name
     path.mkdir(parents=True)
     (path / "payload").write_text(name)
+    if ours:
+        (path / OWNER_FILE).write_text(json.dumps({"format": "vitacore-checkpoint"}))
     if complete:
         (path / COMPLETE_MARKER).write_text(json.dumps({"step": 1}))
     return path
@@ -74,8 +77,9 @@ def test_partial_saves_are_cleaned(tmp_path):
     make(tmp_path, "checkpoint-3")
     make(tmp_path, "tmp-checkpoint-6", complete=False)
     make(tmp_path, "deleting-checkpoint-1-99", complete=False)
+    make(tmp_path, "tmp-checkpoint-7", complete=False, ours=False)  # another tool's: left alone
     assert sorted(clean_partial_saves(str(tmp_path))) == ["deleting-checkpoint-1-99", "tmp-checkpoint-6"]
-    assert os.listdir(tmp_path) == ["checkpoint-3"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "tmp-checkpoint-7"]
 
 
 IDENTITY = {"world_size": 2, "llm": "/m/llm", "vision_tower": "/m/tower", "audio_encoder": "/m/audio",

@@ -116,8 +116,10 @@ def test_kill_minus_nine_then_rerun_is_bitwise_identical(vitacore_cache, dropout
     assert len(set(reference.values())) == len(reference)
 
 
-def test_killed_between_writing_and_renaming_resumes_from_the_previous_checkpoint(vitacore_cache, dropout_llm,
-                                                                                 reference, tmp_path):
+def test_killed_between_writing_and_renaming_publishes_the_complete_checkpoint(vitacore_cache, dropout_llm,
+                                                                              reference, tmp_path):
+    """Killed after checkpoint-8's files and marker are written, before its rename: the next start
+    verifies the complete tmp-checkpoint-8, publishes it and resumes from it."""
     killed_dir = tmp_path / "killed"
     args = flags(dropout_llm, killed_dir, STEPS, EVERY)
     proc = subprocess.run([sys.executable, KILL_DRIVER, "8", *args], capture_output=True, text=True,
@@ -126,7 +128,8 @@ def test_killed_between_writing_and_renaming_resumes_from_the_previous_checkpoin
     left = sorted(os.listdir(killed_dir))
     assert "checkpoint-4" in left and "checkpoint-8" not in left and "tmp-checkpoint-8" in left, left
     result = run_to_end([sys.executable, SCRIPT, *args], vitacore_cache)
-    assert "resumed from " + str(killed_dir / "checkpoint-4") in result.stdout + result.stderr
+    assert "published it as checkpoint-8" in result.stdout + result.stderr
+    assert "resumed from " + str(killed_dir / "checkpoint-8") in result.stdout + result.stderr
     assert "tmp-checkpoint-8" not in os.listdir(killed_dir)
     assert_resumed_like_uninterrupted(reference, losses(killed_dir), 0.0, "killed while saving step 8")
 

@@ -1,68 +1,78 @@
-"""Resumable checkpoints: ``output_dir/checkpoint-<step>/``, written atomically, found, checked, rotated.
+"""Resumable checkpoints: ``output_dir/checkpoint-<step>/``, written whole, published atomically, verified on resume.
 
 A checkpoint folder holds:
 
+- ``vitacore_checkpoint.json``: written first; marks the folder as vitacore's (only such folders are
+  ever deleted, rotated or resumed from: see :mod:`vitacore.checkpoint.folders`);
 - ``state/`` + ``latest``: DeepSpeed's engine state of the trainable parameters only, with optimizer
   and scheduler (``zero_to_fp32.py`` beside them when ZeRO wrote partitioned optimizer state);
-- ``rng_state_<rank>.pth``: each rank's python / numpy / torch / CUDA generator states;
+- ``rng_state_<rank>.pth``: each rank's python / numpy / torch / CUDA generator states (plain tensors);
 - ``vitacore_state.json``: step, epoch, data position, the run's identity (what must match to resume)
   and library versions (vitacore's own schema, so not named like the HF Trainer's ``trainer_state.json``;
   checkpoints written before the rename are still read under that old name); ``config.yaml``: the resolved run config;
 - the stage artifacts of that moment (``mm_projector.bin``, ...);
-- ``checkpoint_complete.json``, written last.
+- ``checkpoint_complete.json``, written last: every other file with its size and sha256
+  (:mod:`vitacore.checkpoint.manifest`).
 
-Everything is written into ``tmp-checkpoint-<step>/`` and renamed when complete, so a kill at any
-moment leaves either the finished folder or a temporary one that is never resumed from.
+Everything is written into ``tmp-checkpoint-<step>/``, fsynced, listed in the marker, and renamed
+when complete, so a kill at any moment leaves either the finished folder or a temporary one (rolled
+forward at the next start when it is complete, deleted when it is not). On resume every rank checks
+its share of the listed files and all refuse together, naming the damaged ones.
+
+DeepSpeed's ``engine.load_checkpoint`` unpickles its own files in full (``state/*.pt``), which can run
+code stored in them: resume only from checkpoints you or your own runs wrote. vitacore's own files
+are read without running code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import re
-import shutil
-import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
-import numpy as np
 import torch
 
-from vitacore._version import __version__
-from vitacore.checkpoint.artifacts import atomic_torch_save
+from vitacore import ranks
+from vitacore.checkpoint import folders
+from vitacore.checkpoint.folders import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    TMP_PREFIX,
+    clean_partial_saves,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    rotate,
+)
+from vitacore.checkpoint.identity import CheckpointMismatchError, check_identity, run_identity
+from vitacore.checkpoint.manifest import (
+    COMPLETE_MARKER,
+    describe_files,
+    find_problems,
+    fsync_dir,
+    listed_files,
+    write_complete_marker,
+)
+from vitacore.checkpoint.resume_config import check_resume_changes, compare_configs, read_saved_config
+from vitacore.checkpoint.state_files import (
+    load_rng,
+    read_trainer_state,
+    restore_rng,
+    save_rng,
+    versions,
+    write_trainer_state,
+)
+from vitacore.console import logger
 
-COMPLETE_MARKER = "checkpoint_complete.json"
-STATE_FILE = "vitacore_state.json"
-LEGACY_STATE_FILE = "trainer_state.json"  # what checkpoints of vitacore 0.x before the rename hold
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_TAG = "state"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-_TMP_PREFIX = "tmp-checkpoint-"
-_DELETING_PREFIX = "deleting-checkpoint-"
 
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint belongs to another run (model, trainable set or world size differ)."""
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _NAME.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.exists(os.path.join(path, COMPLETE_MARKER)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest complete checkpoint in ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+__all__ = [
+    "COMPLETE_MARKER", "CONFIG_FILE", "CheckpointMismatchError", "DEEPSPEED_TAG", "LEGACY_STATE_FILE", "STATE_FILE",
+    "check_identity", "clean_partial_saves", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "read_trainer_state", "resolve_resume", "rotate", "run_identity", "save_checkpoint", "verify_checkpoint",
+]
 
 
 def resolve_resume(resume_flag: Optional[str], output_dir: str) -> Optional[str]:
@@ -72,6 +82,8 @@ def resolve_resume(resume_flag: Optional[str], output_dir: str) -> Optional[str]
     - ``True``: the newest one, and an error when there is none;
     - ``False``: a fresh start, refused when ``output_dir`` already holds checkpoints;
     - a path: that checkpoint (a ``checkpoint-<step>`` folder, or an output folder: its newest).
+
+    Only folders vitacore wrote count (another tool's ``checkpoint-<N>/`` is never resumed from).
 
     Raises:
         ValueError / FileNotFoundError: naming the flag and the folder.
@@ -94,8 +106,11 @@ def resolve_resume(resume_flag: Optional[str], output_dir: str) -> Optional[str]
         return found
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such folder")
-    if os.path.exists(os.path.join(value, COMPLETE_MARKER)):
+    if is_complete(value):
         return value
+    if os.path.exists(os.path.join(value, COMPLETE_MARKER)) or os.path.exists(os.path.join(value, LEGACY_STATE_FILE)):
+        raise ValueError(f"--resume_from_checkpoint {value!r}: not a vitacore checkpoint (another tool wrote it); "
+                         "give a checkpoint-<step> folder a vitacore run wrote")
     found = latest_checkpoint(value)
     if found is None:
         raise ValueError(f"--resume_from_checkpoint {value!r}: not a complete checkpoint (no {COMPLETE_MARKER}; "
@@ -103,100 +118,10 @@ def resolve_resume(resume_flag: Optional[str], output_dir: str) -> Optional[str]
     return found
 
 
-def check_identity(saved: dict, current: dict, path: str) -> None:
-    """Refuse to resume when the checkpoint was written by a different run.
-
-    Raises:
-        CheckpointMismatchError: listing every field that differs.
-    """
-    problems = []
-    if saved.get("world_size") != current.get("world_size"):
-        problems.append(f"it was written by {saved.get('world_size')} process(es) and this run has "
-                        f"{current.get('world_size')} (partitioned optimizer state cannot be re-split here; "
-                        f"resume with --nproc_per_node {saved.get('world_size')})")
-    for field in ("llm", "vision_tower", "audio_encoder", "mm_projector_type"):
-        if saved.get(field) != current.get(field):
-            problems.append(f"{field} is {saved.get(field)!r} there but {current.get(field)!r} here")
-    if saved.get("batch") != current.get("batch"):
-        problems.append(f"--per_device_train_batch_size, --gradient_accumulation_steps were {saved.get('batch')} "
-                        f"there and are {current.get('batch')} here (the saved data position counts in them)")
-    if saved.get("seed") != current.get("seed"):
-        problems.append(f"--seed was {saved.get('seed')} there and is {current.get('seed')} here "
-                        "(the data order follows it)")
-    saved_params, params = saved.get("trainable", {}), current.get("trainable", {})
-    only_saved = sorted(set(saved_params) - set(params))
-    only_here = sorted(set(params) - set(saved_params))
-    reshaped = sorted(n for n in set(saved_params) & set(params) if saved_params[n] != params[n])
-    if only_saved:
-        problems.append(f"it trains {len(only_saved)} parameter(s) this run freezes, e.g. {only_saved[:3]}")
-    if only_here:
-        problems.append(f"this run trains {len(only_here)} parameter(s) it did not, e.g. {only_here[:3]}")
-    if reshaped:
-        name = reshaped[0]
-        problems.append(f"{len(reshaped)} parameter(s) changed shape, e.g. {name} {saved_params[name]} -> "
-                        f"{params[name]}")
-    if problems:
-        raise CheckpointMismatchError(f"checkpoint {path!r} is from a different run: " + "; ".join(problems)
-                                      + ". Use another --output_dir, or --resume_from_checkpoint False there")
-
-
-def run_identity(model: torch.nn.Module, world_size: int, batch_layout: list[int], seed: int) -> dict:
-    """What a checkpoint must share with a run to be resumed by it (see :func:`check_identity`).
-
-    Args:
-        model: the model being trained (its trainable set and, for a ``VitaModel``, its sources).
-        world_size: processes in the job (partitioned state cannot be re-split).
-        batch_layout: ``[micro-batch, accumulation steps]``; the data position counts in these units.
-        seed: the data order follows it.
-    """
-    mm = getattr(model, "mm_config", {}) or {}
-    trainable = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters() if p.requires_grad}
-    return {"world_size": world_size,
-            "llm": getattr(model.config, "_name_or_path", None) if hasattr(model, "config") else None,
-            "vision_tower": mm.get("mm_vision_tower"), "audio_encoder": mm.get("mm_audio_encoder"),
-            "mm_projector_type": mm.get("mm_projector_type"), "trainable": trainable,
-            "batch": list(batch_layout), "seed": seed}
-
-
-def _versions() -> dict:
-    import deepspeed  # imported by the engine already; kept out of this module's import for light tools
-    import transformers
-
-    return {"vitacore": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}
-
-
-def _rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _barrier(dist) -> None:
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-
-
 def _publish(tmp: str, final: str) -> None:
-    """The commit point: a rename within one folder is atomic."""
+    """The commit point: a rename within one folder is atomic (then made durable)."""
     os.replace(tmp, final)
-
-
-def _remove(path: str) -> None:
-    """Delete a checkpoint so that no half-deleted folder ever looks complete."""
-    parent, name = os.path.split(path)
-    doomed = os.path.join(parent, _DELETING_PREFIX + name.split("-")[-1] + f"-{os.getpid()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    fsync_dir(os.path.dirname(final))
 
 
 @contextlib.contextmanager
@@ -221,11 +146,23 @@ def _without_frozen_aliases(module: torch.nn.Module):
         handle.remove()
 
 
+def _prepare(output_dir: str, final: str, step: int) -> str:
+    """Main rank: refuse a foreign folder in the way, drop an unfinished one, create the temporary folder."""
+    if os.path.exists(final) and not folders.is_ours(final):
+        raise ValueError(f"{final!r} exists and was not written by vitacore (another tool's checkpoint?); it is "
+                         "left alone, so this save cannot use its name: move it away or use another --output_dir")
+    if os.path.exists(final) and not is_complete(final):
+        folders.remove(final)  # vitacore's, without a marker: nothing can resume from it
+    return folders.create_tmp_folder(output_dir, step)
+
+
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dist,
                     write_artifacts: Optional[Callable[[str], dict]] = None,
                     write_run_config: Optional[Callable[[str], None]] = None,
                     save_total_limit: Optional[int] = None) -> str:
     """Write ``output_dir/checkpoint-<step>`` atomically; every rank calls this.
+
+    A failure on any rank (a full disk, a foreign folder in the way) stops every rank with its message.
 
     Args:
         engine: the DeepSpeed engine.
@@ -241,85 +178,105 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
         The checkpoint's path.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}")
-    if dist.is_main:
-        for leftover in (tmp, final):  # an interrupted save of this step, or a folder without marker
-            if os.path.exists(leftover) and not os.path.exists(os.path.join(leftover, COMPLETE_MARKER)):
-                shutil.rmtree(leftover)
-        os.makedirs(tmp)
-    _barrier(dist)
-    with _without_frozen_aliases(engine.module):
+    tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
+    with ranks.together(f"preparing {tmp}"):
+        if dist.is_main:
+            _prepare(output_dir, final, step)
+    with ranks.together(f"saving the engine state into {tmp}"), _without_frozen_aliases(engine.module):
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    atomic_torch_save(_rng_states(), os.path.join(tmp, f"rng_state_{dist.rank}.pth"))
-    artifacts = write_artifacts(tmp) if write_artifacts else {}
-    if dist.is_main:
-        state = {**trainer_state, "step": step, "versions": _versions(),
-                 "artifacts": sorted(os.path.basename(p) for p in artifacts.values())}
-        with open(os.path.join(tmp, STATE_FILE), "w") as fh:
-            json.dump(state, fh, indent=1)
-        if write_run_config is not None:
-            write_run_config(os.path.join(tmp, CONFIG_FILE))
-    _barrier(dist)  # every rank's files are on disk before the marker says so
-    if dist.is_main:
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as fh:
-            json.dump({"step": step, "time": time.time()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(final):
-            _remove(final)
-        _publish(tmp, final)
-        if save_total_limit:
-            rotate(output_dir, save_total_limit)
-    _barrier(dist)
+    with ranks.together(f"writing the state files of {tmp}"):
+        artifacts = write_artifacts(tmp) if write_artifacts else {}  # collective (ZeRO-3 gathers)
+        save_rng(tmp, dist.rank)
+        if dist.is_main:
+            write_trainer_state(tmp, {**trainer_state, "step": step, "versions": versions(),
+                                      "artifacts": sorted(os.path.basename(p) for p in artifacts.values())})
+            if write_run_config is not None:
+                write_run_config(os.path.join(tmp, CONFIG_FILE))
+    files = describe_files(tmp)  # every rank fsyncs and hashes a share; all ranks' files are written by now
+    with ranks.together(f"publishing {final}"):
+        if dist.is_main:
+            write_complete_marker(tmp, step, files)
+            # The same step saved again: the old folder leaves first (set aside, still whole), so a kill
+            # before the rename leaves the complete temporary folder, which the next start rolls forward.
+            replaced = folders.set_aside(final, folders.DELETING_PREFIX) if os.path.exists(final) else None
+            _publish(tmp, final)
+            if replaced:
+                folders.remove(replaced)
+            if save_total_limit:
+                rotate(output_dir, save_total_limit, keep=final)
     return final
 
 
-def rotate(output_dir: str, limit: int) -> list[str]:
-    """Delete the oldest complete checkpoints beyond ``limit`` (the newest is always kept).
+def _damage_advice(path: str) -> str:
+    match = re.search(r"checkpoint-(\d+)$", os.path.normpath(path))
+    step = int(match.group(1)) if match else None
+    earlier = [p for s, p in list_checkpoints(os.path.dirname(os.path.normpath(path))) if step is not None and s < step]
+    if earlier:
+        return (f"Resume from an earlier checkpoint with --resume_from_checkpoint {earlier[-1]}, or delete {path} "
+                "(a plain restart then resumes from the newest complete checkpoint before it)")
+    return (f"Restore {path} from a good copy, resume from another checkpoint with --resume_from_checkpoint "
+            f"<path>, or delete it (with no earlier checkpoint the run then starts afresh)")
 
-    Returns:
-        The deleted paths.
+
+def verify_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> None:
+    """Check a checkpoint's files against its marker: every size, and ``rank``'s share of the hashes.
+
+    Raises:
+        ValueError: naming every missing, truncated or altered file, and what to do.
     """
-    found = list_checkpoints(output_dir)
-    doomed = [path for _, path in found[:max(0, len(found) - max(1, limit))]]
-    for path in doomed:
-        _remove(path)
-    return doomed
+    files = listed_files(path)
+    if files is None:
+        logger.info(f"note: {path} was written before checkpoints listed their files; its files are not verified")
+        return
+    problems = find_problems(path, files, rank, world_size)
+    if problems:
+        raise ValueError(f"checkpoint {path} is damaged: " + "; ".join(problems) + ". " + _damage_advice(path))
 
 
-def clean_partial_saves(output_dir: str) -> list[str]:
-    """Remove temporary folders left by saves that were killed (main rank, before training)."""
-    removed = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith((_TMP_PREFIX, _DELETING_PREFIX)):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-                removed.append(name)
-    return removed
-
-
-def read_trainer_state(path: str) -> dict:
-    """The ``vitacore_state.json`` of a checkpoint folder (``trainer_state.json`` in older ones)."""
-    name = STATE_FILE if os.path.exists(os.path.join(path, STATE_FILE)) else LEGACY_STATE_FILE
-    with open(os.path.join(path, name)) as fh:
-        return json.load(fh)
-
-
-def load_checkpoint(engine, path: str, identity: dict, dist) -> dict:
+def load_checkpoint(engine, path: str, identity: dict, dist, run_config: Optional[Mapping] = None,
+                    allowed_changes: frozenset = frozenset()) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG from ``path``; every rank calls this.
+
+    The files are verified first (each rank a share); any problem on any rank stops every rank,
+    naming the file. DeepSpeed's ``engine.load_checkpoint`` unpickles its own ``state/*.pt`` files in
+    full (not in vitacore's hands): only resume from checkpoints you trust.
+
+    Args:
+        engine: the DeepSpeed engine to restore into.
+        path: the checkpoint folder.
+        identity: this run's :func:`run_identity`.
+        dist: this process's place in the job.
+        run_config: this run's flat resolved config, compared with the checkpoint's ``config.yaml``
+            (None: not compared).
+        allowed_changes: flags that may differ (``--allow_resume_changes``).
 
     Returns:
         The saved trainer state.
 
     Raises:
         CheckpointMismatchError: the checkpoint belongs to another run.
+        ValueError / FileNotFoundError: a damaged or unreadable checkpoint, naming the file; a changed
+            config the user did not allow, listing the differences.
     """
-    state = read_trainer_state(path)
-    check_identity(state.get("identity", {}), identity, path)
-    loaded, _ = engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-    if loaded is None:
-        raise ValueError(f"checkpoint {path!r}: DeepSpeed could not read its engine state ({DEEPSPEED_TAG}/)")
-    rng_file = os.path.join(path, f"rng_state_{dist.rank}.pth")
-    _restore_rng(torch.load(rng_file, weights_only=False))
+    notes: list[str] = []
+    with ranks.together(f"verifying {path}"):
+        verify_checkpoint(path, dist.rank, dist.world_size)
+        state = read_trainer_state(path)
+        check_identity(state.get("identity", {}), identity, path)
+        saved_config = read_saved_config(os.path.join(path, CONFIG_FILE))
+        if run_config is not None and saved_config is not None:  # files whole, nothing restored yet
+            notes = check_resume_changes(compare_configs(saved_config, run_config, allowed_changes), path)
+    with ranks.together(f"loading {path}"):
+        try:
+            loaded, _ = engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed's errors rarely name the folder
+            raise ValueError(f"checkpoint {path}: DeepSpeed could not read its engine state "
+                             f"({os.path.join(path, DEEPSPEED_TAG)}): {err}") from err
+        if loaded is None:
+            raise ValueError(f"checkpoint {path!r}: DeepSpeed could not read its engine state ({DEEPSPEED_TAG}/)")
+        restore_rng(load_rng(path, dist.rank))
+    if dist.is_main:
+        for note in notes:
+            logger.info(f"note: {note}")
     return state

@@ -234,13 +234,6 @@ def _readable_like_other_files(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _fsync_tree(root: str) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _earlier_export_files(directory: str) -> set[str]:
     if not is_full_export(directory):
         return set()
@@ -248,27 +241,62 @@ def _earlier_export_files(directory: str) -> set[str]:
         return set(json.load(fh)["vitacore"].get("files", [CONFIG_FILE]))
 
 
-def _publish(staging: str, directory: str) -> None:
-    """Move the finished export into place.
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A new folder is one rename. Into an existing folder (e.g. a run's output_dir, next to its
-    checkpoints), the entries move one by one, config.json last, and what only the earlier export
-    had is then removed; everything else there is left alone.
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and folder under ``root`` (folders after what they hold)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(folder)
+
+
+def publish_into(staging: str, directory: str, replaceable: frozenset = frozenset()) -> None:
+    """Move a finished, fsynced ``staging`` folder into place (main rank).
+
+    A new ``directory`` is one rename. Into an existing folder (e.g. a run's output_dir, next to its
+    checkpoints) each entry is replaced by a rename, so every file and subfolder there is at any
+    moment either the old one or the new one, whole: a subfolder is renamed aside, the new one put in
+    its place, the old one deleted. ``config.json`` (an export's index) goes last; what only the
+    earlier export had is then removed; everything else there is left alone.
+
+    Args:
+        staging: the finished folder (a sibling or child of ``directory`` on the same file system).
+        directory: where its entries belong.
+        replaceable: names that may replace entries of ``directory`` that no earlier export wrote
+            (a run's own final artifacts).
+
+    Raises:
+        ValueError: ``directory`` holds entries of the same names that are neither from an earlier
+            export nor ``replaceable``.
     """
     if not os.path.exists(directory):
         os.rename(staging, directory)
+        _fsync_dir(os.path.dirname(os.path.abspath(directory)))
         return
     earlier = _earlier_export_files(directory)
     entries = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)
-    clashes = [name for name in entries if os.path.exists(os.path.join(directory, name)) and name not in earlier]
+    clashes = [name for name in entries if os.path.exists(os.path.join(directory, name))
+               and name not in earlier and name not in replaceable]
     if clashes:
         raise ValueError(f"save_full_export: {directory!r} already holds {clashes}, which are not from an earlier "
                          "vitacore export; refusing to overwrite them: export into another folder")
     for name in entries:
         target = os.path.join(directory, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
+        aside = None
+        if os.path.isdir(target) and not os.path.islink(target):
+            aside = f"{target}.old-{os.getpid()}"
+            os.replace(target, aside)
         os.replace(os.path.join(staging, name), target)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
     for name in sorted(earlier - set(entries)):
         target = os.path.join(directory, name)
         if os.path.isdir(target):
@@ -276,6 +304,7 @@ def _publish(staging: str, directory: str) -> None:
         elif os.path.exists(target):
             os.remove(target)
     os.rmdir(staging)
+    _fsync_dir(directory)
 
 
 def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool, dtype: torch.dtype = torch.bfloat16,
@@ -344,8 +373,8 @@ def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool,
             config["vitacore"]["files"] = sorted({*os.listdir(staging), CONFIG_FILE})
             with open(os.path.join(staging, CONFIG_FILE), "w") as fh:
                 json.dump(config, fh, indent=2, sort_keys=True)
-            _fsync_tree(staging)
-            _publish(staging, directory)
+            fsync_tree(staging)
+            publish_into(staging, directory)
     except BaseException:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)
