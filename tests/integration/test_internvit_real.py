@@ -48,7 +48,9 @@ def tower(tmp_path_factory):
 
 
 def stage_flags(stage, tower, out, *extra):
-    return ["--stage", stage, "--vision_tower", tower, "--output_dir", str(out), *COMMON, *extra]
+    # The tower is remote code: every run gives its consent.
+    return ["--stage", stage, "--vision_tower", tower, "--trust_remote_code", "True", "--output_dir", str(out), *COMMON,
+            *extra]
 
 
 def unit(state, prefix):
@@ -106,7 +108,7 @@ def assert_export_reloads(out, trained, batch):
     without timm, to the trained model cast to bfloat16: equal tensors, equal logits."""
     assert sorted(os.listdir(os.path.join(out, "vision_tower"))) == [
         "config.json", "configuration_intern_vit.py", "modeling_intern_vit.py", "preprocessor_config.json"]
-    reloaded = vitacore.load_full_export(str(out), dtype=torch.bfloat16).model
+    reloaded = vitacore.load_full_export(str(out), dtype=torch.bfloat16, trust_remote_code=True).model
     encoder = reloaded.vision_tower.encoder
     assert type(encoder).__name__ == "InternVisionModel" and isinstance(encoder.encoder.layers[1].drop_path1, DropPath)
     cast = copy.deepcopy(trained)

@@ -57,7 +57,8 @@ def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cach
         "--stage", "1", "--model_name_or_path", checkpoints[llm], "--vision_tower", checkpoints[tower],
         "--audio_encoder", checkpoints["audio"], "--output_dir", str(tmp_path), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-        "--model_max_length", "256", "--gradient_checkpointing", "False", "--learning_rate", "1e-3"])
+        "--model_max_length", "256", "--gradient_checkpointing", "False", "--learning_rate", "1e-3",
+        *(["--trust_remote_code", "True"] if tower == "internvit" else [])])  # InternViT is remote code
     recipe = vitacore.StageRecipe(config)
     with caplog.at_level(logging.INFO, logger="vitacore"):
         recipe.build_parts()  # the synthetic images, resized for this tower

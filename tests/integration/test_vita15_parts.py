@@ -97,7 +97,7 @@ def test_vita15_checkpoint_trains_stage4_under_two_process_zero3_and_exports_its
     data = ensure_default_assets().data_root  # the demo's images, clips and texts
     out = tmp_path / "stage4"
     run(torchrun(2, SCRIPT, "--stage", "4", "--model_name_or_path", vita15["checkpoint"],
-                 "--vision_tower", vita15["tower"], "--audio_encoder", vita15["audio"],
+                 "--vision_tower", vita15["tower"], "--trust_remote_code", "True", "--audio_encoder", vita15["audio"],
                  "--data_path", f"{data}/image.json,{data}/audio.json,{data}/text.json",
                  "--deepspeed", os.path.join(REPO, "configs", "zero3.json"), "--max_steps", "1",
                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",

@@ -146,8 +146,11 @@ def write_zero3(path) -> str:
 
 
 def script_argv(script: str, paths: dict, run_dir) -> list:
-    """``script``'s flags with its paths replaced, then the registry and the dry-run report (no ``--stage``)."""
+    """``script``'s flags with its paths replaced, then the registry and the dry-run report (no ``--stage``);
+    a script whose tower is InternViT (remote code) also gets ``--trust_remote_code True``, the consent
+    VITA's own loader gives implicitly."""
     fill = {**paths, "output_dir": os.path.join(str(run_dir), "out")}
     argv = [token.format(**fill) if token.startswith("{") else token for token in SCRIPTS[script]]
-    return argv + ["--data_registry", paths["registry"], "--dry_run", "True",
-                   "--report_json", os.path.join(str(run_dir), "report.json")]
+    consent = ["--trust_remote_code", "True"] if "{internvit}" in SCRIPTS[script] else []
+    return argv + consent + ["--data_registry", paths["registry"], "--dry_run", "True",
+                             "--report_json", os.path.join(str(run_dir), "report.json")]

@@ -70,7 +70,7 @@ def test_pixel_shuffle_order_on_a_hand_computed_grid():
 
 
 def test_load_gives_vitas_shapes_and_features(parts):
-    tower = load_vision_tower(parts["tower"]).eval()
+    tower = load_vision_tower(parts["tower"], trust_remote_code=True).eval()
     assert type(tower.encoder).__module__.startswith("transformers_modules")  # loaded as remote code
     assert (tower.select_layer, tower.drop_cls, tower.pixel_shuffle) == (-1, True, True)
     assert tower.hidden_size == 4 * HIDDEN
@@ -103,17 +103,17 @@ def test_unsupported_or_incomplete_towers_are_refused(tmp_path, parts):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "eva_clip"}))
     with pytest.raises(ValueError, match="'eva_clip' is not a supported tower") as err:
-        load_vision_tower(str(tmp_path / "bad"))
+        load_vision_tower(str(tmp_path / "bad"), trust_remote_code=True)
     assert "intern_vit_6b" in str(err.value) and "siglip_vision_model" in str(err.value)
     no_code = shutil.copytree(parts["tower"], tmp_path / "no_code")
     config = json.loads((no_code / "config.json").read_text())
     del config["auto_map"]
     (no_code / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="auto_map"):
-        load_vision_tower(str(no_code))
+        load_vision_tower(str(no_code), trust_remote_code=True)
     odd = write_tiny_internvit(tmp_path / "odd", image_size=21, patch_size=7)  # 3×3 grid
     with pytest.raises(ValueError, match="even side"):
-        load_vision_tower(odd)
+        load_vision_tower(odd, trust_remote_code=True)
 
 
 def test_use_s2_is_refused_naming_the_flag(tmp_path):
@@ -128,8 +128,9 @@ def _flags(parts, tmp_path, *extra):
 
 
 def _build(flags, deepspeed_config=None):
-    """The model a run with ``flags`` builds."""
-    bundle, _ = build_model_from_config(parse_args(flags), deepspeed_config=deepspeed_config)
+    """The model a run with ``flags`` builds (the towers here are remote code: consent given)."""
+    bundle, _ = build_model_from_config(parse_args([*flags, "--trust_remote_code", "True"]),
+                                        deepspeed_config=deepspeed_config)
     return bundle
 
 
@@ -214,7 +215,7 @@ def test_released_layout_fails_in_plain_transformers_and_loads_in_vitacore(real_
         AutoModel.from_pretrained(real_tower, trust_remote_code=True)
     assert "timm" not in sys.modules  # the stand-in leaves with its context
 
-    tower = load_vision_tower(real_tower)
+    tower = load_vision_tower(real_tower, trust_remote_code=True)
     encoder = tower.encoder
     assert type(encoder).__name__ == "InternVisionModel" and type(encoder).__module__.startswith("transformers_modules")
     assert not encoder.training and hasattr(encoder, "all_tied_weights_keys")  # post-init state completed
@@ -238,7 +239,7 @@ def test_released_layout_fails_in_plain_transformers_and_loads_in_vitacore(real_
 
 def test_the_6b_variant_with_rms_norms_and_qk_normalization_loads(tmp_path):
     folder = write_real_internvit(tmp_path / "6b_style", norm_type="rms_norm", qk_normalization=True, seed=4)
-    tower = load_vision_tower(folder)
+    tower = load_vision_tower(folder, trust_remote_code=True)
     layer = tower.encoder.encoder.layers[0]
     assert type(layer.norm1).__name__ == "InternRMSNorm" and hasattr(layer.attn, "q_norm")
     state = tower.encoder.state_dict()
@@ -264,12 +265,12 @@ def test_weights_that_do_not_fit_are_refused_naming_the_folder_and_key(real_towe
         folder = shutil.copytree(real_tower, tmp_path / name)
         _rewrite_weights(folder, change)
         with pytest.raises(ValueError, match=message) as err:
-            load_vision_tower(str(folder))
+            load_vision_tower(str(folder), trust_remote_code=True)
         assert f"--vision_tower {str(folder)!r}" in str(err.value)
     empty = shutil.copytree(real_tower, tmp_path / "no_weights")
     os.remove(empty / "model.safetensors")
     with pytest.raises(ValueError, match="no weights") as err:
-        load_vision_tower(str(empty))
+        load_vision_tower(str(empty), trust_remote_code=True)
     assert f"--vision_tower {str(empty)!r}" in str(err.value)
 
 
@@ -278,7 +279,7 @@ def test_broken_folders_are_value_errors_naming_the_folder(real_tower, tmp_path)
     with open(syntax / "modeling_intern_vit.py", "a") as fh:
         fh.write("\ndef broken(:\n")
     with pytest.raises(ValueError, match="SyntaxError") as err:
-        load_vision_tower(str(syntax))
+        load_vision_tower(str(syntax), trust_remote_code=True)
     assert f"--vision_tower {str(syntax)!r}: the tower does not load" in str(err.value)
     assert isinstance(err.value.__cause__.__cause__, SyntaxError)  # ValueError <- RemoteCodeError <- SyntaxError
     wrong_class = shutil.copytree(real_tower, tmp_path / "wrong_class")
@@ -286,19 +287,19 @@ def test_broken_folders_are_value_errors_naming_the_folder(real_tower, tmp_path)
     config["auto_map"]["AutoModel"] = "modeling_intern_vit.InternViTModel"
     (wrong_class / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="importing modeling_intern_vit.InternViTModel raised AttributeError") as err:
-        build_vision_tower(str(wrong_class))
+        build_vision_tower(str(wrong_class), trust_remote_code=True)
     assert str(wrong_class) in str(err.value)
     heads = shutil.copytree(real_tower, tmp_path / "heads")  # the folder's own code refuses its config
     config = json.loads((heads / "config.json").read_text())
     config["num_attention_heads"] = 3
     (heads / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"InternVisionModel\(config\) raised ValueError: hidden_size 16") as err:
-        load_vision_tower(str(heads))
+        load_vision_tower(str(heads), trust_remote_code=True)
     assert f"--vision_tower {str(heads)!r}: the tower does not load" in str(err.value)
     garbled = shutil.copytree(real_tower, tmp_path / "garbled")
     (garbled / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        load_vision_tower(str(garbled))
+        load_vision_tower(str(garbled), trust_remote_code=True)
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_vision_tower(real_tower, trust_remote_code=False)
 

@@ -77,5 +77,5 @@ def test_weights_load_from_every_layout_transformers_saves(tmp_path, layout):
             json.dump({"metadata": {}, "weight_map": weight_map}, fh)
     files = WeightFiles(folder)
     assert set(files.file_of) == set(stored) and files.shape(keys[0]) == tuple(stored[keys[0]].shape)
-    state = load_vision_tower(folder).encoder.state_dict()
+    state = load_vision_tower(folder, trust_remote_code=True).encoder.state_dict()
     assert set(state) == set(stored) and all(torch.equal(state[k], v.float()) for k, v in stored.items())

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from vitacore.checkpoint.gather import gathered_state
 from vitacore.model import AdapterWeights
+from vitacore.model.loading import read_tensor_file
 
 MM_PROJECTOR_FILE = "mm_projector.bin"
 AUDIO_ADAPTER_FILE = "audio_adpter.bin"  # VITA's spelling, kept so its loaders find the file
@@ -17,8 +18,18 @@ MM_PROJECTOR_PREFIX = "model.mm_projector."
 AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
 
 
+def fsync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(temporary path)`` in the same folder, fsync, then rename: a kill never leaves half a file."""
+    """``write(temporary path)`` in the same folder, fsync the file, rename it to ``path``, fsync the folder:
+    a kill or power loss leaves the old file or the complete new one, never half a file or a lost rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -29,6 +40,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -70,12 +82,14 @@ def read_adapter_file(path: str, key_marker: str, flag: str) -> AdapterWeights:
         key_marker: ``mm_projector.`` or ``audio_encoder.adpter.``.
         flag: the flag that named the file, for messages.
 
+    The file is unpickled weights-only (:func:`vitacore.model.loading.read_tensor_file`): a pickle that
+    would run code is refused.
+
     Raises:
-        FileNotFoundError / ValueError: naming ``flag`` and the file.
+        FileNotFoundError / ValueError: naming ``flag`` and the file (missing, a folder, unreadable,
+            truncated, more than tensors, or no key with ``key_marker``).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path!r}: no such file")
-    weights = torch.load(path, map_location="cpu", weights_only=True)
+    weights = read_tensor_file(path, f"{flag} {path!r}")
     state = {k.split(key_marker, 1)[1]: v for k, v in weights.items() if key_marker in k}
     if not state:
         raise ValueError(f"{flag} {path!r}: no key contains {key_marker!r}; is this the right file?")

@@ -28,6 +28,7 @@ from vitacore.checkpoint.vita_layout import to_vita_name
 from vitacore.constants import QUANTIZED_PARAM_TYPES
 from vitacore.freeze import LORA_BIAS, LORA_MARKER
 from vitacore.model import LoraWeights, is_quantized
+from vitacore.model.loading import read_tensor_file
 from vitacore.partition import gathered, is_partitioned
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -163,12 +164,18 @@ def _vita_loader_key(key: str) -> str:
     return key
 
 
-def load_non_lora_trainables(path: str, model: nn.Module) -> list[str]:
+def load_non_lora_trainables(path: str, model: nn.Module, origin: str = "") -> list[str]:
     """Load a ``non_lora_trainables.bin`` (vitacore's or VITA's) into ``model``.
 
     Keys map with VITA's rule (``base_model.`` stripped, then ``model.`` for ``model.model.*``) to
     VITA names, and those to this model's parameters. Every key must fit a parameter with the same
-    shape. Collective under ZeRO-3 (every rank calls it; rank 0's values are kept).
+    shape. Collective under ZeRO-3 (every rank calls it; rank 0's values are kept). The file is
+    unpickled weights-only: a pickle that would run code is refused.
+
+    Args:
+        path: the file.
+        model: the model to fill.
+        origin: how messages name the folder it came from (``merge-lora '/runs/lora'``); default the path.
 
     Returns:
         The ``VitaModel`` parameter names that were loaded.
@@ -176,9 +183,10 @@ def load_non_lora_trainables(path: str, model: nn.Module) -> list[str]:
     Raises:
         FileNotFoundError / ValueError: naming the file and the keys that do not fit.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r}: no such file (a LoRA run writes {NON_LORA_FILE} beside its adapter)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    label = f"{origin}: {NON_LORA_FILE} {path!r}" if origin else repr(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{label}: no such file (a LoRA run writes {NON_LORA_FILE} beside its adapter)")
+    state = read_tensor_file(path, label)
     params = dict(model.named_parameters())
     by_key = {_vita_loader_key(_non_lora_key(n)): n for n in params}
     targets, unknown, mismatched = {}, [], []
@@ -194,7 +202,7 @@ def load_non_lora_trainables(path: str, model: nn.Module) -> list[str]:
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {shape}")
         targets[name] = value
     if unknown or mismatched:
-        raise ValueError(f"{path!r} does not fit this model: {len(unknown)} keys fit no parameter "
+        raise ValueError(f"{label} does not fit this model: {len(unknown)} keys fit no parameter "
                          f"{unknown[:5]}, {len(mismatched)} shapes differ {mismatched[:5]}")
     with gathered((params[n] for n in targets), modifier_rank=0), torch.no_grad():
         for name, value in targets.items():

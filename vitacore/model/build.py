@@ -106,7 +106,9 @@ def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_co
         with folder_load_errors("--model_name_or_path", spec.llm_path, "the LLM"):
             llm = AutoModelForCausalLM.from_pretrained(spec.llm_path, dtype=dtype, **llm_load_kwargs(spec))
         llm.config.use_cache = False
-        vision_tower = load_vision_tower(spec.vision_tower_path, torch_dtype=dtype) if spec.vision_tower_path else None
+        vision_tower = (load_vision_tower(spec.vision_tower_path, torch_dtype=dtype,
+                                          trust_remote_code=spec.trust_remote_code)
+                        if spec.vision_tower_path else None)
     hidden = llm.config.hidden_size
 
     # New modules get their initial values from the run's seed, so reruns start identically.

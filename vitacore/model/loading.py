@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from typing import Optional
 
+import torch
 from safetensors import SafetensorError
 
 from vitacore.model.families import apply_pad_rule
@@ -35,6 +37,41 @@ def folder_load_errors(flag: str, path: str, what: str):
         raise ValueError(f"{flag} {path!r}: {what} does not load ({type(err).__name__}: {detail}). Check that the "
                          "folder is complete (config.json and every weight file, as saved by save_pretrained) "
                          "and readable") from err
+
+
+def read_tensor_file(path: str, label: str) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d ``{name: tensor}`` file, unpickled weights-only: a file whose pickle would call
+    anything but torch's tensor rebuilders is refused, never run.
+
+    Args:
+        path: the file (``mm_projector.bin``, ``audio_adpter.bin``, ``non_lora_trainables.bin``, ``final.pt``).
+        label: how messages name it, e.g. ``--pretrain_mm_mlp_adapter '/runs/mm_projector.bin'``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming ``label``: a folder, unreadable, truncated or not torch's format, a pickle
+            holding more than tensors, or not a dict of named tensors.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{label}: no such file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{label}: not a file (a folder?); pass the file itself")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{label}: the file holds more than tensors (weights-only loading refused it: {detail}); "
+                         "such a file can run code when unpickled, so it is not loaded; use a state dict saved "
+                         "with torch.save") from None
+    except Exception as err:  # whatever torch raises on a truncated, corrupt or unreadable file
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{label}: unreadable, truncated or not a torch.save file ({type(err).__name__}: {detail}); "
+                         "copy the file again or pass another one") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{label}: expected a dict of named tensors (a state dict), found {type(state).__name__} "
+                         "holding other values; is this the right file?")
+    return state
 
 
 def is_zero3(deepspeed_config: Optional[dict]) -> bool:

@@ -19,8 +19,9 @@ InternViT-300M-448px (VITA-1.5's tower) is such a folder, and its files trip tra
    ``modifier_rank=0`` and filled from rank 0's copy. One path for every remote-code model keeps the
    behaviour the same whether or not a folder's code calls ``post_init``.
 
-Running a folder's code is a trust decision: every entry point takes ``trust_remote_code`` and
-refuses without it (today's callers pass True for the tower types known to need it).
+Running a folder's code is a trust decision (``--trust_remote_code``, default False): every entry
+point takes ``trust_remote_code`` and, without it, refuses before anything of the folder is imported,
+naming the ``.py`` files that would run (:func:`require_trust`, :func:`remote_code_files`).
 """
 
 from __future__ import annotations
@@ -128,10 +129,58 @@ def folder_code(what: str):
         raise RemoteCodeError(f"{what} raised {type(err).__name__}: {err}") from err
 
 
-def _refuse_untrusted(path: str, label: str, trust_remote_code: bool) -> None:
-    if not trust_remote_code:
-        raise ValueError(f"{label}: this folder's model is Python code in the folder (config.json auto_map); "
-                         "running it needs trust_remote_code; allow it only for folders you trust")
+def _auto_map_modules(auto_map: dict) -> list[str]:
+    """Modules ``auto_map`` names (entries ``"module.Class"``, ``"repo--module.Class"``, ``[slow, fast]``)."""
+    modules = []
+    for value in auto_map.values():
+        for entry in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(entry, str) and "." in entry:
+                modules.append(entry.split("--")[-1].rsplit(".", 1)[0])
+    return modules
+
+
+def remote_code_files(path: str) -> list[str]:
+    """The Python files (relative to ``path``) that loading ``path`` runs: the modules its config.json's
+    ``auto_map`` names and, recursively, the files they import relatively. Files are read as text; nothing
+    is imported.
+
+    Returns:
+        Sorted file names; empty when config.json has no ``auto_map`` or cannot be read.
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as fh:
+            auto_map = json.load(fh).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(auto_map, dict):
+        return []
+    files = set()
+    for module in _auto_map_modules(auto_map):
+        file = os.path.join(path, *module.split(".")) + ".py"
+        files.add(file)
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # a missing or unreadable file is still listed
+            files.update(get_relative_import_files(file))
+    return sorted(os.path.relpath(file, path) for file in files)
+
+
+def require_trust(path: str, label: str, trust_remote_code: bool) -> None:
+    """Refuse to load ``path``'s own code without ``--trust_remote_code``; call before anything of it is imported.
+
+    Args:
+        path: the folder whose config.json has an ``auto_map``.
+        label: how the message names the folder (``--vision_tower '/x/InternViT'``).
+        trust_remote_code: the user's consent.
+
+    Raises:
+        ValueError: no consent, naming the folder, the flag and the Python files that would run.
+    """
+    if trust_remote_code:
+        return
+    files = ", ".join(remote_code_files(path)) or "Python files of the folder"
+    raise ValueError(f"{label}: its config.json has an auto_map, so loading it runs {files}; pass "
+                     "--trust_remote_code True if you trust this folder")
 
 
 def auto_map_entry(path: str, auto_class: str, label: Optional[str] = None) -> str:
@@ -158,7 +207,7 @@ def load_remote_config(path: str, trust_remote_code: bool, label: Optional[str] 
     """
     from transformers import AutoConfig
 
-    _refuse_untrusted(path, label or repr(path), trust_remote_code)
+    require_trust(path, label or repr(path), trust_remote_code)
     with timm_standin(), folder_code("its config class's from_pretrained"):
         return AutoConfig.from_pretrained(path, trust_remote_code=True, local_files_only=True)
 
@@ -174,7 +223,7 @@ def remote_class(path: str, auto_class: str, trust_remote_code: bool, label: Opt
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     label = label or repr(path)
-    _refuse_untrusted(path, label, trust_remote_code)
+    require_trust(path, label, trust_remote_code)
     entry = auto_map_entry(path, auto_class, label)
     with timm_standin(), folder_code(f"importing {entry}"):
         return get_class_from_dynamic_module(entry, path, local_files_only=True)

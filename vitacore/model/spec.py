@@ -54,6 +54,8 @@ class ModelSpec:
         quant: k-bit loading of the LLM.
         gradient_checkpointing: recompute the LLM's activations in backward.
         tf32: allow TF32 matmuls (NVIDIA GPUs only).
+        trust_remote_code: allow running the Python files of a tower folder whose config.json has an
+            ``auto_map`` (InternViT); without it such a folder is refused.
     """
 
     llm_path: str
@@ -71,6 +73,7 @@ class ModelSpec:
     quant: QuantSpec = field(default_factory=QuantSpec)
     gradient_checkpointing: bool = False
     tf32: Optional[bool] = None
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)

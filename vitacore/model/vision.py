@@ -5,7 +5,7 @@ Supported families (:data:`TOWERS`), each with VITA's feature selection:
 - SigLIP: ``hidden_states[-2]``, every token kept (SigLIP has no CLS token).
 - CLIP: ``hidden_states[-2]``, CLS token dropped.
 - InternViT (``intern_vit_6b``, VITA-1.5's tower): remote code, run from the files its config's
-  ``auto_map`` names (``trust_remote_code``) through :mod:`vitacore.model.remote_code`, which loads the
+  ``auto_map`` names, only with ``--trust_remote_code``, through :mod:`vitacore.model.remote_code`, which loads the
   released folder without timm and despite its missing ``post_init()``; ``hidden_states[-1]``, CLS dropped, then VITA's
   pixel shuffle of the features scaled by 0.5 (:func:`vita_pixel_shuffle`): ``(N, 1024, 1024)`` →
   ``(N, 256, 4096)`` for InternViT-300M-448px.
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from vitacore.data.images import ImageSpec
 from vitacore.model.loading import LOAD_ERRORS
-from vitacore.model.remote_code import build_remote_model, load_remote_config, load_remote_weights
+from vitacore.model.remote_code import build_remote_model, load_remote_config, load_remote_weights, require_trust
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -172,41 +172,43 @@ def read_image_spec(path: str, image_size: int, kind: TowerKind = _SIGLIP) -> Im
     return ImageSpec(image_size=image_size, mean=mean, std=std)
 
 
-def tower_kind(path: str) -> tuple[str, TowerKind]:
+def tower_kind(path: str, label: Optional[str] = None) -> tuple[str, TowerKind]:
     """``(model_type, kind)`` of the tower in ``path``, read from its config.json as plain JSON (so no
-    remote code runs before the type is known to be a supported one).
+    remote code runs before the type is known to be a supported one); messages name it ``label``
+    (default ``--vision_tower 'path'``).
 
     Raises:
         FileNotFoundError: ``path`` or its config.json does not exist.
         ValueError: the ``model_type`` is not a supported tower, or a remote-code tower lacks its ``auto_map``.
     """
+    label = label or _label(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--vision_tower {path!r}: no such folder")
+        raise FileNotFoundError(f"{label}: no such folder")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--vision_tower {path!r}: no config.json there; pass a folder saved with "
+        raise FileNotFoundError(f"{label}: no config.json there; pass a folder saved with "
                                 "save_pretrained (SigLIP, CLIP) or a released InternViT folder")
     with open(config_file) as fh:
         try:
             raw = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--vision_tower {path!r}: config.json is not valid JSON ({err}); restore the file "
+            raise ValueError(f"{label}: config.json is not valid JSON ({err}); restore the file "
                              "from the tower's release") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in TOWERS:
-        raise ValueError(f"--vision_tower {path!r}: config model_type {model_type!r} is not a supported tower; "
+        raise ValueError(f"{label}: config model_type {model_type!r} is not a supported tower; "
                          f"supported: {', '.join(sorted(TOWERS))}")
     kind = TOWERS[model_type]
     if kind.remote_code and "AutoModel" not in (raw.get("auto_map") or {}):
-        raise ValueError(f"--vision_tower {path!r}: model_type {model_type!r} is loaded as remote code, but "
+        raise ValueError(f"{label}: model_type {model_type!r} is loaded as remote code, but "
                          "config.json has no auto_map.AutoModel entry; use the folder as released (its "
                          "config.json, configuration_*.py and modeling_*.py)")
     return model_type, kind
 
 
-def _tower_config(path: str, kind: TowerKind, trust_remote_code: bool):
+def _tower_config(path: str, kind: TowerKind, trust_remote_code: bool, label: str):
     if kind.remote_code:
-        config = load_remote_config(path, trust_remote_code, label=_label(path))
+        config = load_remote_config(path, trust_remote_code, label=label)
     else:
         from transformers import AutoConfig
 
@@ -214,16 +216,16 @@ def _tower_config(path: str, kind: TowerKind, trust_remote_code: bool):
     return getattr(config, "vision_config", config)  # full SigLIP / CLIP configs hold the vision part
 
 
-def _check_grid(path: str, kind: TowerKind, vision_config) -> None:
+def _check_grid(label: str, kind: TowerKind, vision_config) -> None:
     side = vision_config.image_size // vision_config.patch_size
     if kind.pixel_shuffle and side % 2:
-        raise ValueError(f"--vision_tower {path!r}: image_size {vision_config.image_size} / patch_size "
+        raise ValueError(f"{label}: image_size {vision_config.image_size} / patch_size "
                          f"{vision_config.patch_size} gives a {side}×{side} patch grid; the 2×2 pixel shuffle "
                          "needs an even side")
 
 
 def build_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32, source: Optional[str] = None,
-                       trust_remote_code: bool = True) -> VisionTower:
+                       trust_remote_code: bool = False, label: Optional[str] = None) -> VisionTower:
     """A tower of the architecture ``path`` describes, with fresh weights (a full export's shards fill them).
 
     Under a live ZeRO-3 config (``HfDeepSpeedConfig``) the encoder is built partitioned, as
@@ -234,51 +236,66 @@ def build_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32, sour
         torch_dtype: dtype to build in.
         source: the ``source`` to record (default: ``path``).
         trust_remote_code: allow running the folder's Python files (remote-code towers: InternViT).
+        label: how messages name the folder (default ``--vision_tower 'path'``).
 
     Raises:
         FileNotFoundError: ``path`` or its config.json does not exist.
         ValueError: as :func:`load_vision_tower`.
     """
-    return _make_tower(path, torch_dtype, source or os.path.abspath(path), False, trust_remote_code)
+    return _make_tower(path, torch_dtype, source or os.path.abspath(path), False, trust_remote_code, label)
 
 
 def load_vision_tower(path: str, torch_dtype: torch.dtype = torch.float32,
-                      trust_remote_code: bool = True) -> VisionTower:
+                      trust_remote_code: bool = False) -> VisionTower:
     """Load a vision tower, weights included, from a local folder.
 
     An InternViT folder (``model_type`` ``intern_vit_6b``) runs the Python files its config's
-    ``auto_map`` names, as VITA does (``trust_remote_code``), through
+    ``auto_map`` names, as VITA does, when ``trust_remote_code`` allows it, through
     :mod:`vitacore.model.remote_code`: without timm, although its model never calls ``post_init``,
     with its weights loaded strictly (partitioned under ZeRO-3). Other types use transformers' classes.
 
     Args:
         path: a folder holding a transformers ``config.json`` and weights.
         torch_dtype: dtype to load in.
-        trust_remote_code: allow running the folder's Python files (today every caller allows it;
-            a ``--trust_remote_code`` flag will decide it).
+        trust_remote_code: allow running the folder's Python files (``--trust_remote_code``); without it
+            a remote-code folder is refused before any of its files is imported.
 
     Raises:
         FileNotFoundError: ``path`` or its config.json does not exist.
-        ValueError: the config's ``model_type`` is not a supported tower (the message lists them), or the
-            folder does not load (its code fails, weights missing or not fitting): naming the folder,
-            ``--vision_tower`` and what to do.
+        ValueError: the config's ``model_type`` is not a supported tower (the message lists them), its code
+            needs ``trust_remote_code`` (the message lists the files), or the folder does not load (its code
+            fails, weights missing or not fitting): naming the folder, ``--vision_tower`` and what to do.
     """
-    return _make_tower(path, torch_dtype, os.path.abspath(path), True, trust_remote_code)
+    return _make_tower(path, torch_dtype, os.path.abspath(path), True, trust_remote_code, None)
 
 
 def _label(path: str) -> str:
     return f"--vision_tower {path!r}"
 
 
+def check_tower_trust(path: str, trust_remote_code: bool, label: Optional[str] = None) -> None:
+    """Refuse a remote-code tower (InternViT) without ``trust_remote_code``; reads config.json as JSON only.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`tower_kind`, or no consent (naming the ``.py`` files).
+    """
+    _, kind = tower_kind(path, label)
+    if kind.remote_code:
+        require_trust(path, label or _label(path), trust_remote_code)
+
+
 def _make_tower(path: str, torch_dtype: torch.dtype, source: str, with_weights: bool,
-                trust_remote_code: bool) -> VisionTower:
-    _, kind = tower_kind(path)
+                trust_remote_code: bool, label: Optional[str]) -> VisionTower:
+    label = label or _label(path)
+    _, kind = tower_kind(path, label)
+    if kind.remote_code:
+        require_trust(path, label, trust_remote_code)  # before any of the folder's files is imported
     try:
-        encoder, config = _make_encoder(path, kind, torch_dtype, with_weights, trust_remote_code)
+        encoder, config = _make_encoder(path, kind, torch_dtype, with_weights, trust_remote_code, label)
     except LOAD_ERRORS as err:  # the folder's problem (a RemoteCodeError is its code's): a message, not a traceback
         code = ", and the .py files its auto_map names, which run as code" if kind.remote_code else ""
         detail = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{_label(path)}: the tower does not load ({type(err).__name__}: {detail}). Check that the "
+        raise ValueError(f"{label}: the tower does not load ({type(err).__name__}: {detail}). Check that the "
                          f"folder is complete and as released: config.json, the weights{code}; pass another "
                          "folder, or drop --vision_tower") from err
     spec = read_image_spec(path, config.image_size, kind)
@@ -287,16 +304,16 @@ def _make_tower(path: str, torch_dtype: torch.dtype, source: str, with_weights: 
 
 
 def _make_encoder(path: str, kind: TowerKind, torch_dtype: torch.dtype, with_weights: bool,
-                  trust_remote_code: bool) -> tuple[nn.Module, object]:
+                  trust_remote_code: bool, label: str) -> tuple[nn.Module, object]:
     """The encoder and its (vision) config; fresh weights unless ``with_weights``."""
     import transformers
 
-    config = _tower_config(path, kind, trust_remote_code)
-    _check_grid(path, kind, config)
+    config = _tower_config(path, kind, trust_remote_code, label)
+    _check_grid(label, kind, config)
     if kind.remote_code:
-        encoder = build_remote_model(path, config, torch_dtype, trust_remote_code, label=_label(path))
+        encoder = build_remote_model(path, config, torch_dtype, trust_remote_code, label=label)
         if with_weights:
-            load_remote_weights(encoder, path, label=_label(path))
+            load_remote_weights(encoder, path, label=label)
         return encoder, config
     model_class = getattr(transformers, kind.class_name)
     if with_weights:

@@ -1,7 +1,7 @@
 """Ask a trained model: rebuild a run's model from its output folder (or a checkpoint) and generate.
 
     python -m vitacore.generate OUTPUT_DIR --prompt TEXT [--image PATH ...] [--audio PATH ...]
-        [--video PATH] [--max_new_tokens 64] [--temperature 0] [--seed N]
+        [--video PATH] [--max_new_tokens 64] [--temperature 0] [--seed N] [--trust_remote_code True]
 
 Every run folder and ``checkpoint-<step>`` holds ``config.yaml``, the resolved run config; the model
 is rebuilt from it as the run built it (same LLM, tower, audio encoder, template, tiling), one
@@ -17,6 +17,9 @@ process, no DeepSpeed, and the trained weights go in, first match wins:
 The question becomes a human turn with its media placeholders, is tokenized exactly as training
 tokenizes a record up to its answer (:mod:`vitacore.data.prompts`), and the answer is printed
 without the state token the model opens it with.
+
+A tower whose folder holds code (InternViT) needs ``--trust_remote_code True`` on this command:
+the value the run recorded in ``config.yaml`` is never taken as consent.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from vitacore.engine.evaluation import GenerationEval
 from vitacore.model import VitaModel
 from vitacore.recipes.model import build_model_from_config, model_inputs
 from vitacore.recipes.specs import data_spec
-from vitacore.recipes.tools import ADAPTER_CONFIG, _run_config, rebuild_from_checkpoint
+from vitacore.recipes.tools import ADAPTER_CONFIG, _run_config, rebuild_from_checkpoint, yes_no
 
 PROG = "python -m vitacore.generate"
 # Tokens generated beyond the longest reference answer in --eval_generate (an answer that long is wrong anyway).
@@ -86,10 +89,10 @@ def _no_start_files(config: RunConfig) -> None:
     config.training.lora_weight_path = None
 
 
-def _load_lora(folder: str) -> tuple:
+def _load_lora(folder: str, trust_remote_code: bool) -> tuple:
     from peft import PeftModel  # seconds to import: LoRA folders only
 
-    config = _run_config(folder, PROG, lora=False)
+    config = _run_config(folder, PROG, lora=False, trust_remote_code=trust_remote_code)
     non_lora = os.path.join(folder, "non_lora_trainables.bin")
     if os.path.exists(non_lora):
         _no_start_files(config)
@@ -98,13 +101,13 @@ def _load_lora(folder: str) -> tuple:
         warnings.simplefilter("ignore", FutureWarning)
         bundle.model.llm = PeftModel.from_pretrained(bundle.model.llm, folder).merge_and_unload()
     if os.path.exists(non_lora):
-        load_non_lora_trainables(non_lora, bundle.model)
+        load_non_lora_trainables(non_lora, bundle.model, origin=f"{PROG} {folder!r}")
     return bundle, config, "its LoRA adapter merged into the base LLM" + (
         " and non_lora_trainables.bin" if os.path.exists(non_lora) else "")
 
 
-def _load_export(folder: str) -> tuple:
-    config = _run_config(folder, PROG, lora=False)
+def _load_export(folder: str, trust_remote_code: bool) -> tuple:
+    config = _run_config(folder, PROG, lora=False, trust_remote_code=trust_remote_code)
     _no_start_files(config)
     m = config.model
     m.model_name_or_path = os.path.abspath(folder)
@@ -116,12 +119,13 @@ def _load_export(folder: str) -> tuple:
     return bundle, config, "its full export"
 
 
-def _load_checkpoint_state(folder: str) -> tuple:
-    bundle, config, count = rebuild_from_checkpoint(folder, PROG, build=lambda config: _build(config, folder))
+def _load_checkpoint_state(folder: str, trust_remote_code: bool) -> tuple:
+    bundle, config, count = rebuild_from_checkpoint(folder, PROG, build=lambda config: _build(config, folder),
+                                                    trust_remote_code=trust_remote_code)
     return bundle, config, f"the {count} trained tensors of its DeepSpeed state"
 
 
-def _load_adapters(folder: str) -> tuple:
+def _load_adapters(folder: str, trust_remote_code: bool) -> tuple:
     files = {name: os.path.join(folder, name) for name in (MM_PROJECTOR_FILE, AUDIO_ADAPTER_FILE)}
     present = {name: path for name, path in files.items() if os.path.exists(path)}
     if not present:
@@ -131,7 +135,7 @@ def _load_adapters(folder: str) -> tuple:
             f"{PROG} {folder!r}: no trained weights there: none of {MM_PROJECTOR_FILE}, {AUDIO_ADAPTER_FILE}, "
             f"{ADAPTER_CONFIG} (LoRA), a full export (config.json + model.safetensors) or a DeepSpeed state "
             f"(a checkpoint-<step> folder){hint}")
-    config = _run_config(folder, PROG)
+    config = _run_config(folder, PROG, trust_remote_code=trust_remote_code)
     _no_start_files(config)
     if MM_PROJECTOR_FILE in present:
         config.model.pretrain_mm_mlp_adapter = present[MM_PROJECTOR_FILE]
@@ -141,8 +145,13 @@ def _load_adapters(folder: str) -> tuple:
     return bundle, config, " and ".join(sorted(present))
 
 
-def load_trained_run(folder: str) -> TrainedRun:
+def load_trained_run(folder: str, trust_remote_code: bool = False) -> TrainedRun:
     """The model a run trained, rebuilt from ``folder`` (its ``--output_dir`` or a ``checkpoint-<step>``).
+
+    Args:
+        folder: the run's output folder or checkpoint.
+        trust_remote_code: allow running a tower folder's Python files (InternViT); the value in the
+            folder's config.yaml is not used.
 
     Raises:
         FileNotFoundError: no such folder, no ``config.yaml`` in it, or no trained weights (naming the folder).
@@ -155,13 +164,13 @@ def load_trained_run(folder: str) -> TrainedRun:
         raise FileNotFoundError(f"{PROG} {folder!r}: no {CONFIG_FILE} there, so the run cannot be rebuilt (give a "
                                 "vitacore run's --output_dir or one of its checkpoint-<step> folders)")
     if os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
-        bundle, config, weights = _load_lora(folder)
+        bundle, config, weights = _load_lora(folder, trust_remote_code)
     elif is_full_export(folder):
-        bundle, config, weights = _load_export(folder)
+        bundle, config, weights = _load_export(folder, trust_remote_code)
     elif os.path.exists(os.path.join(folder, COMPLETE_MARKER)):
-        bundle, config, weights = _load_checkpoint_state(folder)
+        bundle, config, weights = _load_checkpoint_state(folder, trust_remote_code)
     else:
-        bundle, config, weights = _load_adapters(folder)
+        bundle, config, weights = _load_adapters(folder, trust_remote_code)
     bundle.model.eval()
     return TrainedRun(bundle.model, bundle.tokenizer, config, folder, weights)
 
@@ -210,12 +219,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="the most tokens generated")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
     parser.add_argument("--seed", type=int, default=None, help="seeds sampling (with --temperature > 0)")
+    parser.add_argument("--trust_remote_code", type=yes_no, default=False, metavar="True|False",
+                        help="allow running the Python files of a tower folder whose config.json has an auto_map "
+                             "(InternViT); only for folders you trust (config.yaml's value is not used)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("--max_new_tokens must be >= 1 and --temperature >= 0")
     enable_console(logging.WARNING)  # warnings only: stdout is the answer
     try:
-        run = load_trained_run(args.folder)
+        run = load_trained_run(args.folder, args.trust_remote_code)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         answer = ask(run, args.prompt, args.image, args.audio, args.video, args.max_new_tokens, args.temperature)

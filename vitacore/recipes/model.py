@@ -13,6 +13,7 @@ from vitacore.checkpoint import (
     read_export_config,
     read_lora_weights,
 )
+from vitacore.checkpoint.export.reader import check_export_trust
 from vitacore.config import RunConfig
 from vitacore.data import ModelInputs, audio_transform_for, get_template
 from vitacore.demo import DefaultAssets, ensure_default_assets
@@ -25,6 +26,7 @@ from vitacore.model import (
     build_model,
     infer_model_type,
 )
+from vitacore.model.vision import check_tower_trust
 from vitacore.recipes.specs import model_spec
 
 
@@ -101,9 +103,27 @@ def start_weights(config: RunConfig) -> StartWeights:
     return StartWeights(projector, audio_adapter, lora)
 
 
+def check_remote_code(spec: ModelSpec, exported: Optional[dict]) -> None:
+    """Refuse a tower folder that holds code (``auto_map``: InternViT) without ``--trust_remote_code``,
+    before any weight loads or any file of the folder is imported (only config.json is read, as JSON).
+
+    Raises:
+        ValueError: naming the folder, the flag and the Python files that would run.
+    """
+    if exported is not None:
+        check_export_trust(spec, exported)
+    elif spec.vision_tower_path:
+        check_tower_trust(spec.vision_tower_path, spec.trust_remote_code)
+
+
 def build_run_model(spec: ModelSpec, exported: Optional[dict], start: StartWeights,
                     deepspeed_config: Optional[dict]) -> ModelBundle:
-    """The model and tokenizer: from a VITA-layout folder (``exported``: its config.json) or from part folders."""
+    """The model and tokenizer: from a VITA-layout folder (``exported``: its config.json) or from part folders.
+
+    Raises:
+        ValueError: a tower whose code needs ``--trust_remote_code`` (checked first), or parts that do not load.
+    """
+    check_remote_code(spec, exported)
     if exported is not None:
         return load_export_bundle(spec, exported, start, deepspeed_config)
     return build_model(spec, start, deepspeed_config)

@@ -53,6 +53,7 @@ from vitacore.model import (
     quiet_load_report,
     zero3_construction,
 )
+from vitacore.model.vision import check_tower_trust
 from vitacore.model.whale import CONFIG_FILE as WHALE_CONFIG_FILE
 from vitacore.partition import gathered, is_partitioned
 
@@ -124,6 +125,27 @@ def _encoder_source(flag_value: Optional[str], directory: str, subfolder: str, m
         f"{os.path.join(directory, CONFIG_FILE)}: {field} = {recorded!r} is not a folder with a "
         f"{' or '.join(markers)} on this machine, and the export has no {subfolder}/ folder; pass {flag} PATH "
         "(a folder holding the encoder's config; the weights still come from the export)")
+
+
+def _tower_source(spec: ModelSpec, exported: dict) -> tuple[str, str, str]:
+    """``(folder, recorded source, how messages name the folder)`` of the tower a VITA-layout model is built from."""
+    directory, recorded = spec.llm_path, exported.get("mm_vision_tower")
+    folder = _encoder_source(spec.vision_tower_path, directory, VISION_SUBFOLDER, CONFIG_FILE, recorded,
+                             "mm_vision_tower", "--vision_tower")
+    if spec.vision_tower_path:
+        return folder, os.path.abspath(folder), f"--vision_tower {folder!r}"
+    where = f"the {VISION_SUBFOLDER}/ folder" if folder != recorded else f"mm_vision_tower in {CONFIG_FILE}"
+    return folder, recorded or os.path.abspath(folder), f"--model_name_or_path {directory!r} ({where} {folder!r})"
+
+
+def check_export_trust(spec: ModelSpec, exported: dict) -> None:
+    """Refuse, before anything loads, a VITA-layout model whose tower folder holds code (InternViT) without
+    ``spec.trust_remote_code``; a folder that cannot be found is left to the load to report."""
+    try:
+        folder, _, label = _tower_source(spec, exported)
+    except FileNotFoundError:
+        return
+    check_tower_trust(folder, spec.trust_remote_code, label)
 
 
 def _expected(module: nn.Module) -> dict[str, tuple]:
@@ -203,15 +225,14 @@ def load_export_model(spec: ModelSpec, exported: dict) -> VitaModel:
     tower = projector = None
     has_tower = any(k.startswith("model.vision_tower.") for k in keys)
     if exported.get("mm_vision_tower") or spec.vision_tower_path or has_tower:
-        recorded = exported.get("mm_vision_tower")
-        source = _encoder_source(spec.vision_tower_path, directory, VISION_SUBFOLDER, CONFIG_FILE, recorded,
-                                 "mm_vision_tower", "--vision_tower")
-        # Remote code (InternViT) runs the .py files the export copied into its vision_tower/ folder.
-        tower = build_vision_tower(source, dtype, source=(None if spec.vision_tower_path else recorded)
-                                   or os.path.abspath(source))
+        source, recorded, label = _tower_source(spec, exported)
+        # Remote code (InternViT) runs the .py files the export copied into its vision_tower/ folder,
+        # only with --trust_remote_code.
+        tower = build_vision_tower(source, dtype, source=recorded, trust_remote_code=spec.trust_remote_code,
+                                   label=label)
         mm_hidden = exported.get("mm_hidden_size")
         if mm_hidden is not None and mm_hidden != tower.hidden_size:
-            raise ValueError(f"--vision_tower {source!r}: hidden size {tower.hidden_size}, but the export's projector "
+            raise ValueError(f"{label}: hidden size {tower.hidden_size}, but the export's projector "
                              f"was trained on mm_hidden_size {mm_hidden}; pass the tower it was trained with")
         projector_type = exported.get("mm_projector_type") or spec.mm_projector_type
         torch.manual_seed(spec.seed)
@@ -281,7 +302,8 @@ def load_export_bundle(spec: ModelSpec, exported: dict, start: Optional[StartWei
 
 
 def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_tower: str | None = None,
-                     audio_encoder: str | None = None, deepspeed_config: dict | None = None) -> ModelBundle:
+                     audio_encoder: str | None = None, deepspeed_config: dict | None = None,
+                     trust_remote_code: bool = False) -> ModelBundle:
     """Load a full export outside a training run (tests, tools); a run does the same with
     ``--model_name_or_path DIR``.
 
@@ -290,6 +312,8 @@ def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_
         dtype: torch.float32 or torch.bfloat16.
         vision_tower / audio_encoder: encoder config folders overriding the export's.
         deepspeed_config: a complete ZeRO-3 config builds the LLM and tower partitioned.
+        trust_remote_code: allow running the tower folder's Python files (an InternViT export's
+            ``vision_tower/``); without it such an export is refused.
 
     Returns:
         A :class:`vitacore.model.ModelBundle` (model, tokenizer).
@@ -303,5 +327,7 @@ def load_full_export(directory: str, dtype: torch.dtype = torch.float32, vision_
     choice = infer_model_type(exported.get("model_type"), directory, None, None, False, False)
     spec = ModelSpec(llm_path=directory, vision_tower_path=vision_tower, audio_encoder_path=audio_encoder,
                      model_type=choice.model_type, dtype=dtype,
-                     model_max_length=exported.get("tokenizer_model_max_length") or ModelSpec.model_max_length)
+                     model_max_length=exported.get("tokenizer_model_max_length") or ModelSpec.model_max_length,
+                     trust_remote_code=trust_remote_code)
+    check_export_trust(spec, exported)
     return load_export_bundle(spec, exported, deepspeed_config=deepspeed_config)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from vitacore.console import logger
 from vitacore.model.audio_adapters import build_audio_adapter
+from vitacore.model.loading import read_tensor_file
 from vitacore.model.whale.config import CONFIG_FILE, WhaleConfig, read_whale_config
 from vitacore.model.whale.encoder import WhaleEncoder
 
@@ -145,14 +145,7 @@ def build_whale_parts(folder: str, dtype: torch.dtype = torch.float32, llm_hidde
 def _read_weights(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--audio_encoder {os.path.dirname(path)!r}: no {WEIGHTS_FILE}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a readable weights-only state dict ({str(err).splitlines()[0]}); "
-                         "VITA's final.pt is a plain dict of tensors") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a plain dict of tensors (VITA's audio encoder state dict)")
-    return state
+    return read_tensor_file(path, f"--audio_encoder {os.path.dirname(path)!r}: {WEIGHTS_FILE} ({path})")
 
 
 def _fill(module: nn.Module, state: dict, prefix: str, path: str, optional=()) -> None:
