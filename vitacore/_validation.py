@@ -95,6 +95,12 @@ def rule_errors(cfg) -> List[str]:
     one_of("on_bad_sample", ("error", "skip"))
     check(0 <= d.max_bad_sample_ratio <= 1,
           f"--max_bad_sample_ratio {d.max_bad_sample_ratio} must be in [0, 1]")
+    at_least("min_samples_for_bad_ratio", 0)
+    # Media limits bound memory per sample; 0 or less would refuse every record that has the medium.
+    for name in ("max_image_pixels", "max_images_per_record", "max_tiles_per_record", "max_video_frames_decoded",
+                 "max_animation_frames", "max_audio_sample_rate"):
+        at_least(name, 1)
+    check(d.max_audio_seconds > 0, f"--max_audio_seconds {d.max_audio_seconds} must be > 0")
     check(d.image_aspect_ratio in (None, "square", "pad", "dynamic"),
           f"--image_aspect_ratio {d.image_aspect_ratio!r} is not one of: square, pad, dynamic, None")
     check(1 <= d.min_dynamic_patch <= d.max_dynamic_patch,

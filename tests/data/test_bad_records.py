@@ -79,7 +79,7 @@ def test_one_bad_record_in_a_thousand_passes_the_default_ratio(tmp_path, tok):
 
 def test_past_the_ratio_the_run_stops_and_names_the_first_few(tmp_path, tok, vitacore_log):
     records = [_good(i) for i in range(10)] + [BAD["only an answer"][0]] * 8
-    spec, path = _spec(tmp_path, records, max_bad_sample_ratio=0.4)
+    spec, path = _spec(tmp_path, records, max_bad_sample_ratio=0.4, min_samples_for_bad_ratio=0)
     with pytest.raises(ValueError, match=r"8 of 18 records break VITA's record schema .* --max_bad_sample_ratio 0.4"):
         build_data(spec, tok, ModelInputs())
     named = [line for line in vitacore_log.lines if "malformed record" in line]

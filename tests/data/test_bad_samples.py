@@ -127,9 +127,9 @@ def test_collator_carries_markers_and_log_counts_and_warns_once(tmp_path, tok):
 
 
 def test_ratio_stops_the_run_and_survives_a_resume():
-    log = BadSampleLog(0.25)
+    log = BadSampleLog(0.25, min_samples=0)
     log.add(1, 4)  # exactly the ratio: allowed
-    restored = BadSampleLog(0.25)
+    restored = BadSampleLog(0.25, min_samples=0)
     restored.load_state_dict(log.state_dict())
     with pytest.raises(ValueError, match=r"2 of the 5 training samples.*--max_bad_sample_ratio 0.25"):
         restored.add(1, 1)

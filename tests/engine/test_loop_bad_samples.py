@@ -43,7 +43,7 @@ def _run(tmp_path, dist, max_ratio: float, workers: int = 0, rejected=()):
                                        max_position_embeddings=512, pad_token_id=tok.pad_token_id))
     model = VitaModel(llm, model_max_length=256)
     loop = LoopConfig(max_steps=4, per_device_train_batch_size=2, logging_steps=2, save_strategy="no", seed=7,
-                      max_bad_sample_ratio=max_ratio, dataloader_num_workers=workers)
+                      max_bad_sample_ratio=max_ratio, min_samples_for_bad_ratio=0, dataloader_num_workers=workers)
     optim = OptimConfig(learning_rate=1e-3)
     checkpointer = Checkpointer(CheckpointConfig(str(tmp_path / "out")), dist)
     ds_config, _ = resolve_deepspeed_config(None, loop=loop, optim=optim, world_size=dist.world_size, hidden_size=32)

@@ -99,7 +99,9 @@ def test_dry_run_with_stage_none_says_so(dist, tiny_llm, default_tower, vitacore
 
 @pytest.mark.parametrize("extra", [[], ["--freeze_mm_mlp_adapter", "True"]], ids=["default_flags", "frozen_proj"])
 def test_a_real_llm_alone_builds_only_the_llm(dist, tiny_llm, vitacore_log, tmp_path, extra):
-    recipe = _dry_recipe(tmp_path, "--model_name_or_path", tiny_llm, *extra)
+    text = tmp_path / "text.json"  # a dry run reads the data: text, as the model has no encoder
+    text.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]))
+    recipe = _dry_recipe(tmp_path, "--model_name_or_path", tiny_llm, "--data_path", str(text), *extra)
     model = recipe.model
     assert (model.vision_tower, model.mm_projector, model.audio_encoder, model.audio_adapter) == (None,) * 4
     assert list(recipe.report["units"]) == ["llm"]

@@ -17,7 +17,7 @@ from typing import Tuple, Union
 import numpy as np
 import torch
 
-from vitacore.data.audio_files import compressed_num_frames, is_compressed_audio, read_compressed_channels
+from vitacore.data.audio_files import audio_header, is_compressed_audio, read_compressed_channels
 
 __all__ = [
     "AudioTransform", "audio_token_length", "fbank", "load_audio_channels", "load_wav", "resample",
@@ -358,16 +358,10 @@ def wav_num_samples(path: PathLike, target_sample_rate: int) -> int:
     WAV headers are read here; FLAC / MP3 / OGG through ``soundfile.info``. Returns 0 for a
     missing or unreadable file (the loader reports those).
     """
-    if is_compressed_audio(path):
-        frames, rate = compressed_num_frames(os.fspath(path))
-    else:
-        try:
-            with wave.open(os.fspath(path), "rb") as src:
-                frames, rate = src.getnframes(), src.getframerate()
-        except (OSError, wave.Error, EOFError, RuntimeError, struct.error):
-            return 0
-    if rate <= 0:
+    header = audio_header(path)
+    if header is None or header[1] <= 0:
         return 0
+    frames, rate = header
     if rate == target_sample_rate:
         return frames
     g = math.gcd(rate, target_sample_rate)

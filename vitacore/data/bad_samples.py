@@ -57,10 +57,15 @@ class BadSampleLog:
         max_ratio: the largest tolerated share of bad samples among those seen (over all ranks).
         is_main: only the main rank prints warnings (other ranks still count).
         write: where warnings go.
+        min_samples: the ratio is checked only once this many samples were seen (over all ranks):
+            one bad sample among the first few is no evidence that the data is bad
+            (``--min_samples_for_bad_ratio``).
     """
 
-    def __init__(self, max_ratio: float, is_main: bool = True, write: Callable[[str], None] = logger.warning):
+    def __init__(self, max_ratio: float, is_main: bool = True, write: Callable[[str], None] = logger.warning,
+                 *, min_samples: int = 200):
         self.max_ratio = max_ratio
+        self.min_samples = min_samples
         self.is_main = is_main
         self.write = write
         self.warned: set[str] = set()
@@ -80,10 +85,11 @@ class BadSampleLog:
         """Add a logged window's totals over all ranks.
 
         Raises:
-            ValueError: more than ``max_ratio`` of the samples seen so far were bad.
+            ValueError: more than ``max_ratio`` of the samples seen so far were bad, and at least
+                ``min_samples`` were seen.
         """
         self.bad, self.seen = self.bad + int(bad), self.seen + int(seen)
-        if self.bad > self.max_ratio * self.seen:
+        if self.seen >= self.min_samples and self.bad > self.max_ratio * self.seen:
             raise ValueError(
                 f"{self.bad} of the {self.seen} training samples seen so far were bad "
                 f"({self.bad / max(1, self.seen):.1%}), "

@@ -12,6 +12,7 @@ from vitacore.data.conversation import get_template, load_system_prompts, with_s
 from vitacore.data.dataset import Collator, VitaJsonDataset
 from vitacore.data.images import ImageSpec, ImageTransform, pad_colour
 from vitacore.data.kaldi_fbank import FbankSettings, KaldiFbankTransform
+from vitacore.data.media_limits import MediaLimits
 from vitacore.data.records import RejectedRecord, read_records
 from vitacore.data.registry import DataSource, load_sources, sources_from_config
 from vitacore.data.tiling import ImageTiler
@@ -50,7 +51,11 @@ class DataSpec:
         on_bad_sample: ``error`` or ``skip``.
         max_bad_sample_ratio: under ``skip``, the largest share of a dataset's records that may break
             VITA's schema (they are dropped and counted when the files are read).
+        min_samples_for_bad_ratio: the ratio applies only to datasets of at least this many records
+            (so one bad record in a small file does not stop the run).
+        restrict_media_paths: a media path that resolves outside its folder makes its record bad.
         model_max_length: a record whose text before its first answer reaches this is bad.
+        media_limits: what one record's media may cost (the ``--max_image_pixels`` ... flags).
         seed: chooses ``data_ratio`` subsets.
     """
 
@@ -70,8 +75,11 @@ class DataSpec:
     use_thumbnail: bool = True
     on_bad_sample: str = "skip"
     max_bad_sample_ratio: float = 0.01
+    min_samples_for_bad_ratio: int = 200
+    restrict_media_paths: bool = False
     model_max_length: int = 512
     seed: int = 42
+    media_limits: MediaLimits = MediaLimits()
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,8 @@ _NUM_NAMED = 5  # malformed records named in the log; the rest are counted
 
 def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec, source: str) -> list[dict]:
     """The good records, after the bad-record policy: ``error`` stops at the first bad one; ``skip``
-    names the first few, counts them and stops only past ``max_bad_sample_ratio`` of the records."""
+    names the first few, counts them and stops only past ``max_bad_sample_ratio`` of the records (in a
+    dataset of at least ``min_samples_for_bad_ratio`` records), or when no good record is left."""
     if not rejected:
         return records
     if spec.on_bad_sample == "error":
@@ -125,7 +134,10 @@ def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec
         logger.warning(f"warning: dropped a malformed record, {bad.message} (--on_bad_sample skip)")
     if len(rejected) > _NUM_NAMED:
         logger.warning(f"warning: ... and {len(rejected) - _NUM_NAMED} more malformed record(s) dropped")
-    if len(rejected) > spec.max_bad_sample_ratio * total:
+    if not records:
+        raise ValueError(f"{source}: all {total} records are bad (the warnings above name the first); "
+                         "none is left to train on")
+    if total >= spec.min_samples_for_bad_ratio and len(rejected) > spec.max_bad_sample_ratio * total:
         raise ValueError(f"{source}: {len(rejected)} of {total} records break VITA's record schema "
                          f"({len(rejected) / total:.1%}), more than --max_bad_sample_ratio "
                          f"{spec.max_bad_sample_ratio}; the warnings above name them. Fix the data, or raise "
@@ -137,7 +149,7 @@ def _dataset(paths: list[str], media_root: str, tokenizer, template, image_trans
              spec: DataSpec):
     records, rejected, names = [], [], []
     for path in paths:
-        good, bad = read_records(path)
+        good, bad = read_records(path, "bundled data")
         records += good
         rejected += bad
         names += [os.path.splitext(os.path.basename(path))[0]] * len(good)
@@ -149,7 +161,7 @@ def _dataset(paths: list[str], media_root: str, tokenizer, template, image_trans
 def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template, image_transform,
                   inputs: ModelInputs):
     dataset_names: list[str] = []
-    records, origins, rejected = load_sources(sources, spec.seed, dataset_names)
+    records, origins, rejected = load_sources(sources, spec.seed, dataset_names, spec.restrict_media_paths)
     names = ", ".join(s.chat_path for s in sources)
     if not records and not rejected:
         raise ValueError(f"no training records in {names}; add records or check data_ratio")
@@ -188,6 +200,7 @@ def _bundle(spec: DataSpec, inputs: ModelInputs, tokenizer, train: VitaJsonDatas
             dataset.on_bad_sample = spec.on_bad_sample
             dataset.model_max_length = spec.model_max_length
             dataset.image_tiler = tiler
+            dataset.media_limits = spec.media_limits
     return DataBundle(train, eval_set, Collator(tokenizer.pad_token_id))
 
 

@@ -129,9 +129,11 @@ def load_system_prompts(path: str) -> dict:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"--system_prompts {path!r}: no such file")
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         try:
             prompts = yaml.safe_load(fh)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--system_prompts {path}: not UTF-8 text ({err.reason}); re-save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise ValueError(f"--system_prompts {path}: not valid YAML: {err}") from None
     if not isinstance(prompts, dict) or not prompts:

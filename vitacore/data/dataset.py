@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -10,12 +12,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitacore.constants import DEFAULT_AUDIO_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from vitacore.constants import (
+    AUDIO_TOKEN_INDEX,
+    DEFAULT_AUDIO_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+)
 from vitacore.data.audio import AudioTransform
+from vitacore.data.audio_files import check_audio_limits
 from vitacore.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSampleError
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.images import ImageTransform, load_image
 from vitacore.data.lengths import record_length
+from vitacore.data.media_limits import MediaLimits, check_record_media
 from vitacore.data.records import RejectedRecord, load_records
 from vitacore.data.records import as_list as _as_list
 from vitacore.data.tiling import ImageTiler
@@ -25,9 +35,10 @@ from vitacore.data.video import VIDEO_MAX_FRAMES, load_video
 __all__ = ["Collator", "Sample", "VitaJsonDataset", "load_records", "load_video_frames"]
 
 
-def load_video_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> list[Image.Image]:
+def load_video_frames(path: str, max_frames: int = VIDEO_MAX_FRAMES,
+                      limits: Optional[MediaLimits] = None) -> list[Image.Image]:
     """Sampled frames of a video (see :func:`vitacore.data.video.load_video`; fps dropped)."""
-    return load_video(path, max_frames)[0]
+    return load_video(path, max_frames, limits)[0]
 
 
 @dataclass
@@ -69,8 +80,10 @@ class VitaJsonDataset(Dataset):
             sets it from ``--on_bad_sample`` (default ``skip``); a bare dataset is strict.
         image_tiler: tiling (VITA-1.5 tiles for every ``--image_aspect_ratio``): each image becomes
             several tiles and its ``<image>`` as many placeholders. None: one image per ``<image>``.
-        model_max_length: the model's longest sequence; a record whose text before its first
-            answer token is this long or longer is bad. None: no check.
+        media_limits: what one record's media may cost (pixels, frames, audio rate and length, images
+            and tiles); over a limit is a bad sample. None: the flags' defaults.
+        model_max_length: the model's longest sequence; a record whose answers would all be cut
+            away by truncation to it (after media expansion) is bad. None: no check.
     """
 
     def __init__(self, records, media_root: str, tokenizer, template: ChatTemplate,
@@ -79,7 +92,7 @@ class VitaJsonDataset(Dataset):
                  tokens_per_image: Optional[int] = None,
                  on_bad_sample: str = "error", model_max_length: Optional[int] = None,
                  image_tiler: Optional[ImageTiler] = None, rejected: Sequence[RejectedRecord] = (),
-                 dataset_names: Optional[Sequence[str]] = None):
+                 dataset_names: Optional[Sequence[str]] = None, media_limits: Optional[MediaLimits] = None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
         self.on_bad_sample = on_bad_sample
@@ -99,8 +112,10 @@ class VitaJsonDataset(Dataset):
         self.source = source
         self.tokens_per_image = tokens_per_image
         self.image_tiler = image_tiler
+        self.media_limits = media_limits or MediaLimits()
         self.rejected = list(rejected)
         self._modality_lengths: Optional[list[int]] = None
+        self._fingerprint: Optional[str] = None
 
     @property
     def modality_lengths(self) -> list[int]:
@@ -121,6 +136,20 @@ class VitaJsonDataset(Dataset):
                               image_tiles=self.image_tiler.count_from_header if self.image_tiler else None)
                 for record in self.records]
         return self._modality_lengths
+
+    @property
+    def fingerprint(self) -> str:
+        """What the dataset holds, as ``"<record count>:<hash>"``: equal on two processes exactly when
+        they read the same records in the same order (media paths as resolved, so a different
+        ``--image_folder`` counts as different data). Ranks compare it at start; computed once
+        (one pass of JSON serialisation and SHA-256, a few seconds per million records), then cached.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for start in range(0, len(self.records), 4096):  # chunks: JSON's C encoder, bounded memory
+                digest.update(json.dumps(self.records[start:start + 4096], sort_keys=True, default=str).encode())
+            self._fingerprint = f"{len(self.records)}:{digest.hexdigest()[:16]}"
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.records)
@@ -158,7 +187,10 @@ class VitaJsonDataset(Dataset):
             where = self._where(index, sample_id)
             raise BadSampleError(f"{where}: {err}", err.key or where) from None
         except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{self._where(index, sample_id)}: {err}") from None
+            # Whatever else this record makes the pipeline refuse (a turn the template cannot take, a
+            # count that does not match) is this record's problem too: a bad sample, not a failed run.
+            where = self._where(index, sample_id)
+            raise BadSampleError(f"{where}: {err}", where) from None
 
     def _where(self, index: int, sample_id: str) -> str:
         where = self.origins[index] if self.origins is not None else f"{self.source}, record {index}"
@@ -169,6 +201,8 @@ class VitaJsonDataset(Dataset):
         path = self._path(rel)
         try:
             return load(path)
+        except BadSampleError:  # over a media limit: its message already names the file and the flag
+            raise
         except FileNotFoundError:
             raise BadSampleError(f"missing {kind} file {path}", path) from None
         except (ValueError, OSError) as err:
@@ -183,15 +217,18 @@ class VitaJsonDataset(Dataset):
         if (image_paths or video_paths) and self.image_transform is None:
             raise ValueError("record has media but the model has no vision tower")
         tile_counts = []
+        limits = self.media_limits  # checked from the text and the headers before anything is decoded
+        check_record_media(record["conversations"], [self._path(rel) for rel in image_paths], video_paths, limits,
+                           self.image_tiler.count_from_header if self.image_tiler else None)
         for rel in image_paths:
-            img = self._media("image", rel, load_image)
+            img = self._media("image", rel, lambda path: load_image(path, limits))
             tiles = self.image_tiler(img, self.image_transform) if self.image_tiler else [self.image_transform(img)]
             images.extend(tiles)
             tile_counts.append(len(tiles))
             modality = "image"
         frame_counts = []
         for rel in video_paths:
-            frames = self._media("video", rel, load_video_frames)
+            frames = self._media("video", rel, lambda path: load_video_frames(path, limits=limits))
             images.extend(self.image_transform(frame) for frame in frames)
             frame_counts.append(len(frames))
             modality = "video"
@@ -201,7 +238,8 @@ class VitaJsonDataset(Dataset):
         for rel in _as_list(record.get("audio")):
             if self.audio_transform is None:
                 raise ValueError("record has audio but the model has no audio encoder")
-            features, num_tokens = self._media("audio", rel, self.audio_transform)
+            features, num_tokens = self._media(
+                "audio", rel, lambda path: check_audio_limits(path, limits) or self.audio_transform(path))
             audios.append(features)
             audio_lengths.append(num_tokens)
         num_image_placeholders = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in conversations)
@@ -214,25 +252,43 @@ class VitaJsonDataset(Dataset):
                              "audio file(s) given")
         input_ids, labels = tokenize_conversation(conversations, self.tokenizer, self.template, modality,
                                                   inserted_id, end_tag=record.get("end_tag", True))
-        self._check_length(input_ids, labels)
+        self._check_length(input_ids, labels, audio_lengths)
         media = "video" if video_paths else "image" if image_paths else "audio" if audios else "text"
         return Sample(sample_id, input_ids, labels, images, audios, audio_lengths, modality, media=media)
 
-    def _check_length(self, input_ids: list[int], labels: list[int]) -> None:
-        """Bad when no answer token can survive truncation to ``model_max_length``.
+    def _check_length(self, input_ids: list[int], labels: list[int], audio_token_lengths: list[int]) -> None:
+        """Bad when no answer token survives truncation to ``model_max_length`` after media expansion.
 
-        The merge (vitacore.model.merge) keeps the first ``model_max_length`` positions after media
-        expansion; media blocks only push text later, so if the first supervised token is at text
-        position >= ``model_max_length`` counting text tokens alone, nothing supervised is left.
+        Mirrors :func:`vitacore.model.merge.merge_media_embeddings`: each ``<image>`` becomes
+        ``tokens_per_image`` positions (1 when unknown: a lower bound), each ``<audio>`` its token
+        count; a row longer than ``model_max_length`` is cut there, or at the start of the media
+        block the cut would split. A sample with no supervised token left would train on nothing
+        (a silent zero-loss row), so it is a bad sample.
         """
         if self.model_max_length is None:
             return
-        text_labels = [label for token, label in zip(input_ids, labels) if token >= 0]
-        first = next((i for i, label in enumerate(text_labels) if label != IGNORE_INDEX), None)
-        if first is not None and first >= self.model_max_length:
+        image_tokens = self.tokens_per_image or 1
+        audio_lengths = iter(audio_token_lengths)
+        position, cut, first_answer = 0, self.model_max_length, None
+        for token, label in zip(input_ids, labels):
+            if token == IMAGE_TOKEN_INDEX:
+                width = image_tokens
+            elif token == AUDIO_TOKEN_INDEX:
+                width = next(audio_lengths, 1)
+            else:
+                width = 1
+            if position < cut < position + width:
+                cut = position  # the merge never splits a media block: it cuts before it
+            if label != IGNORE_INDEX and first_answer is None:
+                first_answer = position
+            position += width
+        if first_answer is None:
+            raise BadSampleError("no answer to train on: its answers are empty (no supervised token)")
+        if first_answer >= cut:
             raise BadSampleError(
-                f"too long: its first answer token is at position {first} counting text alone (before media), "
-                f"so truncation to --model_max_length {self.model_max_length} would leave nothing to train on")
+                f"too long: its first answer token is at position {first_answer} after media expansion "
+                f"({position} positions in all), so truncation to --model_max_length {self.model_max_length} "
+                "would leave nothing to train on")
 
 
 class Collator:

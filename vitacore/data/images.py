@@ -7,14 +7,19 @@ size, then per-channel normalization with the tower's own mean and std (:class:`
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageSpec", "ImageTransform", "expand_to_square", "load_image", "pad_colour"]
+from vitacore.data.media_limits import MediaLimitError, MediaLimits
+
+__all__ = ["ImageSpec", "ImageTransform", "expand_to_square", "image_size_from_header", "load_image", "open_image",
+           "pad_colour"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -28,17 +33,75 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Loads an image file as an RGB PIL image.
+def open_image(path: str, limits: MediaLimits) -> Image.Image:
+    """Opens an image file, reading its header only, and checks it against ``limits`` before any decoding.
+
+    Pillow's own decompression-bomb guard (a warning, then an error at twice its threshold) is folded
+    into ``--max_image_pixels``: the flag decides, and a refusal is a bad sample rather than a crash.
+
+    Returns:
+        The opened, not yet decoded image (close it, e.g. with ``with``).
+
+    Raises:
+        MediaLimitError: more pixels than ``max_image_pixels``, or more frames than ``max_animation_frames``.
+        OSError, UnidentifiedImageError, ValueError: not a readable image.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and limits.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # a raised flag must not be refused by Pillow
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the flag's check below decides
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise _bomb(path, err, limits) from None
+        try:
+            limits.check("max_image_pixels", img.width * img.height, "pixels", path)
+            # GIF / WebP / APNG frame counts come from the container's blocks, not from decoding frames.
+            limits.check("max_animation_frames", getattr(img, "n_frames", 1), "frames (an animated image)", path)
+        except Image.DecompressionBombError as err:  # a GIF frame larger than its canvas
+            img.close()
+            raise _bomb(path, err, limits) from None
+        except BaseException:
+            img.close()
+            raise
+    return img
+
+
+def _bomb(path: str, err: Exception, limits: MediaLimits) -> MediaLimitError:
+    """Pillow's decompression-bomb error as a limit error, with the pixel count its message states."""
+    stated = re.search(r"\((\d+) pixels\)", str(err))
+    try:
+        limits.check("max_image_pixels", int(stated.group(1)) if stated else limits.max_image_pixels + 1,
+                     "pixels", path)
+    except MediaLimitError as refused:
+        return refused
+    return MediaLimitError(f"media file {path}: {err} (--max_image_pixels {limits.max_image_pixels:,})", path)
+
+
+def image_size_from_header(path: str) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from the file's header (nothing decoded, no limit applied); None if unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            return None
+
+
+def load_image(path: PathLike, limits: Optional[MediaLimits] = None) -> Image.Image:
+    """Loads an image file as an RGB PIL image, refusing it before decoding when over ``limits``.
 
     Args:
         path: Image file path.
+        limits: the run's media limits (None: the defaults).
 
     Returns:
         The fully decoded image in RGB mode.
 
     Raises:
         FileNotFoundError: If no file exists at ``path``.
+        MediaLimitError: more pixels (or animation frames) than ``limits`` allow.
         ValueError: If the file is not a readable image (corrupt, truncated or
             an unsupported format).
     """
@@ -46,11 +109,13 @@ def load_image(path: PathLike) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with open_image(path, limits or MediaLimits()) as img:
             # load() forces a full decode here, so truncated files fail now
             # with a clear message rather than later inside a data worker.
             img.load()
             return img.convert("RGB")
+    except MediaLimitError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable image: {exc}") from exc
 

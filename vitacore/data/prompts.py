@@ -237,5 +237,6 @@ def records_dataset(records: list[dict], spec: DataSpec, tokenizer, inputs: Mode
         tiler = ImageTiler(image.image_size, spec.min_dynamic_patch, spec.max_dynamic_patch, spec.use_thumbnail,
                            pad_fill=pad_colour(image.mean) if pad else None)
     base = VitaJsonDataset(records, media_root, tokenizer, template, transform, inputs.audio_transform,
-                           source=source, tokens_per_image=inputs.tokens_per_image, image_tiler=tiler)
+                           source=source, tokens_per_image=inputs.tokens_per_image, image_tiler=tiler,
+                           media_limits=spec.media_limits)
     return PromptDataset(base)

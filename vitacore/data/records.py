@@ -82,6 +82,24 @@ def record_problem(record) -> Optional[str]:
     return None
 
 
+_JSON_TYPES = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _read_json(path: str, named: str):
+    """The file's JSON value; ``named`` (the file and the flag that named it) opens every error."""
+    # utf-8-sig: a byte-order mark (some editors write one) is not an error.
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            return json.load(fh)
+        except UnicodeDecodeError as err:
+            bad_byte = err.object[err.start:err.start + 1]
+            raise ValueError(f"{named}: not UTF-8 text ({err.reason}, byte {bad_byte!r}); JSON data files must be "
+                             "UTF-8: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{named}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg} "
+                             "(a truncated or hand-edited file?)") from None
+
+
 @dataclass(frozen=True)
 class RejectedRecord:
     """A record that breaks VITA's schema, found when its file was read.
@@ -95,8 +113,13 @@ class RejectedRecord:
     message: str
 
 
-def read_records(path: str) -> tuple[list[dict], list[RejectedRecord]]:
+def read_records(path: str, flag: str = "") -> tuple[list[dict], list[RejectedRecord]]:
     """Read a VITA JSON list of records: the good ones, and what is wrong with the others.
+
+    Args:
+        path: the JSON file.
+        flag: the flag (or registry entry) that named the file, for error messages
+            (``"--data_path"``); "" names the file alone.
 
     Returns:
         ``(records, rejected)``: the records that follow VITA's schema, in file order, and one
@@ -104,17 +127,16 @@ def read_records(path: str) -> tuple[list[dict], list[RejectedRecord]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: malformed JSON (with line and column), or not a list.
+        ValueError: not UTF-8 text, malformed JSON (with line and column), or not a list; each
+            naming the file and ``flag``.
     """
+    named = f"{flag} {path}" if flag else path
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            records = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise FileNotFoundError(f"{flag + ': ' if flag else ''}data file {path!r} does not exist")
+    records = _read_json(path, named)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        raise ValueError(f"{named}: expected a JSON list of records ([{{\"conversations\": ...}}, ...]), "
+                         f"got a JSON {_JSON_TYPES.get(type(records), type(records).__name__)}")
     good, rejected = [], []
     for index, record in enumerate(records):
         problem = record_problem(record)
@@ -122,20 +144,20 @@ def read_records(path: str) -> tuple[list[dict], list[RejectedRecord]]:
             good.append(record)
             continue
         record_id = record.get("id") if isinstance(record, dict) else None
-        named = f" (id {record_id!r})" if record_id is not None else ""
-        rejected.append(RejectedRecord(index, f"{path}: record {index}{named}: {problem}"))
+        with_id = f" (id {record_id!r})" if record_id is not None else ""
+        rejected.append(RejectedRecord(index, f"{path}: record {index}{with_id}: {problem}"))
     return good, rejected
 
 
-def load_records(path: str) -> list[dict]:
+def load_records(path: str, flag: str = "") -> list[dict]:
     """Read a VITA JSON list of records, every one of which must follow VITA's schema.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: malformed JSON (with line and column), not a list, or a record that breaks
-            VITA's schema (with its index and field).
+        ValueError: not UTF-8, malformed JSON (with line and column), not a list, or a record that
+            breaks VITA's schema (with its index and field).
     """
-    records, rejected = read_records(path)
+    records, rejected = read_records(path, flag)
     if rejected:
         raise ValueError(rejected[0].message)
     return records

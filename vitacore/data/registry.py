@@ -61,6 +61,11 @@ class DataSource:
     name: str = ""  # the registry's dataset name ("" for --data_path files: the file's name stands in)
 
     @property
+    def declared_by(self) -> str:
+        """The flag (or registry entry) that named this source, for error messages."""
+        return self.label if self.label.startswith("--") else f"--data_registry {self.label}.chat_path"
+
+    @property
     def dataset_name(self) -> str:
         """How metrics name this source's records: the registry name, else the JSON file's stem."""
         return self.name or os.path.splitext(os.path.basename(self.chat_path))[0]
@@ -73,9 +78,12 @@ def _abs(path: str, base: str) -> str:
 def _read_yaml(path: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data_registry {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         try:
             return yaml.safe_load(fh)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--data_registry {path}: not UTF-8 text ({err.reason}); re-save the file as "
+                             "UTF-8") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -165,7 +173,7 @@ def sources_from_config(data) -> Optional[list[DataSource]]:
         for path in _names(data.data_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--data_path: data file {path!r} does not exist")
-            sources.append(DataSource(os.path.abspath(path), path, 1.0, defaults["image_folder"], {},
+            sources.append(DataSource(os.path.abspath(path), "--data_path", 1.0, defaults["image_folder"], {},
                                       defaults["audio_folder"], defaults["video_folder"]))
         return sources
     if data.data_registry and not data.dataset_use:
@@ -189,18 +197,22 @@ def sources_from_config(data) -> Optional[list[DataSource]]:
     return sources
 
 
-def _resolve(record: dict, source: DataSource, where: str) -> dict:
-    """A copy of ``record`` with absolute media paths (images by ``set``, audio, video)."""
+def _resolve(record: dict, source: DataSource, where: str, restrict: bool = False) -> dict:
+    """A copy of ``record`` with absolute media paths (images by ``set``, audio, video).
+
+    With ``restrict`` (``--restrict_media_paths``), a path that resolves (symbolic links followed)
+    outside its folder is a ValueError naming the field and the path.
+    """
     json_dir = os.path.dirname(source.chat_path)
     out = dict(record)
     if record.get("image") is not None:
         images = as_list(record["image"])
         folders = [_set_folder(name, source, where) or json_dir for name in _image_sets(record, len(images), where)]
-        joined = [os.path.join(folder, path) for folder, path in zip(folders, images)]
-        out["image"] = joined if isinstance(record["image"], list) else joined[0]
+        out["image"] = _join(record["image"], folders, where, "image", restrict)
     for name, folder in (("audio", source.audio_folder), ("video", source.video_folder)):
         if record.get(name) is not None:
-            out[name] = _join(record[name], folder or json_dir)
+            paths = as_list(record[name])
+            out[name] = _join(record[name], [folder or json_dir] * len(paths), where, name, restrict)
     return out
 
 
@@ -227,20 +239,35 @@ def _set_folder(set_name, source: DataSource, where: str) -> Optional[str]:
     return source.set_folders[str(set_name)]
 
 
-def _join(value, folder: str):
-    joined = [os.path.join(folder, path) for path in as_list(value)]  # absolute paths stay as they are
+def _join(value, folders: list[str], where: str, field_name: str, restrict: bool):
+    """``value`` (a path or a list) joined onto one folder per path; absolute paths stay as they are."""
+    joined = [os.path.join(folder, path) for folder, path in zip(folders, as_list(value))]
+    if restrict:
+        for folder, path in zip(folders, joined):
+            _check_inside(path, folder, where, field_name)
     return joined if isinstance(value, list) else joined[0]
 
 
-def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str], list[RejectedRecord]]:
+def _check_inside(path: str, folder: str, where: str, field_name: str) -> None:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise ValueError(f"{where}: field '{field_name}' path {path!r} resolves to {real!r}, outside its folder "
+                         f"{root!r} (--restrict_media_paths True keeps media inside the declared folders)")
+
+
+def load_source(source: DataSource, seed: int, restrict_media_paths: bool = False
+                ) -> tuple[list[dict], list[str], list[RejectedRecord]]:
     """Read a source's records, keep ``data_ratio`` of the good ones, resolve their media.
+
+    A record whose media cannot be resolved (a ``set`` that names no folder; with
+    ``restrict_media_paths``, a path outside its folder) is rejected like a record that breaks the schema.
 
     Returns:
         ``(records, origins, rejected)``: records with absolute media paths; per record
         ``"file.json, record i"`` (its index in the file) for error messages; and the records that
         break VITA's schema (see :func:`vitacore.data.records.read_records`).
     """
-    records, rejected = read_records(source.chat_path)
+    records, rejected = read_records(source.chat_path, source.declared_by)
     bad = {r.index for r in rejected}
     file_indices = [i for i in range(len(records) + len(rejected)) if i not in bad]
     indices = list(range(len(records)))
@@ -253,20 +280,20 @@ def load_source(source: DataSource, seed: int) -> tuple[list[dict], list[str], l
     for i in indices:
         where = f"{source.chat_path}, record {file_indices[i]}"
         try:
-            resolved.append(_resolve(records[i], source, where))
+            resolved.append(_resolve(records[i], source, where, restrict_media_paths))
             origins.append(where)
-        except ValueError as err:  # a 'set' that names no folder: this record's problem, not the run's
+        except ValueError as err:  # this record's problem (its 'set', its paths), not the run's
             rejected.append(RejectedRecord(file_indices[i], str(err)))
     return resolved, origins, rejected
 
 
-def load_sources(sources: list[DataSource], seed: int, names: Optional[list[str]] = None
-                 ) -> tuple[list[dict], list[str], list[RejectedRecord]]:
+def load_sources(sources: list[DataSource], seed: int, names: Optional[list[str]] = None,
+                 restrict_media_paths: bool = False) -> tuple[list[dict], list[str], list[RejectedRecord]]:
     """:func:`load_source` over several sources, concatenated in order; ``names``, when given, gets
     each record's :attr:`DataSource.dataset_name` appended."""
     records, origins, rejected = [], [], []
     for source in sources:
-        more, where, bad = load_source(source, seed)
+        more, where, bad = load_source(source, seed, restrict_media_paths)
         if names is not None:
             names += [source.dataset_name] * len(more)
         records += more

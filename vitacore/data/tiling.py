@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitacore.constants import DEFAULT_IMAGE_TOKEN
-from vitacore.data.images import expand_to_square
+from vitacore.data.images import expand_to_square, image_size_from_header
 
 __all__ = ["ImageTiler", "expand_placeholders", "num_tiles", "tile_grid", "tile_image"]
 
@@ -135,14 +135,11 @@ class ImageTiler:
     def count_from_header(self, path: str) -> int:
         """Tiles for the image file at ``path``, from its header only (PIL decodes pixels lazily).
 
-        An unreadable or missing file counts one tile: ``__getitem__`` reports the file; here only a
-        plausible length is needed.
+        An unreadable or missing file (or a decompression bomb) counts one tile: ``__getitem__``
+        reports the file; here only a plausible length is needed.
         """
-        try:
-            with Image.open(path) as img:
-                return self.count(*img.size)
-        except (OSError, UnidentifiedImageError, ValueError):
-            return 1
+        size = image_size_from_header(path)
+        return self.count(*size) if size else 1
 
 
 def expand_placeholders(conversations: Iterable[dict], placeholder: str, counts: list[int],

@@ -12,10 +12,14 @@ than 4 are stretched to 4 (with repeats), both with ``np.linspace(..., dtype=int
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from vitacore.data.images import open_image
+from vitacore.data.media_limits import MediaLimitError, MediaLimits
 
 __all__ = [
     "CONTAINER_EXTENSIONS", "VIDEO_FPS", "VIDEO_MAX_FRAMES", "VIDEO_MIN_FRAMES",
@@ -97,26 +101,37 @@ def _decode_at(path: str, indices: List[int]) -> Tuple[List[Image.Image], int]:
     return [kept[i] for i in indices if i in kept], seen
 
 
-def _count_decoded(path: str) -> int:
-    """Frames actually decodable in ``path`` (used when the metadata count was wrong)."""
+def _count_decoded(path: str, limit: int) -> int:
+    """Frames actually decodable in ``path`` (used when the metadata count was wrong), up to ``limit + 1``."""
     import av
 
+    seen = 0
     with av.open(path) as container:
-        return sum(1 for _ in container.decode(container.streams.video[0]))
+        for _ in container.decode(container.streams.video[0]):
+            seen += 1
+            if seen > limit:  # enough to refuse the file; decoding on would be unbounded
+                break
+    return seen
 
 
-def _load_container(path: str) -> Tuple[List[Image.Image], float]:
+def _load_container(path: str, limits: MediaLimits) -> Tuple[List[Image.Image], float]:
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         num_frames, fps = _container_meta(container)
+        codec = container.streams.video[0].codec_context
+        limits.check("max_image_pixels", codec.width * codec.height, "pixels per frame", path)
+    # Sampling spans the whole clip, so decoding reaches (nearly) its last frame.
+    limits.check("max_video_frames_decoded", num_frames, "frames to decode (the container's count)", path)
     indices = sample_frame_indices(num_frames, fps)
     frames, _ = _decode_at(path, indices)
     if not indices or len(frames) != len(indices):
         # The metadata over-counted (or had no count): sample from what really decodes.
-        indices = sample_frame_indices(_count_decoded(path), fps)
+        decodable = _count_decoded(path, limits.max_video_frames_decoded)
+        limits.check("max_video_frames_decoded", decodable, "frames to decode (at least)", path)
+        indices = sample_frame_indices(decodable, fps)
         frames, _ = _decode_at(path, indices)
         if len(frames) != len(indices):
             raise ValueError("decoding did not return the expected frames")
@@ -130,17 +145,31 @@ def _animated_fps(durations_ms: List[float]) -> float:
     return 1000.0 * len(durations_ms) / total_ms if total_ms > 0 else 0.0
 
 
-def _load_animated_image(path: str, max_frames: int) -> Tuple[List[Image.Image], float]:
-    with Image.open(path) as clip:
-        durations, frames = [], []
-        for frame in ImageSequence.Iterator(clip):
-            frames.append(frame.convert("RGB"))
-            durations.append(frame.info.get("duration") or 0)
-    fps = _animated_fps(durations)
-    return [frames[i] for i in sample_frame_indices(len(frames), fps, max_frames=max_frames)], fps
+def _load_animated_image(path: str, max_frames: int, limits: MediaLimits) -> Tuple[List[Image.Image], float]:
+    """The sampled frames of a GIF / WebP; never more than its frame count (checked first) is decoded,
+    and only the sampled frames are kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image checked the canvas
+        with open_image(path, limits) as clip:
+            durations = _gif_durations(path)
+            if durations is None:  # WebP and others: a frame's duration is known once it is decoded
+                durations = []
+                for frame in ImageSequence.Iterator(clip):
+                    frame.load()
+                    durations.append(frame.info.get("duration") or 0)
+            fps = _animated_fps(durations)
+            indices = sample_frame_indices(len(durations), fps, max_frames=max_frames)
+            wanted, kept = set(indices), {}
+            for position, frame in enumerate(ImageSequence.Iterator(clip)):
+                if position in wanted:
+                    kept[position] = frame.convert("RGB")
+                if len(kept) == len(wanted):
+                    break
+    return [kept[i] for i in indices if i in kept], fps
 
 
-def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> Tuple[List[Image.Image], float]:
+def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES,
+               limits: Optional[MediaLimits] = None) -> Tuple[List[Image.Image], float]:
     """Sampled RGB frames of the video at ``path`` and its source frame rate.
 
     Every clip follows VITA's 3 fps / 4..16 frames rule (the rate of an animated GIF/WebP comes
@@ -149,26 +178,36 @@ def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES) -> Tuple[List[Imag
     Args:
         path: the video file.
         max_frames: cap for animated images (container video uses VITA's fixed 16).
+        limits: the run's media limits, checked from the container before decoding (None: the defaults).
 
     Returns:
         ``(frames, fps)``; ``fps`` is 0.0 when the file states no timing.
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        MediaLimitError: too many frames to decode, or too many pixels per frame.
         ValueError: the file cannot be decoded; the message names the file.
     """
     path = os.fspath(path)
+    limits = limits or MediaLimits()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} does not exist")
     if _is_container(path):
         import av
 
         try:
-            return _load_container(path)
+            return _load_container(path, limits)
+        except MediaLimitError:
+            raise
         except (av.FFmpegError, ValueError, IndexError, OSError) as err:
             raise ValueError(f"{path} is not a readable video: {err}") from None
     try:
-        return _load_animated_image(path, max_frames)
+        return _load_animated_image(path, max_frames, limits)
+    except MediaLimitError:
+        raise
+    except Image.DecompressionBombError as err:  # a frame larger than the canvas
+        raise MediaLimitError(f"media file {path}: {err} (--max_image_pixels {limits.max_image_pixels:,})",
+                              path) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable video (expected an animated GIF/WebP "
                          f"or one of {sorted(CONTAINER_EXTENSIONS)}): {err}") from None

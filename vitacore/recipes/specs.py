@@ -16,6 +16,7 @@ import torch
 from vitacore.checkpoint import CheckpointConfig
 from vitacore.config import RunConfig
 from vitacore.data import BundledFiles, DataSpec
+from vitacore.data.media_limits import MediaLimits
 from vitacore.demo import DefaultAssets, SyntheticSelection
 from vitacore.engine import LoopConfig, OptimConfig
 from vitacore.model import LoraSpec, ModelSpec, QuantSpec
@@ -64,7 +65,7 @@ def model_spec(config: RunConfig, assets: Optional[DefaultAssets], from_export: 
         dtype=compute_dtype(config), model_max_length=t.model_max_length, seed=t.seed,
         image_aspect_ratio=config.data.image_aspect_ratio, lora=lora,
         quant=QuantSpec(t.bits, t.quant_type, t.double_quant), gradient_checkpointing=t.gradient_checkpointing,
-        tf32=t.tf32)
+        tf32=t.tf32, trust_remote_code=m.trust_remote_code)
 
 
 def data_spec(config: RunConfig, assets: Optional[DefaultAssets], demo_data: SyntheticSelection) -> DataSpec:
@@ -80,7 +81,9 @@ def data_spec(config: RunConfig, assets: Optional[DefaultAssets], demo_data: Syn
         audio_folder=d.audio_folder, video_folder=d.video_folder, eval_data_path=d.eval_data_path, bundled=bundled,
         image_aspect_ratio=d.image_aspect_ratio, min_dynamic_patch=d.min_dynamic_patch,
         max_dynamic_patch=d.max_dynamic_patch, use_thumbnail=d.use_thumbnail, on_bad_sample=d.on_bad_sample,
-        max_bad_sample_ratio=d.max_bad_sample_ratio, model_max_length=t.model_max_length, seed=t.seed)
+        max_bad_sample_ratio=d.max_bad_sample_ratio, min_samples_for_bad_ratio=d.min_samples_for_bad_ratio,
+        restrict_media_paths=d.restrict_media_paths, model_max_length=t.model_max_length, seed=t.seed,
+        media_limits=MediaLimits.from_args(d))
 
 
 def loop_config(config: RunConfig) -> LoopConfig:
@@ -94,7 +97,9 @@ def loop_config(config: RunConfig) -> LoopConfig:
         eval_generate=config.get("eval_generate"),
         save_strategy=t.save_strategy, save_steps=t.save_steps, seed=t.seed,
         skip_nonfinite_steps=t.skip_nonfinite_steps,
-        max_bad_sample_ratio=config.data.max_bad_sample_ratio, dataloader_num_workers=t.dataloader_num_workers,
+        max_bad_sample_ratio=config.data.max_bad_sample_ratio,
+        min_samples_for_bad_ratio=config.data.min_samples_for_bad_ratio,
+        dataloader_num_workers=t.dataloader_num_workers,
         dataloader_persistent_workers=t.dataloader_persistent_workers,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor, group_by_modality_length=t.group_by_modality_length,
         report_to=t.report_to, run_name=config.get("run_name"),
@@ -127,5 +132,6 @@ def derive_specs(config: RunConfig, assets: Optional[DefaultAssets], demo_data: 
     return RunSpecs(
         model=model_spec(config, assets, from_export), data=data_spec(config, assets, demo_data),
         loop=loop_config(config), optim=optim_config(config),
-        checkpoint=CheckpointConfig(t.output_dir, t.save_total_limit, t.resume_from_checkpoint),
+        checkpoint=CheckpointConfig(t.output_dir, t.save_total_limit, t.resume_from_checkpoint,
+                                    t.allow_resume_changes),
         deepspeed=t.deepspeed, bf16=t.bf16, fp16=t.fp16)
