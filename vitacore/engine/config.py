@@ -37,8 +37,10 @@ class LoopConfig:
             (:func:`vitacore.engine.evaluation.evaluate_generation`; the Trainer's ``eval_generation``: the prompts).
         save_strategy / save_steps: ``no``, ``steps`` (every ``save_steps``) or ``epoch``.
         seed: data order and loader seeds.
-        skip_nonfinite_steps: micro-batches with a NaN / inf loss skipped before the run stops.
+        skip_nonfinite_steps: micro-batches with a NaN / inf loss, and optimizer steps with a NaN / inf
+            gradient norm, skipped before the run stops.
         max_bad_sample_ratio: stop once more than this share of the samples seen were bad.
+        min_samples_for_bad_ratio: samples (over all ranks) seen before ``max_bad_sample_ratio`` applies.
         dataloader_num_workers / dataloader_persistent_workers / dataloader_prefetch_factor: the loader.
         group_by_modality_length: VITA's modality- and length-grouped sampler.
         report_to: ``none``, ``tensorboard``, ``wandb``, ``all`` or a comma list (:mod:`vitacore.engine.trackers`).
@@ -62,6 +64,7 @@ class LoopConfig:
     seed: int = 42
     skip_nonfinite_steps: int = 0
     max_bad_sample_ratio: float = 0.01
+    min_samples_for_bad_ratio: int = 200
     dataloader_num_workers: int = 0
     dataloader_persistent_workers: bool = False
     dataloader_prefetch_factor: Optional[int] = None

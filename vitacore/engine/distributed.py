@@ -11,6 +11,8 @@ from datetime import timedelta
 
 import torch
 
+from vitacore import ranks
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,11 +39,14 @@ def _destroy_process_group() -> None:
 
     A rank that destroys its group (or reaches interpreter shutdown) while a peer still talks to it,
     or with asynchronous work still queued, can abort in gloo's threads after a successful run.
+    After an error (:func:`vitacore.ranks.has_failed`) there is no barrier: a peer may never reach it
+    (it failed elsewhere, or is still waiting in a collective this rank left), and waiting for it
+    would only delay the exit that tells the launcher the job failed.
     """
     if not torch.distributed.is_initialized():
         return
     try:
-        if torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_world_size() > 1 and not ranks.has_failed():
             if torch.distributed.get_backend() == "gloo":
                 # Bounded: a peer that died must not keep this rank from exiting.
                 torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))

@@ -11,14 +11,18 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from vitacore.console import logger
 from vitacore.engine.config import LoopConfig
 from vitacore.engine.loader import to_device
 from vitacore.engine.metrics import answer_accuracy, batch_size
+from vitacore.engine.signals import StopRequest, worker_signal_options
+
+STOPPED = {"eval_stopped": True}  # what an evaluation that a stop request cut short returns
 
 
 @torch.no_grad()
 def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, dist, token_model: bool,
-             generation: Optional[GenerationEval] = None) -> dict:
+             generation: Optional[GenerationEval] = None, stop: Optional[StopRequest] = None) -> dict:
     """One pass over ``dataset`` (each rank its share) in eval mode; the engine is back in train mode after.
 
     Args:
@@ -29,19 +33,37 @@ def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, d
         dist: this process's place in the job.
         token_model: the model predicts tokens (accuracy fields are always reported then).
         generation: with ``loop.eval_generate``, the prompts to answer (:func:`evaluate_generation`).
+        stop: the run's stop request: the ranks agree on it before every batch and all stop together
+            at the first batch after a SIGTERM / SIGINT (None: evaluate to the end).
 
     Returns:
         ``eval_loss`` (weighted by supervised tokens) and ``eval_samples``; with token predictions,
         ``eval_accuracy`` (answer tokens right) and ``eval_exact_match`` (answers with every token right);
-        with generation, ``eval_generate_exact_match`` and ``eval_generate_f1``.
+        with generation, ``eval_generate_exact_match`` and ``eval_generate_f1``. Stopped by a signal:
+        only ``{"eval_stopped": True}`` (a partial pass is not comparable with whole ones).
     """
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=loop.per_device_eval_batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=loop.dataloader_num_workers,
+                        num_workers=loop.dataloader_num_workers, **worker_signal_options(),
                         generator=torch.Generator().manual_seed(loop.seed))  # leaves the global RNG alone
+    if dist.is_main:
+        logger.info(f"evaluation started: {len(dataset)} samples, {loop.per_device_eval_batch_size} per batch "
+                    f"and process")
     engine.eval()
+    try:
+        return _evaluate_batches(engine, loader, loop, dist, token_model, generation, stop)
+    finally:
+        engine.train()
+
+
+def _evaluate_batches(engine, loader: DataLoader, loop: LoopConfig, dist, token_model: bool,
+                      generation: Optional[GenerationEval], stop: Optional[StopRequest]) -> dict:
     totals = torch.zeros(6, dtype=torch.float64)
     for batch in loader:
+        # Every rank has as many batches (the sampler pads), so the agreement lines up; stopping
+        # before a forward also keeps ZeRO-3's gathers in step.
+        if stop is not None and stop.agree(dist):
+            return dict(STOPPED)
         batch.pop("bad_samples", None)  # eval replacements are not counted in the training ratio
         batch = to_device(batch, dist.device)
         output = engine(**batch)
@@ -56,8 +78,9 @@ def evaluate(engine, dataset: Dataset, collate_fn: Callable, loop: LoopConfig, d
         totals = totals.to(dist.device)
         torch.distributed.all_reduce(totals)
         totals = totals.cpu()
-    generated = evaluate_generation(engine, generation, loop, dist) if loop.eval_generate and generation else {}
-    engine.train()
+    generated = evaluate_generation(engine, generation, loop, dist, stop) if loop.eval_generate and generation else {}
+    if generated.get("eval_stopped"):
+        return generated
     loss_sum, supervised, correct, exact, rows, _ = totals.tolist()
     row = {"eval_loss": loss_sum / max(1.0, supervised), "eval_samples": int(rows)}
     if correct or exact or token_model:
@@ -110,7 +133,8 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 @torch.no_grad()
-def evaluate_generation(engine, generation: GenerationEval, loop: LoopConfig, dist) -> dict:
+def evaluate_generation(engine, generation: GenerationEval, loop: LoopConfig, dist,
+                        stop: Optional[StopRequest] = None) -> dict:
     """Generate (greedily) the answer of every prompt and score it against its reference, summed over ranks.
 
     Each rank takes every ``world_size``-th prompt from its rank on; the shorter shares are padded with
@@ -119,7 +143,8 @@ def evaluate_generation(engine, generation: GenerationEval, loop: LoopConfig, di
     so under ZeRO-3 every rank runs the same forwards.
 
     Returns:
-        ``eval_generate_exact_match`` and ``eval_generate_f1`` (means over the prompts).
+        ``eval_generate_exact_match`` and ``eval_generate_f1`` (means over the prompts); ``{"eval_stopped":
+        True}`` when ``stop`` (agreed before every batch, as in :func:`evaluate`) was asked for.
     """
     model = getattr(engine, "module", engine)
     total = len(generation.dataset)
@@ -127,10 +152,13 @@ def evaluate_generation(engine, generation: GenerationEval, loop: LoopConfig, di
     share = math.ceil(total / dist.world_size)
     padded = mine + [mine[0] if mine else 0] * (share - len(mine))
     loader = DataLoader(Subset(generation.dataset, padded), batch_size=loop.per_device_eval_batch_size,
-                        shuffle=False, collate_fn=generation.collate_fn, num_workers=loop.dataloader_num_workers)
+                        shuffle=False, collate_fn=generation.collate_fn, num_workers=loop.dataloader_num_workers,
+                        **worker_signal_options())
     totals = torch.zeros(3, dtype=torch.float64)
     position = 0
     for batch in loader:
+        if stop is not None and stop.agree(dist):  # every rank has as many batches (padded shares)
+            return dict(STOPPED)
         references = batch.pop("references")
         batch.pop("bad_samples", None)
         batch = to_device(batch, dist.device)

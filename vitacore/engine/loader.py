@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vitacore.constants import IGNORE_INDEX
 from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
 from vitacore.data.sampler import ResumableSampler
 from vitacore.engine.config import LoopConfig
+from vitacore.engine.signals import worker_signal_options
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch with its tensors on ``device`` (other entries, e.g. sample ids, as they are)."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def loss_divisor(batches: list[dict], dist, accumulation: int) -> Optional[torch.Tensor]:
+    """Supervised tokens of an accumulation group over all ranks / (ranks x accumulation steps).
+
+    DeepSpeed averages gradients over ranks and divides each micro-batch's by the accumulation
+    steps; dividing a token *sum* by this makes the step's gradient the mean over every token of
+    the global batch, so 1 process x 8 samples and 2 processes x 4 give the same update. None when a
+    batch has no labels (every rank's batches have the same keys, so all skip the collective together).
+    """
+    if any("labels" not in b for b in batches):
+        return None
+    count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = torch.tensor([float(count)], device=dist.device)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total)
+    scale = dist.world_size * accumulation
+    return (total / scale).clamp(min=1.0 / scale).squeeze(0)
 
 
 def train_sampler(train_dataset: Dataset, args: LoopConfig, dist):
@@ -35,7 +55,8 @@ def train_sampler(train_dataset: Dataset, args: LoopConfig, dist):
 
 
 def worker_options(args: LoopConfig) -> dict:
-    """DataLoader worker arguments: workers, and with workers, persistence and prefetch depth.
+    """DataLoader worker arguments: workers, and with workers, persistence, prefetch depth, and workers
+    that ignore SIGTERM / SIGINT / SIGUSR1 (the main process handles them).
 
     Persistent workers keep resume exact: the sampler (set per epoch, skipped on resume) runs in the
     main process and the workers only map indices to samples, which does not draw random numbers.
@@ -44,6 +65,7 @@ def worker_options(args: LoopConfig) -> dict:
     """
     options = {"num_workers": args.dataloader_num_workers}
     if args.dataloader_num_workers > 0:
+        options.update(worker_signal_options())  # torch seeds the worker before its worker_init_fn
         options["persistent_workers"] = args.dataloader_persistent_workers
         if args.dataloader_prefetch_factor is not None:
             options["prefetch_factor"] = args.dataloader_prefetch_factor
@@ -63,6 +85,25 @@ def build_train_loader(train_dataset: Dataset, collate_fn: Callable, args: LoopC
     return sampler, loader, generator
 
 
+def _as_raised_in_worker(error: Exception) -> Exception:
+    """A DataLoader worker's error with the worker's own message.
+
+    Torch re-raises a worker's exception in the main process with the worker's whole traceback as
+    its message; the user needs the last line (the file, record and field), not the traceback.
+    """
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return error
+    last = text.rstrip().splitlines()[-1]
+    message = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        clean = type(error)(message)
+    except Exception:  # noqa: BLE001 - a type that does not take one message: keep the original
+        return error
+    clean.__cause__ = error
+    return clean
+
+
 @dataclass
 class AccumulationGroup:
     """The micro-batches of one optimizer step.
@@ -72,12 +113,16 @@ class AccumulationGroup:
         first_micro: the first one's index in the epoch.
         batches: the collated micro-batches, in order.
         closes_epoch: the group ends its epoch.
+        failure: the error that stopped reading the group (a bad record under ``--on_bad_sample
+            error``, a worker that died); ``batches`` then holds the micro-batches read before it.
+            The trainer agrees on it with the other ranks before the group's first forward.
     """
 
     epoch: int
     first_micro: int
     batches: list
     closes_epoch: bool
+    failure: Optional[BaseException] = None
 
     @property
     def next_micro(self) -> int:
@@ -94,6 +139,10 @@ def accumulation_groups(loader: DataLoader, sampler, generator: torch.Generator,
     ``gradient_accumulation_steps`` ends with a short group, which still makes an optimizer step
     (as the HF Trainer does). A resumed run starts at ``start_micro`` of ``start_epoch`` (a group
     boundary) by skipping indices: no sample before it is read.
+
+    An error while reading is not raised here: it ends the run's groups with one that carries it
+    (:attr:`AccumulationGroup.failure`), so the trainer raises it on every rank at the same point
+    (a bad record that one rank alone draws must not leave the others waiting in a collective).
     """
     accumulation = loop.gradient_accumulation_steps
     epoch, first = start_epoch, start_micro
@@ -102,9 +151,17 @@ def accumulation_groups(loader: DataLoader, sampler, generator: torch.Generator,
         sampler.skip(first * loop.per_device_train_batch_size)
         generator.manual_seed(loop.seed + epoch)
         group, start = [], first
-        batches = iter(loader)
+        try:
+            batches = iter(loader)
+        except Exception as err:  # noqa: BLE001 - handed to the trainer, which raises it on every rank
+            yield AccumulationGroup(epoch, start, group, False, failure=err)
+            return
         for index in range(first, num_micro_per_epoch):
-            group.append(next(batches))
+            try:
+                group.append(next(batches))
+            except Exception as err:  # noqa: BLE001 - as above
+                yield AccumulationGroup(epoch, start, group, False, failure=_as_raised_in_worker(err))
+                return
             if len(group) == accumulation or index + 1 == num_micro_per_epoch:
                 yield AccumulationGroup(epoch, start, group, index + 1 == num_micro_per_epoch)
                 start, group = index + 1, []

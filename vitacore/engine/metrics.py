@@ -18,7 +18,7 @@ from vitacore.model.flops import mfu
 class MetricsLog:
     """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` (main rank only).
 
-    A resumed run appends too; readers take the last row per step.
+    A resumed run appends too; readers take the last row per step (:mod:`vitacore.engine.curves`).
     """
 
     def __init__(self, output_dir: str, enabled: bool = True):
@@ -26,20 +26,43 @@ class MetricsLog:
         self.enabled = enabled
         self.rows: list[dict] = []
 
-    def reset(self) -> None:
-        """Start an empty file (a fresh, not resumed, run)."""
+    def reset(self) -> Optional[str]:
+        """Start an empty log (a fresh, not resumed, run): an earlier run's file is moved aside, never deleted.
+
+        Returns:
+            where the earlier file went (``metrics.<its last write time>.jsonl`` beside it), or None.
+        """
         self.rows = []
-        if self.enabled and os.path.exists(self.path):
-            os.remove(self.path)
+        if not self.enabled or not os.path.exists(self.path):
+            return None
+        folder = os.path.dirname(self.path)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(self.path)))
+        aside, copy = os.path.join(folder, f"metrics.{stamp}.jsonl"), 1
+        while os.path.exists(aside):
+            aside, copy = os.path.join(folder, f"metrics.{stamp}-{copy}.jsonl"), copy + 1
+        os.replace(self.path, aside)
+        return aside
 
     def write(self, row: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.rows.append(clean)
+        """Append ``row``; a NaN or infinite number is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``
+        (JSON has no such numbers, and ``null`` would hide what happened)."""
+        self.rows.append(dict(row))
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+            fh.write(json.dumps(_json_safe(row)) + "\n")
             fh.flush()
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float (also inside dicts and lists) as its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:

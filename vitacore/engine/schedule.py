@@ -46,3 +46,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
     except (TypeError, ValueError) as err:
         raise ValueError(f"--lr_scheduler_type {schedule} with --lr_scheduler_kwargs {kwargs or {}}: {err} (see "
                          "transformers' get_scheduler for the arguments each schedule takes)") from None
+
+
+def rebase_schedule(scheduler, base_lrs: list[float]) -> None:
+    """After a resume: the run's own base LRs at the restored step (the checkpoint brought its own).
+
+    Loading a checkpoint restores the schedule's step and the base LRs it was built with; the
+    schedule's shape (its lambdas) is this run's. A run allowed to change ``--learning_rate`` (or a
+    unit's LR) on resume gets the new rates from the restored step on; otherwise the rates are equal.
+
+    Args:
+        scheduler: the engine's ``LambdaLR`` (others are left alone).
+        base_lrs: the run's base LR per optimizer param group, in the optimizer's order.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or len(base_lrs) != len(scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [float(lr) for lr in base_lrs]
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

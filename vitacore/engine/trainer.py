@@ -11,53 +11,28 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vitacore import ranks
 from vitacore.checkpoint import Checkpointer, run_identity
 from vitacore.console import logger
-from vitacore.constants import IGNORE_INDEX
 from vitacore.data.bad_samples import BadSampleLog
+from vitacore.engine import step_checks as checks
 from vitacore.engine.config import LoopConfig, OptimConfig
 from vitacore.engine.distributed import DistInfo
 from vitacore.engine.evaluation import GenerationEval, evaluate
-from vitacore.engine.loader import AccumulationGroup, accumulation_groups, build_train_loader, to_device
+from vitacore.engine.loader import AccumulationGroup, accumulation_groups, build_train_loader, loss_divisor, to_device
 from vitacore.engine.metrics import MetricsLog, MetricsWindow, format_lr, sample_token_losses
 from vitacore.engine.optimizer import build_optimizer
+from vitacore.engine.outcomes import NonFiniteGradientError, NonFiniteLossError, StepOutcome, TrainResult
 from vitacore.engine.plots import CurveRedraws
-from vitacore.engine.schedule import build_scheduler, warmup_steps_for
+from vitacore.engine.schedule import build_scheduler, rebase_schedule, warmup_steps_for
 from vitacore.engine.signals import StopRequest
 from vitacore.engine.trackers import Trackers
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports."""
-
-    num_steps: int
-    seconds: float
-    first_loss: Optional[float]
-    last_loss: Optional[float]
-    final_eval: dict = field(default_factory=dict)
-    rows: list = field(default_factory=list)
-    stopped_by: Optional[str] = None
-    num_skipped_steps: int = 0
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one optimizer step reports to the loop."""
-
-    grad_norm: Optional[float]
-    stop_requested: bool
 
 
 class Trainer:
@@ -78,18 +53,23 @@ class Trainer:
         eval_dataset: held-out samples for :meth:`evaluate` (None: no evaluation).
         on_log: called with every metrics row.
         eval_generation: with ``loop.eval_generate``, the eval set's prompts to answer at each evaluation.
+        stop: the run's signal handling (a recipe holds one over the whole run; None: ``fit`` has its own).
 
     Raises:
-        ValueError: fp16 on a CPU.
+        ValueError: fp16 on a CPU; ranks that see different training data or resolved different
+            loop / optimizer / DeepSpeed configs (every rank raises, naming what differs).
     """
 
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], train_dataset: Dataset,
                  collate_fn: Callable, dist: DistInfo, *, loop: LoopConfig, optim: OptimConfig,
                  deepspeed_config: dict, checkpointer: Checkpointer, eval_dataset: Optional[Dataset] = None,
-                 on_log: Optional[Callable[[dict], None]] = None, eval_generation: Optional[GenerationEval] = None):
+                 on_log: Optional[Callable[[dict], None]] = None, eval_generation: Optional[GenerationEval] = None,
+                 stop: Optional[StopRequest] = None):
         if dist.device.type == "cpu" and deepspeed_config.get("fp16", {}).get("enabled"):
             raise ValueError("--fp16 True is not supported on CPU (DeepSpeed refuses fp16 there); "
                              "use --bf16 True or drop the flag for fp32")
+        checks.check_same_run(dist, train_dataset, {"loop config": loop, "optimizer config": optim,
+                                                    "DeepSpeed config": deepspeed_config})
         self.model = model
         self.param_groups = param_groups
         self.train_dataset = train_dataset
@@ -102,10 +82,12 @@ class Trainer:
         self.ds_config = deepspeed_config
         self.checkpointer = checkpointer
         self.on_log = on_log or (lambda row: None)
+        self.stop = stop or StopRequest()
         self.metrics = MetricsLog(checkpointer.output_dir, enabled=dist.is_main)
         # Every dataset the records name, the same list on every rank (per-dataset losses line up).
         self.dataset_names = sorted({name for name in getattr(train_dataset, "dataset_names", None) or () if name})
-        self.bad_samples = BadSampleLog(loop.max_bad_sample_ratio, dist.is_main)
+        self.bad_samples = BadSampleLog(loop.max_bad_sample_ratio, dist.is_main,
+                                        min_samples=loop.min_samples_for_bad_ratio)
         self.curves = CurveRedraws(checkpointer.output_dir, loop.plot_loss and dist.is_main)
         self.notes: list[str] = []
         self.trackers = Trackers.create(loop.report_to, loop.run_name, checkpointer.output_dir, dist.is_main,
@@ -121,11 +103,12 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(loop.num_train_epochs * updates_per_epoch))
         self.warmup_steps = warmup_steps_for(self.total_steps, optim.warmup_steps, optim.warmup_ratio)
+        self.base_lrs = [float(group["lr"]) for group in param_groups]  # before the schedule scales them
         self.engine = self._initialize()
         self.identity = run_identity(model, dist.world_size,
                                      [loop.per_device_train_batch_size, loop.gradient_accumulation_steps], loop.seed)
         self.step = 0  # optimizer steps done
-        self.num_skipped_steps = 0  # micro-batches skipped for a non-finite loss
+        self.num_skipped_steps = 0  # micro-batches (non-finite loss) and steps (non-finite gradients) skipped
 
     def _initialize(self):
         import deepspeed  # seconds to import: paid when a Trainer is built, not by `import vitacore`
@@ -156,13 +139,13 @@ class Trainer:
 
         Resumes from the checkpoint the checkpointer chose. SIGTERM / SIGINT finish the current
         optimizer step, save a checkpoint, and return with ``stopped_by`` set (the caller writes the
-        final artifacts). A non-finite loss raises :class:`NonFiniteLossError` naming the step, or
-        skips that micro-batch while ``loop.skip_nonfinite_steps`` allows.
+        final artifacts). A non-finite loss or gradient norm raises :class:`NonFiniteLossError` naming
+        the step, or skips that micro-batch / optimizer step while ``loop.skip_nonfinite_steps`` allows.
         """
         bar = tqdm(total=self.total_steps, desc=self.loop.progress_label, disable=not self.dist.is_main,
                    dynamic_ncols=True)
         try:
-            with StopRequest() as stop:
+            with self.stop as stop:
                 return self._fit(bar, stop)
         finally:
             bar.close()
@@ -192,7 +175,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             window.steps += 1
-            grad_norm = outcome.grad_norm if outcome.grad_norm is not None else self.engine.get_global_grad_norm()
+            grad_norm = outcome.grad_norm
             epoch_progress = self._epoch_progress(epoch, next_micro)
             if self.step % loop.logging_steps == 0 or self.step == self.total_steps:
                 row = window.row(self.step, epoch_progress, format_lr(self._group_lrs()), grad_norm, self.dist,
@@ -212,24 +195,35 @@ class Trainer:
                 if loop.save_strategy != "no":
                     self.save(epoch, next_micro, window)
                 break
-            if self._should_eval(group.closes_epoch):
-                self.evaluate(self.step, epoch_progress)
-            if self._save_due(group.closes_epoch):
+            if self._should_eval(group.closes_epoch) and "eval_stopped" in self.evaluate(self.step, epoch_progress):
+                stopped_by = stop.signal_name  # the ranks agreed in the evaluation loop
+                if loop.save_strategy != "no":
+                    self.save(epoch, next_micro, window)
+                break
+            save_requested = stop.take_save_request()  # SIGUSR1, agreed in train_step's collective
+            if self._save_due(group.closes_epoch) or save_requested:
                 self.save(epoch, next_micro, window)
         return self._finish(epoch, next_micro, started, stopped_by)
 
     def train_step(self, group: AccumulationGroup, window: MetricsWindow, stop: StopRequest) -> StepOutcome:
         """One optimizer step over an accumulation group: forward and backward per micro-batch, then step.
 
-        Every rank agrees, per micro-batch and in one collective, whether the loss is finite and
-        whether a stop was asked for. vitacore owns the accumulation boundary, so a short group at an
-        epoch's end still steps.
+        Before the first forward the ranks agree on whether each read its group (a bad record one
+        rank alone drew stops every rank here). Per micro-batch, in one collective, they agree on
+        whether the loss is finite and whether a stop was asked for. vitacore owns the accumulation
+        boundary, so a short group at an epoch's end still steps; a group whose micro-batches were
+        all skipped does not step, and a non-finite gradient norm skips the step
+        (:meth:`_optimizer_step`).
 
         Raises:
+            the group's read error on the rank that had it, :class:`vitacore.ranks.PeerRankError` on the others.
             NonFiniteLossError: a NaN / inf loss past ``loop.skip_nonfinite_steps`` skips.
+            NonFiniteGradientError: a NaN / inf gradient norm past the same number of skips.
         """
-        engine, divisor = self.engine, self._loss_divisor(group.batches)
-        grad_norm, stop_requested = None, False
+        ranks.agree(group.failure, f"reading the training data for optimizer step {self.step + 1}")
+        engine, accumulation = self.engine, self.loop.gradient_accumulation_steps
+        divisor = loss_divisor(group.batches, self.dist, accumulation) if self._accepts_num_items else None
+        stop_requested, contributed = False, False
         for offset, batch in enumerate(group.batches):
             closes = offset + 1 == len(group.batches)
             engine.set_gradient_accumulation_boundary(closes)
@@ -246,9 +240,10 @@ class Trainer:
                                          batch["sample_modalities"], batch["sample_datasets"])
                 del output  # the logits: free before backward
                 engine.backward(loss)
+                contributed = True
                 window.flops += getattr(self.model, "last_flops", 0.0)
                 # Summed over the group's micro-batches and ranks, this is the group's token-mean loss.
-                share = loss.item() / self.loop.gradient_accumulation_steps if divisor is not None else loss.item()
+                share = loss.item() / accumulation if divisor is not None else loss.item()
                 window.add(share, batch, share_of_step=divisor is not None)
             elif self.num_skipped_steps < self.loop.skip_nonfinite_steps:
                 self.num_skipped_steps += 1  # every rank skips this micro-batch's backward together
@@ -257,15 +252,53 @@ class Trainer:
                     f"loss is {loss.item()} at optimizer step {self.step + 1} (epoch {group.epoch}, micro-batch "
                     f"{group.first_micro + offset + 1}, samples {batch.get('sample_ids')}); lower --learning_rate, "
                     f"check the data, or allow skips with --skip_nonfinite_steps N")
-            if closes:
-                grad_norm = self._grad_norm_before_step()
-            engine.step()
-        return StepOutcome(grad_norm, stop_requested)
+            if not closes:
+                if finite:
+                    engine.step()  # between boundaries DeepSpeed only counts the micro-batch
+            elif contributed:
+                if not finite:  # DeepSpeed reduces the group's gradients in the boundary's backward: run it on
+                    engine.backward(loss * 0.0)  # zero (a non-finite gradient then skips the step, counted once)
+                return StepOutcome(self._optimizer_step(group, counted=not finite), stop_requested)
+        return StepOutcome(None, stop_requested)  # every micro-batch was skipped: no gradient, no step
+
+    def _optimizer_step(self, group: AccumulationGroup, counted: bool) -> Optional[float]:
+        """Step at the accumulation boundary unless the global gradient norm is not finite; the (pre-clip) norm.
+
+        A skipped step (:func:`~vitacore.engine.step_checks.step_unless_nonfinite`) is counted
+        against ``loop.skip_nonfinite_steps``, with the micro-batches skipped for their loss, unless
+        ``counted``: the group's skipped last micro-batch was counted already.
+        """
+        norm, skipped = checks.step_unless_nonfinite(self.engine, self.param_groups, self.dist)
+        if skipped is None:  # fp16 loss scaling skips routinely; DeepSpeed lowers the scale and goes on
+            return norm
+        if not skipped and not checks.is_finite(norm):
+            raise NonFiniteGradientError(
+                f"the gradient norm is {norm} at optimizer step {self.step + 1} and DeepSpeed applied the step "
+                "(its overflow check is off: \"check_grad_overflow\": false in the DeepSpeed config); the weights "
+                "are no longer finite. Turn the check on, lower --learning_rate, or check the data")
+        if skipped and not counted:
+            where = (f"optimizer step {self.step + 1} (epoch {group.epoch}, micro-batches {group.first_micro + 1}-"
+                     f"{group.next_micro})")
+            if self.num_skipped_steps >= self.loop.skip_nonfinite_steps:
+                raise NonFiniteGradientError(
+                    f"the gradient norm is {norm} at {where} while the loss was finite; the step was not applied. "
+                    f"Lower --learning_rate, check the data, or allow skips with "
+                    f"--skip_nonfinite_steps N ({self.num_skipped_steps} used of {self.loop.skip_nonfinite_steps})")
+            self.num_skipped_steps += 1
+            if self.dist.is_main:
+                logger.warning(f"warning: skipped {where}: the gradient norm is {norm} (the loss was finite); "
+                               f"weights and optimizer state unchanged ({self.num_skipped_steps} of "
+                               f"--skip_nonfinite_steps {self.loop.skip_nonfinite_steps} skips used)")
+        return norm
 
     def evaluate(self, step: int, epoch: float) -> dict:
         """Loss and teacher-forced answer accuracy on the eval set, summed over ranks; logged and returned."""
         row = evaluate(self.engine, self.eval_dataset, self.collate_fn, self.loop, self.dist,
-                       token_model=hasattr(self.model, "llm"), generation=self.eval_generation)
+                       token_model=hasattr(self.model, "llm"), generation=self.eval_generation, stop=self.stop)
+        if "eval_stopped" in row:
+            self._log({"step": step, "epoch": epoch, "event": "stopped", "signal": self.stop.signal_name,
+                       "during": "evaluation"})
+            return row
         row = {"step": step, "epoch": epoch, **row}
         self._log(row)
         if self.dist.is_main:  # shown as it happens, not only in metrics.jsonl
@@ -275,11 +308,20 @@ class Trainer:
         return row
 
     def save(self, epoch: int, micro_in_epoch: int, window: MetricsWindow) -> str:
-        """Write ``checkpoint-<step>`` at the current optimizer step (every rank calls this)."""
+        """Write ``checkpoint-<step>`` at the current optimizer step (every rank calls this).
+
+        Raises:
+            ValueError: on every rank, naming a trainable parameter that holds NaN / inf (nothing written).
+        """
         position = {"step": self.step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                     "num_skipped_steps": self.num_skipped_steps, "window": window.state_dict(),
                     "bad_samples": self.bad_samples.state_dict()}
         state = {"position": position, "identity": self.identity, "total_steps": self.total_steps}
+        with ranks.together(f"checking the weights before writing checkpoint-{self.step}"):
+            name = checks.first_nonfinite_weight(self.model)
+            if name is not None:  # a checkpoint must resume a healthy run; the earlier ones stay
+                raise ValueError(f"not writing checkpoint-{self.step}: the trainable parameter {name} holds NaN or "
+                                 "infinite values; resume from an earlier checkpoint with a lower --learning_rate")
         path = self.checkpointer.save(self.engine, self.step, state)
         self._log({"step": self.step, "event": "checkpoint", "path": path})
         self.curves.at_checkpoint()
@@ -291,9 +333,12 @@ class Trainer:
         """Restore the checkpoint the checkpointer chose (if any); the loop position to start at."""
         state = self.checkpointer.load(self.engine, self.identity)
         if state is None:
-            self.metrics.reset()  # a fresh run starts a fresh log
+            aside = self.metrics.reset()  # a fresh run starts a fresh log
+            if aside:
+                logger.info(f"note: {self.metrics.path} of an earlier run moved to {aside}")
             return {"step": 0, "epoch": 0, "micro_in_epoch": 0, "num_skipped_steps": 0, "window": None}
         position = state["position"]
+        rebase_schedule(self.engine.lr_scheduler, self.base_lrs)  # an allowed --learning_rate change applies
         self.bad_samples.load_state_dict(position.get("bad_samples"))
         if position["micro_in_epoch"] >= self.num_micro_per_epoch:
             position.update(epoch=position["epoch"] + 1, micro_in_epoch=0)
@@ -303,40 +348,15 @@ class Trainer:
         self._log({"step": position["step"], "event": "resumed", "path": self.checkpointer.resume_path})
         return position
 
-    def _loss_divisor(self, batches: list[dict]) -> Optional[torch.Tensor]:
-        """Supervised tokens of the group over all ranks / (ranks x accumulation steps).
-
-        DeepSpeed averages gradients over ranks and divides each micro-batch's by the accumulation
-        steps; dividing a token *sum* by this makes the step's gradient the mean over every token of
-        the global batch, so 1 process x 8 samples and 2 processes x 4 give the same update.
-        """
-        if not self._accepts_num_items or any("labels" not in b for b in batches):
-            return None
-        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        total = torch.tensor([float(count)], device=self.dist.device)
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(total)
-        scale = self.dist.world_size * self.loop.gradient_accumulation_steps
-        return (total / scale).clamp(min=1.0 / scale).squeeze(0)
-
     def _agree(self, loss: torch.Tensor, stop: StopRequest) -> tuple[bool, bool]:
         """(loss finite on every rank, a stop was requested on some rank), in one collective."""
-        flags = [0.0 if bool(torch.isfinite(loss)) else 1.0, 1.0 if stop.signal_name else 0.0]
+        flags = [0.0 if bool(torch.isfinite(loss)) else 1.0, *stop.local_flags()]  # + [stop, SIGUSR1 save]
         if self.dist.world_size > 1:
             reduced = torch.tensor(flags, device=self.dist.device)
             torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
             flags = reduced.tolist()
-            if flags[1] and stop.signal_name is None:
-                stop.signal_name = "peer rank"
+        stop.settle(flags[1:])
         return not flags[0], bool(flags[1])
-
-    def _grad_norm_before_step(self) -> Optional[float]:
-        if self.engine.zero_optimization_stage() > 0:
-            return None
-        grads = [p.grad.detach() for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _group_lrs(self) -> dict[str, float]:
         groups = self.engine.optimizer.param_groups
@@ -359,6 +379,8 @@ class Trainer:
         final_eval = {}
         if self.eval_dataset is not None and stopped_by is None:
             final_eval = self.evaluate(self.step, self._epoch_progress(epoch, next_micro))
+            if "eval_stopped" in final_eval:  # the final checkpoint is already saved
+                stopped_by, final_eval = self.stop.signal_name, {}
         self.curves.at_end()
         train_rows = [r for r in self.metrics.rows if "loss" in r]
         return TrainResult(self.step, time.time() - started, train_rows[0]["loss"] if train_rows else None,
