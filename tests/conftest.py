@@ -22,9 +22,14 @@ def dist():
 def vitacore_cache(tmp_path_factory):
     """A cache folder for the embedded default, shared by the tests of one session.
 
-    ``VITACORE_TEST_CACHE`` reuses a folder across sessions (handy locally; CI builds fresh).
+    ``VITACORE_TEST_CACHE`` reuses a folder across sessions (handy locally; CI builds fresh). Under
+    ``pytest -n N`` the workers share one folder of the run's base temporary directory.
     """
-    path = os.environ.get("VITACORE_TEST_CACHE") or str(tmp_path_factory.mktemp("vitacore_cache"))
+    path = os.environ.get("VITACORE_TEST_CACHE")
+    if not path and os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n: one cache for all workers (the build is safe across processes), not one build each.
+        path = str(tmp_path_factory.getbasetemp().parent / "vitacore_cache")
+    path = path or str(tmp_path_factory.mktemp("vitacore_cache"))
     os.environ["VITACORE_CACHE"] = path
     return path
 

@@ -40,6 +40,14 @@ class _ProgressAwareHandler(logging.Handler):
             self.handleError(record)
 
 
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes warns on import, on CPUs with AVX-512 BF16, that an optional downloadable 4-bit kernel
+    is absent; its built-in CPU kernel is used instead, so the line tells a user nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
 def enable_console(level: int = logging.INFO) -> None:
     """Print vitacore's messages (text only, no prefix) to stdout on rank 0; idempotent.
 
@@ -53,3 +61,6 @@ def enable_console(level: int = logging.INFO) -> None:
         handler.addFilter(_RankZeroFilter())
         logger.addHandler(handler)
     logger.propagate = False  # the entry point owns the console: no second copy through the root logger
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in notices.filters):
+        notices.addFilter(_DropOptionalKernelNotice())

@@ -103,7 +103,8 @@ def test_wandb_and_tensorboard_track_a_run_and_continue_it_on_resume(dist, vitac
     # A crash after step 10 was logged but before checkpoint-10 was complete: the rerun resumes from
     # checkpoint-5 and logs steps 6, 8 and 10 again.
     shutil.rmtree(out / "checkpoint-10")
-    assert run_demo(out, "--report_to", "wandb,tensorboard", "--run_name", "t1", "--max_steps", "20") == 0
+    assert run_demo(out, "--report_to", "wandb,tensorboard", "--run_name", "t1", "--max_steps", "20",
+                    "--allow_resume_changes", "max_steps") == 0  # a longer run, allowed by name
     assert (out / RUN_ID_FILE).read_text().strip() == run_id
     resumed_run, resumed_history = offline_run(wandb_env, run_id, 1)
     assert resumed_run["run_id"] == run_id and resumed_run["resume"] is True

@@ -94,20 +94,25 @@ def test_error_stops_naming_file_record_and_field(tmp_path, tok, case):
     assert str(path) in message and "record 1" in message and field in message, message
 
 
-def test_a_full_run_with_a_bad_record_finishes_and_metrics_count_it(tmp_path, vitacore_cache, capsys):
-    """Setup: recipe_main on the embedded default (stage 1, 2 steps) with a 6-record file, one an unknown role.
-    Expect: exit 0, metrics.jsonl rows carry bad_records_at_load 1 (before: exit 2, ratio exceeded)."""
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_full_run_with_a_bad_record_finishes_and_metrics_count_it(tmp_path, vitacore_cache, capsys, case):
+    """Setup: recipe_main on the embedded default (stage 1, 2 steps) from a registry whose file holds 5 image
+    records and one with the problem. Expect: exit 0, every metrics.jsonl row carries bad_records_at_load 1
+    (before: exit 2, the load-time ratio was exceeded at 1 of 6)."""
     from vitacore.recipes import recipe_main
 
     Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
     records = [{"id": f"g{i}", "image": "red.png", "conversations": _turns(("human", f"<image>\nq {i}"),
                                                                             ("gpt", f"a {i}"))} for i in range(5)]
-    records.insert(2, BAD["unknown_role"][0])
+    records.insert(2, BAD[case][0])
+    (tmp_path / "known").mkdir()
     (tmp_path / "train.json").write_text(json.dumps(records))
+    (tmp_path / "datasets.yaml").write_text("mix:\n  - chat_path: train.json\n    known: known\n")
     out = tmp_path / "out"
     started = time.monotonic()
-    code = recipe_main(["--data_path", str(tmp_path / "train.json"), "--max_steps", "2", "--logging_steps", "1",
-                        "--per_device_train_batch_size", "2", "--output_dir", str(out)])
+    code = recipe_main(["--data_registry", str(tmp_path / "datasets.yaml"), "--dataset_use", "mix", "--max_steps", "2",
+                        "--logging_steps", "1", "--per_device_train_batch_size", "2", "--output_dir", str(out),
+                        "--plot_loss", "False"])
     elapsed = time.monotonic() - started
     assert code == 0, capsys.readouterr().err
     with open(out / "metrics.jsonl") as fh:
