@@ -8,12 +8,12 @@ on its own, and the test measures when.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from launch import free_port
 from torch.utils.data import DistributedSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.slow
 
 EXIT_WITHIN_S = 30  # after the first rank reports its error
 GIVE_UP_S = 300  # the test's own limit (start-up included)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_ranks(tmp_path, cache, argv: list[str]) -> list[subprocess.Popen]:

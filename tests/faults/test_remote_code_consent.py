@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from launch import env_for
 from tiny_models import write_real_internvit
 
 from vitacore.checkpoint.export import save_full_export
@@ -40,13 +41,6 @@ def marked_tower(root) -> tuple[str, str]:
         with open(path, "w") as fh:
             fh.write(f"open({marker!r}, 'a').write({name!r} + '\\n')\n{code}")
     return folder, marker
-
-
-def env_for(cache):
-    env = dict(os.environ, VITACORE_CACHE=cache, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    return env
 
 
 def test_train_stage_refuses_an_untrusted_tower_before_its_code_runs(tmp_path, vitacore_cache):

@@ -5,7 +5,6 @@ DataLoader worker. Each test spawns real processes and reads the output folder t
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import time
 
 import pytest
 import torch
+from launch import env_for, free_port
 
 from vitacore.checkpoint import is_full_export, latest_checkpoint, read_run_status
 
@@ -20,19 +20,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(REPO, "examples", "train_stage.py")
 EXPORT_DRIVER = os.path.join(REPO, "tests", "faults", "export_signal_driver.py")
 pytestmark = pytest.mark.slow
-
-
-def env_for(cache):
-    env = dict(os.environ, VITACORE_CACHE=cache, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    return env
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Run:

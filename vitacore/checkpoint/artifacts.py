@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from vitacore.checkpoint.gather import gathered_state
+from vitacore.checkpoint.manifest import fsync_dir
 from vitacore.model import AdapterWeights
 from vitacore.model.loading import read_tensor_file
 
@@ -16,15 +17,6 @@ MM_PROJECTOR_FILE = "mm_projector.bin"
 AUDIO_ADAPTER_FILE = "audio_adpter.bin"  # VITA's spelling, kept so its loaders find the file
 MM_PROJECTOR_PREFIX = "model.mm_projector."
 AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
-
-
-def fsync_folder(folder: str) -> None:
-    """Flush ``folder``'s entries (names created, renamed or removed in it) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -40,7 +32,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -10,8 +10,9 @@ from typing import Callable, Mapping, Optional
 
 from vitacore import ranks
 from vitacore.checkpoint import folders
-from vitacore.checkpoint.export.writer import fsync_tree, publish_into
+from vitacore.checkpoint.export.writer import publish_into
 from vitacore.checkpoint.lock import OutputLock
+from vitacore.checkpoint.manifest import fsync_tree
 from vitacore.checkpoint.resumable import (
     CONFIG_FILE,
     clean_partial_saves,

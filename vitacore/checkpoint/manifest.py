@@ -131,15 +131,23 @@ def read_marker(folder: str) -> dict:
     Raises:
         ValueError: it is not readable JSON (naming the file).
     """
-    path = os.path.join(folder, COMPLETE_MARKER)
+    return read_json_object(os.path.join(folder, COMPLETE_MARKER), "the completion marker")
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """A checkpoint's JSON file that must hold an object.
+
+    Raises:
+        ValueError: unreadable, not JSON, or not an object (naming the file and ``what`` it is).
+    """
     try:
-        with open(path) as fh:
-            marker = json.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            loaded = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the completion marker ({err}); the checkpoint is damaged") from err
-    if not isinstance(marker, dict):
-        raise ValueError(f"{path}: the completion marker is not a JSON object; the checkpoint is damaged")
-    return marker
+        raise ValueError(f"{path}: cannot read {what} ({err}); the checkpoint is damaged") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: {what} is not a JSON object; the checkpoint is damaged")
+    return loaded
 
 
 def find_problems(folder: str, files: dict[str, dict], rank: int = 0, world_size: int = 1) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from vitacore._version import __version__
 from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
 from vitacore.checkpoint.folders import LEGACY_STATE_FILE, STATE_FILE
+from vitacore.checkpoint.manifest import read_json_object
 
 
 def rng_file(folder: str, rank: int) -> str:
@@ -117,11 +118,4 @@ def read_trainer_state(path: str) -> dict:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{os.path.join(path, STATE_FILE)}: missing; the checkpoint is incomplete")
-    try:
-        with open(file) as fh:
-            state = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: cannot read the checkpoint's loop state ({err}); the file is damaged") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{file}: not a JSON object; the file is damaged")
-    return state
+    return read_json_object(file, "the checkpoint's loop state")

@@ -25,6 +25,7 @@ from vitacore.checkpoint.export.format import (
     WEIGHTS_FILE,
     is_full_export,
 )
+from vitacore.checkpoint.manifest import fsync_dir, fsync_tree
 from vitacore.checkpoint.vita_layout import to_vita_name
 from vitacore.partition import gathered, is_partitioned
 
@@ -241,23 +242,6 @@ def _earlier_export_files(directory: str) -> set[str]:
         return set(json.load(fh)["vitacore"].get("files", [CONFIG_FILE]))
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: str) -> None:
-    """fsync every file and folder under ``root`` (folders after what they hold)."""
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(folder)
-
-
 def publish_into(staging: str, directory: str, replaceable: frozenset = frozenset()) -> None:
     """Move a finished, fsynced ``staging`` folder into place (main rank).
 
@@ -279,7 +263,7 @@ def publish_into(staging: str, directory: str, replaceable: frozenset = frozense
     """
     if not os.path.exists(directory):
         os.rename(staging, directory)
-        _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+        fsync_dir(os.path.dirname(os.path.abspath(directory)))
         return
     earlier = _earlier_export_files(directory)
     entries = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)
@@ -304,7 +288,7 @@ def publish_into(staging: str, directory: str, replaceable: frozenset = frozense
         elif os.path.exists(target):
             os.remove(target)
     os.rmdir(staging)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool, dtype: torch.dtype = torch.bfloat16,
