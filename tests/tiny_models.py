@@ -159,3 +159,17 @@ def write_real_internvit(folder, seed: int = 1, image_size: int = 28, patch_size
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as fh:
         json.dump(processor, fh, indent=2)
     return folder
+
+
+class NanLossAtCall(VitaModel):
+    """A VitaModel whose training loss turns NaN on its ``bad_call``-th training forward (1-based; 0: never)."""
+
+    bad_call = 5
+
+    def forward(self, **batch):
+        output = super().forward(**batch)
+        if self.training:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == self.bad_call:
+                output["loss"] = output["loss"] * float("nan")
+        return output

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from tiny_models import NanLossAtCall
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vitacore.checkpoint import CheckpointConfig, Checkpointer
@@ -414,23 +415,10 @@ def test_eval_rows_and_accuracy_by_hand(dist, tmp_path):
 # Failure modes and flags
 # ---------------------------------------------------------------------------------------------
 
-class NanAtCall(VitaModel):
-    """A VitaModel whose training loss turns NaN on its ``bad_call``-th training forward."""
-
-    bad_call = 5
-
-    def forward(self, **batch):
-        output = super().forward(**batch)
-        if self.training:
-            self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == self.bad_call:
-                output["loss"] = output["loss"] * float("nan")
-        return output
-
 
 def test_non_finite_loss_stops_the_run_naming_the_step(dist, tmp_path):
     base = make_model()
-    model = NanAtCall(base.llm, model_max_length=128)
+    model = NanLossAtCall(base.llm, model_max_length=128)
     # Accumulation 2: the 5th micro-batch belongs to optimizer step 3.
     cfg = make_config(tmp_path, max_steps=6, gradient_accumulation_steps=2)
     trainer = make_trainer(dist, cfg, model, pair_samples(16))
@@ -442,7 +430,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(dist, tmp_path):
 
 def test_skip_nonfinite_steps_skips_that_micro_batch_and_goes_on(dist, tmp_path):
     base = make_model()
-    model = NanAtCall(base.llm, model_max_length=128)
+    model = NanLossAtCall(base.llm, model_max_length=128)
     cfg = make_config(tmp_path, max_steps=6, gradient_accumulation_steps=2, skip_nonfinite_steps=1)
     trainer = make_trainer(dist, cfg, model, pair_samples(16))
     result = trainer.fit()

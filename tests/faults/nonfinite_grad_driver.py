@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # test_numerics, and the tests' shared tiny_models
 from test_numerics import local_weights, make_trainer, tiny_model  # noqa: E402
 
 from vitacore.engine import init_distributed  # noqa: E402

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from tiny_models import NanLossAtCall
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vitacore.checkpoint import CheckpointConfig, Checkpointer
@@ -22,20 +23,6 @@ from vitacore.engine.metrics import MetricsLog, MetricsWindow
 from vitacore.model.multimodal import VitaModel
 
 VOCAB, HIDDEN, PAD = 64, 32, 0
-
-
-class NanLossAtCall(VitaModel):
-    """Its loss is NaN at the ``bad_call``-th training forward (1-based)."""
-
-    bad_call = 0
-
-    def forward(self, **batch):
-        output = super().forward(**batch)
-        if self.training:
-            self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == self.bad_call:
-                output["loss"] = output["loss"] * float("nan")
-        return output
 
 
 def tiny_model(bad_loss_call: int = 0) -> VitaModel:
