@@ -18,6 +18,7 @@ run is running, finished, stopped (and by which signal) or failed (and why).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -216,7 +217,7 @@ class StageRecipe:
         output_dir = self.checkpointer.output_dir
         written = {**artifacts, "metrics.jsonl": os.path.join(output_dir, "metrics.jsonl"), "checkpoint": latest}
         for path in written.values():
-            if path and os.path.exists(path):
+            if path and os.path.exists(path) and self.dist.is_main:  # other ranks would race rank 0's writes
                 logger.info(f"wrote {path} ({_size(path):,} bytes)")
         return artifacts
 
@@ -307,7 +308,12 @@ def recipe_main(argv: Optional[Sequence[str]] = None) -> int:
 def _size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+                total += os.path.getsize(os.path.join(root, name))
+    return total
 
 
 if __name__ == "__main__":
