@@ -106,6 +106,9 @@ class DataArguments:
     max_audio_seconds: float = _f(600.0, "an audio file longer than this is a bad sample")
     restrict_media_paths: bool = _f(False, "a media path that resolves outside its declared folder "
                                            "(--image_folder, a registry set's folder, ...) is a bad sample")
+    length_cache_dir: Optional[str] = _f(None, "folder of the per-record token-length cache (None: a "
+                                               ".vitacore_lengths folder beside the first data file, or the "
+                                               "output folder when that one is not writable)")
 
 
 @dataclass
@@ -135,6 +138,11 @@ class TrainingArguments:
     trainable_regex: Optional[str] = _f(None, "also train parameters whose name matches (re.search)")
     frozen_regex: Optional[str] = _f(None, "freeze parameters whose name matches; wins over everything")
     group_by_modality_length: bool = _f(False, "batch samples of the same modality together")
+    packing: bool = _f(False, "pack several samples into each row (up to --packing_max_length tokens after media "
+                              "expansion); each sample attends only to itself")
+    packing_max_length: Optional[int] = _f(None, "longest packed row in tokens (None: --model_max_length)")
+    loss_chunk_size: int = _f(1024, "tokens per chunk of the output head + cross-entropy, so full-sequence logits "
+                                    "are never built (0: the LLM's own loss over full logits)")
     output_dir: str = _f("output", "where checkpoints and logs go")
     num_train_epochs: float = _f(1.0, "number of passes over the data")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: use epochs)")

@@ -16,6 +16,7 @@ from vitacore.data.audio import AudioTransform, load_wav, write_wav
 from vitacore.data.dataset import Collator, Sample
 from vitacore.data.whisper_audio import WhisperAudioTransform, whisper_token_length
 from vitacore.model.audio import AudioAdapter, build_audio_encoder, load_audio_encoder
+from vitacore.model.encoder_sync import dummy_audio_output
 from vitacore.model.multimodal import VitaModel
 from vitacore.model.whisper import WhisperAudioEncoder
 from vitacore.recipes import model_inputs
@@ -111,7 +112,7 @@ def test_encode_audio_blocks_have_the_token_counts_the_data_predicted(clips, enc
 def test_dummy_audio_pass_uses_the_encoder_mel_bins(encoder):
     model = VitaModel(nn.Identity(), audio_encoder=encoder, audio_adapter=AudioAdapter(16, 24))
     model.run_all_encoders = True
-    out = model._dummy_audio_output(torch.device("cpu"))
+    out = dummy_audio_output(model, torch.device("cpu"))
     assert out.dim() == 0 and torch.isfinite(out)
     out.backward()  # the adapter takes part in backward
     assert model.audio_adapter.project.weight.grad is not None

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from vitacore.model.encoder_sync import dummy_audio_output, dummy_image_output
 from vitacore.model.flops import ModuleCost, attention_flops, step_flops
 from vitacore.model.generation import generate_answers
 from vitacore.model.merge import merge_media_embeddings
@@ -131,11 +132,11 @@ class VitaModel(nn.Module):
         With ``run_all_encoders``, an encoder whose media the batch lacks runs once on a dummy input.
         """
         image_blocks = self.encode_images(images) if images is not None and images.shape[0] else []
-        unused = None if image_blocks else self._dummy_image_output(device)
+        unused = None if image_blocks else dummy_image_output(self, device)
         audio_blocks = (self.encode_audio(audios, audio_lengths, audio_token_lengths)
                         if audios is not None and audios.shape[0] else [])
         if not audio_blocks:
-            audio_unused = self._dummy_audio_output(device)
+            audio_unused = dummy_audio_output(self, device)
             unused = audio_unused if unused is None else (unused if audio_unused is None else unused + audio_unused)
         return image_blocks, audio_blocks, unused
 
@@ -225,20 +226,3 @@ class VitaModel(nn.Module):
             count, trains = stats.get(unit, (0, False))
             costs.append(ModuleCost(count, audio_tokens, trains))
         return step_flops(costs)
-
-    def _dummy_image_output(self, device) -> Optional[torch.Tensor]:
-        """With ``run_all_encoders``: the tower and projector on one blank image, summed (else None)."""
-        if not self.run_all_encoders or self.vision_tower is None or self.mm_projector is None:
-            return None
-        size = self.vision_tower.image_spec.image_size
-        return sum(block.sum() for block in self.encode_images(torch.zeros(1, 3, size, size, device=device)))
-
-    def _dummy_audio_output(self, device) -> Optional[torch.Tensor]:
-        """With ``run_all_encoders``: the audio encoder and adapter on one silent clip, summed (else None)."""
-        if not self.run_all_encoders or self.audio_encoder is None or self.audio_adapter is None:
-            return None
-        frames = 16  # the shortest clip the subsampling convolutions accept comfortably (Whisper pads it)
-        mel = self.audio_encoder.num_mel_bins  # the encoder's own input width (80 fbank bins, Whisper's mels)
-        blocks = self.encode_audio(torch.zeros(1, frames, mel, device=device),
-                                   torch.tensor([frames], device=device), torch.tensor([1], device=device))
-        return sum(block.sum() for block in blocks)
