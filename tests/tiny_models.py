@@ -7,6 +7,10 @@ import shutil
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from vitacore.constants import AUDIO_TOKEN_INDEX as AUD
+from vitacore.constants import IGNORE_INDEX as IGN
+from vitacore.constants import IMAGE_TOKEN_INDEX as IMG
+from vitacore.data.audio import audio_token_length
 from vitacore.data.images import ImageSpec
 from vitacore.model.audio import AudioAdapter, AudioEncoder, AudioEncoderConfig
 from vitacore.model.multimodal import VitaModel
@@ -173,3 +177,37 @@ class NanLossAtCall(VitaModel):
             if self.calls == self.bad_call:
                 output["loss"] = output["loss"] * float("nan")
         return output
+
+
+AUDIO_FRAMES = 40
+
+
+def media_batch(dims, audio_frames=(AUDIO_FRAMES,)):
+    """Row 0: one image, row 1: one audio clip per entry of audio_frames, row 2: text only."""
+    torch.manual_seed(123)
+    rows = [
+        ([1, 2, IMG, 3, 4, 5, 6], [IGN, IGN, IGN, IGN, 4, 5, 6]),
+        ([7, *([AUD] * len(audio_frames)), 8, 9, 10], [IGN, *([IGN] * len(audio_frames)), IGN, 9, 10]),
+        ([11, 12, 13, 14], [IGN, 12, 13, 14]),
+    ]
+    longest = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros(3, longest, dtype=torch.long)
+    labels = torch.full((3, longest), IGN)
+    mask = torch.zeros(3, longest, dtype=torch.long)
+    for r, (ids, labs) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(labs)] = torch.tensor(labs)
+        mask[r, : len(ids)] = 1
+    audios = torch.zeros(len(audio_frames), max(audio_frames), dims["mel"])
+    for i, n in enumerate(audio_frames):
+        audios[i, :n] = torch.randn(n, dims["mel"])
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "images": torch.randn(1, 3, dims["image_size"], dims["image_size"]),
+        "audios": audios,
+        "audio_lengths": torch.tensor(list(audio_frames)),
+        "audio_token_lengths": torch.tensor([audio_token_length(n) for n in audio_frames]),
+        "sample_ids": ["img", "aud", "txt"],
+    }

@@ -41,7 +41,7 @@ def rule_errors(cfg) -> List[str]:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps", "logging_steps", "lora_r"):
         at_least(name, 1)
-    for name in ("warmup_steps", "dataloader_num_workers", "skip_nonfinite_steps"):
+    for name in ("warmup_steps", "dataloader_num_workers", "skip_nonfinite_steps", "loss_chunk_size"):
         at_least(name, 0)
     at_least("model_max_length", 16)
     check(t.dataloader_prefetch_factor is None or t.dataloader_prefetch_factor >= 1,

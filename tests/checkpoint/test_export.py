@@ -59,6 +59,7 @@ def batch():
 
 def logits(model, data=None):
     model.eval()
+    model.loss_chunk_size = 0  # the full-logits path, which returns the logits
     with torch.no_grad():
         return model(**(data or batch()))["logits"]
 

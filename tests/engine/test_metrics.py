@@ -10,18 +10,37 @@ from vitacore.recipes import recipe_main
 
 
 def test_sample_token_losses_are_the_cross_entropy_of_each_rows_answer_tokens():
+    """Setup: random logits, labels with a supervised span in rows 0 and 2 and none in row 1; the model's
+    per-position losses and next-token targets made from them as vitacore.model.loss makes them.
+    Expect: per row, the summed cross-entropy of its answer tokens (position t predicts t + 1) and their count."""
+    from vitacore.model.loss import logits_cross_entropy, next_token_targets
+
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 11)
     labels = torch.full((3, 6), -100)
     labels[0, 2:5] = torch.tensor([1, 2, 3])
     labels[2, 1:] = torch.tensor([4, 5, 6, 7, 8])  # row 1: no supervised token
-    sums, counts = sample_token_losses(logits, labels)
+    targets = next_token_targets(labels)
+    sums, counts = sample_token_losses(logits_cross_entropy(logits, targets).token_losses, targets)
     assert counts == [3, 0, 5]
-    for row in (0, 2):  # position t predicts token t + 1
+    for row in (0, 2):
         keep = labels[row, 1:] != -100
         expected = torch.nn.functional.cross_entropy(logits[row, :-1][keep], labels[row, 1:][keep], reduction="sum")
         assert sums[row] == pytest.approx(float(expected), rel=1e-6)
     assert sums[1] == 0.0
+
+
+def test_packed_rows_report_each_sample_alone():
+    """Setup: one packed row holding two samples (segments 1 and 2) and padding, per-position losses 1..8.
+    Expect: two entries, each summing only its own supervised positions; the boundary position is not counted."""
+    from vitacore.model.loss import next_token_targets
+
+    labels = torch.tensor([[-100, 5, 6, -100, 7, 8, -100, -100]])
+    segments = torch.tensor([[1, 1, 1, 2, 2, 2, 0, 0]])
+    targets = next_token_targets(labels, segments)
+    token_losses = torch.arange(1.0, 9.0)[None]
+    sums, counts = sample_token_losses(token_losses * (targets != -100), targets, segments)
+    assert counts == [2, 2] and sums == [1.0 + 2.0, 4.0 + 5.0]
 
 
 @pytest.fixture(scope="module")

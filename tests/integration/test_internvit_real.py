@@ -99,6 +99,7 @@ def image_batch(model, count=2):
 
 def logits(model, batch):
     model.eval()
+    model.loss_chunk_size = 0  # the full-logits path, which returns the logits
     with torch.no_grad():
         return model(**batch)["logits"]
 

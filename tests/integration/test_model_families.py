@@ -84,6 +84,7 @@ def test_stage1_step_with_each_family_and_tower(checkpoints, dist, vitacore_cach
 
 def _logits(model, batch):
     model.eval()
+    model.loss_chunk_size = 0  # the full-logits path, which returns the logits
     with torch.no_grad():
         return model(**batch)["logits"]
 

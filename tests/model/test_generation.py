@@ -51,13 +51,14 @@ def _media_tokens(model, ids):
 
 def _teacher_forced_next(model, batch):
     """Per row, the argmax of the training forward's logits at the prompt's last position."""
+    model.loss_chunk_size = 0  # the full-logits path, which returns the logits
     with torch.no_grad():
         out = model(labels=torch.full_like(batch["input_ids"], IGN), **batch)
     next_tokens = []
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
         last = len(ids) - int((ids < 0).sum()) + _media_tokens(model, ids) - 1  # training pads on the right
-        next_tokens.append(int(out.logits[row, last].argmax()))
+        next_tokens.append(int(out["logits"][row, last].argmax()))
     return next_tokens
 
 

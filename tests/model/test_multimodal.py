@@ -2,57 +2,24 @@
 
 import torch
 import torch.nn.functional as F
+from tiny_models import AUDIO_FRAMES, media_batch
 
-from vitacore.constants import AUDIO_TOKEN_INDEX as AUD
 from vitacore.constants import IGNORE_INDEX as IGN
-from vitacore.constants import IMAGE_TOKEN_INDEX as IMG
 from vitacore.data.audio import audio_token_length
 from vitacore.model.merge import merge_media_embeddings
 from vitacore.model.multimodal import UNIT_PREFIXES
 
-AUDIO_FRAMES = 40
-
-
-def _batch(dims, audio_frames=(AUDIO_FRAMES,)):
-    """Row 0: one image, row 1: one audio clip per entry of audio_frames, row 2: text only."""
-    torch.manual_seed(123)
-    rows = [
-        ([1, 2, IMG, 3, 4, 5, 6], [IGN, IGN, IGN, IGN, 4, 5, 6]),
-        ([7, *([AUD] * len(audio_frames)), 8, 9, 10], [IGN, *([IGN] * len(audio_frames)), IGN, 9, 10]),
-        ([11, 12, 13, 14], [IGN, 12, 13, 14]),
-    ]
-    longest = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros(3, longest, dtype=torch.long)
-    labels = torch.full((3, longest), IGN)
-    mask = torch.zeros(3, longest, dtype=torch.long)
-    for r, (ids, labs) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(labs)] = torch.tensor(labs)
-        mask[r, : len(ids)] = 1
-    audios = torch.zeros(len(audio_frames), max(audio_frames), dims["mel"])
-    for i, n in enumerate(audio_frames):
-        audios[i, :n] = torch.randn(n, dims["mel"])
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": mask,
-        "images": torch.randn(1, 3, dims["image_size"], dims["image_size"]),
-        "audios": audios,
-        "audio_lengths": torch.tensor(list(audio_frames)),
-        "audio_token_lengths": torch.tensor([audio_token_length(n) for n in audio_frames]),
-        "sample_ids": ["img", "aud", "txt"],
-    }
-
 
 def test_forward_returns_finite_loss_and_merged_labels(tiny_vita, tiny_dims):
     tiny_vita.eval()
-    batch = _batch(tiny_dims)
+    tiny_vita.loss_chunk_size = 0  # the LLM's full logits, returned
+    batch = media_batch(tiny_dims)
     out = tiny_vita(**batch)
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out["loss"])
     image_tokens = (tiny_dims["image_size"] // tiny_dims["patch_size"]) ** 2
     audio_tokens = audio_token_length(AUDIO_FRAMES)
     longest = max(7 - 1 + image_tokens, 5 - 1 + audio_tokens, 4)
-    assert out.logits.shape == (3, longest, tiny_dims["vocab_size"])
+    assert out["logits"].shape == (3, longest, tiny_dims["vocab_size"])
     merged = out["merged_labels"]
     assert merged.shape == (3, longest)
     # supervised labels survive in order in each row
@@ -62,8 +29,10 @@ def test_forward_returns_finite_loss_and_merged_labels(tiny_vita, tiny_dims):
 
 
 def test_loss_equals_llm_loss_on_hand_merged_embeddings(tiny_vita, tiny_dims):
+    """The full-logits path (loss_chunk_size 0); tests/model/test_chunked_loss.py covers the chunked one."""
     tiny_vita.eval()
-    batch = _batch(tiny_dims)
+    tiny_vita.loss_chunk_size = 0
+    batch = media_batch(tiny_dims)
     with torch.no_grad():
         out = tiny_vita(**batch)
         image_blocks = list(tiny_vita.mm_projector(tiny_vita.vision_tower(batch["images"])))
@@ -75,12 +44,12 @@ def test_loss_equals_llm_loss_on_hand_merged_embeddings(tiny_vita, tiny_dims):
         )
         ref = tiny_vita.llm(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask,
                             position_ids=merged.position_ids, labels=merged.labels, use_cache=False)
-    torch.testing.assert_close(out.loss, ref.loss)
-    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out["loss"], ref.loss)
+    torch.testing.assert_close(out["logits"], ref.logits)
     # and the loss is the mean next-token cross entropy over supervised positions
     logits, labels = ref.logits[:, :-1], merged.labels[:, 1:]
     by_hand = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGN)
-    torch.testing.assert_close(out.loss, by_hand)
+    torch.testing.assert_close(out["loss"], by_hand)
 
 
 def test_text_only_batch_needs_no_media(tiny_vita, tiny_dims):
@@ -91,15 +60,15 @@ def test_text_only_batch_needs_no_media(tiny_vita, tiny_dims):
     with torch.no_grad():
         out = tiny_vita(input_ids=ids, labels=labels, attention_mask=mask)
         ref = tiny_vita.llm(input_ids=ids, labels=labels, attention_mask=mask)
-    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out["loss"], ref.loss)
 
 
 def test_gradients_reach_only_the_trainable_projector(tiny_vita, tiny_dims):
     for name, param in tiny_vita.named_parameters():
         param.requires_grad_(name.startswith("mm_projector."))
     tiny_vita.train()
-    out = tiny_vita(**_batch(tiny_dims))
-    out.loss.backward()
+    out = tiny_vita(**media_batch(tiny_dims))
+    out["loss"].backward()
     for name, param in tiny_vita.named_parameters():
         if name.startswith("mm_projector."):
             assert param.grad is not None and torch.count_nonzero(param.grad) > 0, name
@@ -111,7 +80,7 @@ def test_gradients_reach_audio_adapter_and_llm_when_trainable(tiny_vita, tiny_di
     for name, param in tiny_vita.named_parameters():
         param.requires_grad_(name.startswith(("audio_adapter.", "llm.")))
     tiny_vita.eval()
-    tiny_vita(**_batch(tiny_dims)).loss.backward()
+    tiny_vita(**media_batch(tiny_dims))["loss"].backward()
     grads = {n: p.grad for n, p in tiny_vita.named_parameters()}
     assert all(grads[n] is not None for n in grads if n.startswith("audio_adapter."))
     assert grads["llm.lm_head.weight"] is not None
@@ -157,22 +126,22 @@ def test_model_max_length_truncates_before_the_llm(make_tiny_vita, tiny_dims):
     # (starts at 1): both rows are cut right before their block; the 4-token text row is kept whole
     model = make_tiny_vita(model_max_length=5).eval()
     with torch.no_grad():
-        out = model(**_batch(tiny_dims))
-    assert out.logits.shape[:2] == (3, 4)
+        out = model(**media_batch(tiny_dims))
+    assert out["merged_labels"].shape == (3, 4)
     assert out["merged_labels"].tolist() == [[IGN] * 4, [IGN] * 4, [IGN, 12, 13, 14]]
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out["loss"])
 
 
 def test_encode_audio_cuts_each_clip_to_its_token_count(tiny_vita, tiny_dims):
     tiny_vita.eval()
     frames = [90, 40]
-    batch = _batch(tiny_dims, frames)
+    batch = media_batch(tiny_dims, frames)
     with torch.no_grad():
         blocks = tiny_vita.encode_audio(batch["audios"], batch["audio_lengths"], batch["audio_token_lengths"])
     assert [b.shape for b in blocks] == [(audio_token_length(n), tiny_dims["llm_hidden"]) for n in frames]
     with torch.no_grad():
         out = tiny_vita(**batch)
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out["loss"])
 
 
 def test_audio_embeddings_do_not_depend_on_batch_padding(tiny_vita, tiny_dims):

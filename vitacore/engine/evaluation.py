@@ -67,8 +67,9 @@ def _evaluate_batches(engine, loader: DataLoader, loop: LoopConfig, dist, token_
         batch.pop("bad_samples", None)  # eval replacements are not counted in the training ratio
         batch = to_device(batch, dist.device)
         output = engine(**batch)
-        if "merged_labels" in output and "logits" in output:
-            correct, supervised, exact, rows = answer_accuracy(output["logits"], output["merged_labels"])
+        if "predictions" in output:
+            correct, supervised, exact, rows = answer_accuracy(output["predictions"], output["targets"],
+                                                               output.get("segment_ids"))
         else:  # not a token model: a loss weighted by rows, no accuracy
             rows = batch_size(batch)
             correct, supervised, exact = 0, rows, 0

@@ -65,18 +65,41 @@ def _json_safe(value):
     return value
 
 
-def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
+def _per_sample(values: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, L)`` -> one row per sample: a packed row's samples each become a row (others unchanged).
+
+    Every sample keeps its positions in place and the rest of its row filled with 0, so sums and
+    ``all`` over a row are over that sample alone.
+    """
+    if segment_ids is None:
+        return values
+    rows = []
+    for row in range(values.shape[0]):
+        for segment in segment_ids[row].unique().tolist():
+            if segment:
+                rows.append(values[row] * (segment_ids[row] == segment).to(values.dtype))
+    return torch.stack(rows) if rows else values[:0]
+
+
+@torch.no_grad()
+def answer_accuracy(predictions: torch.Tensor, targets: torch.Tensor,
+                    segment_ids: Optional[torch.Tensor] = None) -> tuple[int, int, int, int]:
     """Teacher-forced argmax accuracy on supervised tokens.
 
+    Args:
+        predictions: ``(B, L)`` the model's argmax at each supervised position.
+        targets: ``(B, L)`` next-token targets (IGNORE where unsupervised).
+        segment_ids: packed rows' sample numbers (None: one sample per row).
+
     Returns:
-        ``(correct tokens, supervised tokens, fully correct rows, rows with supervision)``.
+        ``(correct tokens, supervised tokens, fully correct samples, samples with supervision)``.
     """
-    predictions = logits[:, :-1].argmax(dim=-1)
-    targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     hits = (predictions == targets) & supervised
-    rows = supervised.any(dim=1)
-    exact = ((hits | ~supervised).all(dim=1) & rows)
+    sample_supervised = _per_sample(supervised.long(), segment_ids).bool()
+    sample_misses = _per_sample((supervised & ~hits).long(), segment_ids).bool()
+    rows = sample_supervised.any(dim=1)
+    exact = ~sample_misses.any(dim=1) & rows
     return int(hits.sum()), int(supervised.sum()), int(exact.sum()), int(rows.sum())
 
 
@@ -91,20 +114,14 @@ MODALITIES = ("image", "video", "audio", "text")
 
 
 @torch.no_grad()
-def sample_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
-    """Per row: the summed next-token cross-entropy over its supervised positions, and their count.
-
-    Computed row by row in float32 (one row's logits at a time), as the training loss counts them.
-    """
-    sums, counts = [], []
-    for row_logits, row_labels in zip(logits, labels):
-        target = row_labels[1:]
-        keep = target != IGNORE_INDEX
-        count = int(keep.sum())
-        loss = torch.nn.functional.cross_entropy(row_logits[:-1][keep].float(), target[keep], reduction="sum")
-        sums.append(float(loss) if count else 0.0)
-        counts.append(count)
-    return sums, counts
+def sample_token_losses(token_losses: torch.Tensor, targets: torch.Tensor,
+                        segment_ids: Optional[torch.Tensor] = None) -> tuple[list[float], list[int]]:
+    """Per sample (per row, or per sample of a packed row): its summed next-token cross-entropy over
+    its supervised positions, and their count (the model's ``token_losses`` and ``targets``)."""
+    supervised = (targets != IGNORE_INDEX).to(token_losses.dtype)
+    sums = _per_sample(token_losses * supervised, segment_ids).sum(dim=1)
+    counts = _per_sample(supervised, segment_ids).sum(dim=1)
+    return [float(v) for v in sums.tolist()], [int(v) for v in counts.tolist()]
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -235,10 +235,11 @@ class Trainer:
             loss = output["loss"]
             finite, stop_requested = self._agree(loss, stop)
             if finite:
-                if "logits" in output and "merged_labels" in output and "sample_modalities" in batch:
-                    window.add_breakdown(*sample_token_losses(output["logits"].detach(), output["merged_labels"]),
+                if "token_losses" in output and "sample_modalities" in batch:
+                    window.add_breakdown(*sample_token_losses(output["token_losses"], output["targets"],
+                                                              output.get("segment_ids")),
                                          batch["sample_modalities"], batch["sample_datasets"])
-                del output  # the logits: free before backward
+                del output  # logits (on the full-logits path): free before backward
                 engine.backward(loss)
                 contributed = True
                 window.flops += getattr(self.model, "last_flops", 0.0)

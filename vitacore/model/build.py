@@ -144,5 +144,6 @@ def build_model(spec: ModelSpec, start: StartWeights | None = None, deepspeed_co
         "audio_prompt_num": spec.audio_prompt_num,
     }
     model = VitaModel(llm, vision_tower, projector, audio_encoder, audio_adapter, audio_prompt, state_head,
-                      model_max_length=spec.model_max_length, padding_side="right", mm_config=mm_config)
+                      model_max_length=spec.model_max_length, padding_side="right", mm_config=mm_config,
+                      loss_chunk_size=spec.loss_chunk_size)
     return ModelBundle(finish_model(model, spec, start or StartWeights()), tokenizer)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from vitacore.model.encoder_sync import dummy_audio_output, dummy_image_output
 from vitacore.model.flops import ModuleCost, attention_flops, step_flops
 from vitacore.model.generation import generate_answers
+from vitacore.model.loss import chunked_head, linear_cross_entropy, logits_cross_entropy, next_token_targets
 from vitacore.model.merge import merge_media_embeddings
 
 # Each freeze unit is the set of parameters under these attribute prefixes.
@@ -38,6 +39,8 @@ class VitaModel(nn.Module):
         model_max_length: longest sequence after media expansion.
         padding_side: side to re-pad merged rows on.
         mm_config: multimodal config fields saved in exports (``mm_projector_type``, ...).
+        loss_chunk_size: supervised positions per chunk of the chunked output head + loss (0: the
+            LLM's full logits).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class VitaModel(nn.Module):
         model_max_length: int = 2048,
         padding_side: str = "right",
         mm_config: Optional[dict] = None,
+        loss_chunk_size: int = 1024,
     ):
         super().__init__()
         self.llm = llm
@@ -64,6 +68,7 @@ class VitaModel(nn.Module):
         self.model_max_length = model_max_length
         self.padding_side = padding_side
         self.mm_config = dict(mm_config or {})
+        self.loss_chunk_size = loss_chunk_size
         # Units whose modules stay in eval mode while training (set by the freeze policy).
         self.eval_units: tuple[str, ...] = ()
         # Set with several ranks (vitacore.model.prepare_for_training): encoders run on a tiny dummy
@@ -151,35 +156,56 @@ class VitaModel(nn.Module):
         audio_token_lengths: Optional[torch.Tensor] = None,
         sample_ids: Optional[Sequence[str]] = None,
         num_items_in_batch: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
         **_unused,
-    ):
-        """Run the LLM on text with media spliced in; returns the LLM's output (``loss``, ``logits``)
-        with the merged ``labels`` attached for metrics.
+    ) -> dict:
+        """Run the LLM on text with media spliced in; returns the loss and what metrics need.
 
+        The loss is next-token cross-entropy over supervised positions: chunked over the LLM's last
+        hidden states (:mod:`vitacore.model.loss`) when ``loss_chunk_size`` > 0 and the LLM's head
+        allows it, else over the LLM's full logits (then returned as ``logits``).
         ``num_items_in_batch`` turns the loss into a token sum divided by it (the engine passes the
         supervised-token count of the whole accumulation group over all ranks, scaled so every token
         weighs the same however the batch is split); None gives the per-micro-batch mean.
+        ``segment_ids`` marks packed rows (several samples per row, each attending only to itself).
+
+        Returns:
+            ``loss``; ``token_losses`` and ``targets`` ``(B, L)``; ``predictions`` in eval mode;
+            ``merged_labels`` and ``segment_ids`` (None unless packed) after the merge.
         """
         image_blocks, audio_blocks, unused = self.encode_media(images, audios, audio_lengths, audio_token_lengths,
                                                                input_ids.device)
         merged = merge_media_embeddings(
             input_ids, labels, attention_mask, self.llm.get_input_embeddings(),
-            image_blocks, audio_blocks, self.model_max_length, self.padding_side, sample_ids,
+            image_blocks, audio_blocks, self.model_max_length, self.padding_side,
+            sample_ids if segment_ids is None else None, segment_ids,
         )
-        output = self.llm(
-            inputs_embeds=merged.inputs_embeds,
-            attention_mask=merged.attention_mask,
-            position_ids=merged.position_ids,
-            labels=merged.labels,
-            use_cache=False,
-            **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
-        )
+        # Packed rows: no 2-D mask, positions restarting per sample; transformers then masks attention
+        # block-diagonally (SDPA / eager) or runs flash-attn's variable-length kernel.
+        llm_mask = merged.attention_mask if merged.segment_ids is None else None
+        targets = next_token_targets(merged.labels, merged.segment_ids)
+        head = chunked_head(self.llm) if self.loss_chunk_size > 0 else None
+        output = {}
+        if head is not None:
+            decoder_output = self.llm.get_decoder()(inputs_embeds=merged.inputs_embeds, attention_mask=llm_mask,
+                                                    position_ids=merged.position_ids, use_cache=False)
+            result = linear_cross_entropy(decoder_output[0], head, targets, num_items_in_batch,
+                                          self.loss_chunk_size, want_predictions=not self.training)
+        else:
+            logits = self.llm(inputs_embeds=merged.inputs_embeds, attention_mask=llm_mask,
+                              position_ids=merged.position_ids, use_cache=False)["logits"]
+            result = logits_cross_entropy(logits, targets, num_items_in_batch, want_predictions=not self.training)
+            output["logits"] = logits
         if self.count_flops:
             self.last_flops = self._training_flops(merged, images, audio_blocks)
-        if unused is not None and output.get("loss") is not None:
+        loss = result.loss
+        if unused is not None:
             # Zero-weighted, so the dummy passes change nothing but still take part in backward.
-            output["loss"] = output["loss"] + 0.0 * unused
-        output["merged_labels"] = merged.labels
+            loss = loss + 0.0 * unused
+        output.update(loss=loss, token_losses=result.token_losses, targets=targets, merged_labels=merged.labels,
+                      segment_ids=merged.segment_ids)
+        if result.predictions is not None:
+            output["predictions"] = result.predictions
         return output
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> list[list[int]]:

@@ -56,6 +56,8 @@ class ModelSpec:
         tf32: allow TF32 matmuls (NVIDIA GPUs only).
         trust_remote_code: allow running the Python files of a tower folder whose config.json has an
             ``auto_map`` (InternViT); without it such a folder is refused.
+        loss_chunk_size: supervised positions per chunk of the chunked output head + loss (0: the
+            LLM's own full logits).
     """
 
     llm_path: str
@@ -74,6 +76,7 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     tf32: Optional[bool] = None
     trust_remote_code: bool = False
+    loss_chunk_size: int = 1024
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def model_spec(config: RunConfig, assets: Optional[DefaultAssets], from_export: 
         llm_path=llm, vision_tower_path=tower, audio_encoder_path=audio, mm_projector_type=m.mm_projector_type,
         model_type=m.model_type, audio_prompt_finetune=m.audio_prompt_finetune, audio_prompt_num=m.audio_prompt_num,
         dtype=compute_dtype(config), model_max_length=t.model_max_length, seed=t.seed,
+        loss_chunk_size=t.loss_chunk_size,
         image_aspect_ratio=config.data.image_aspect_ratio, lora=lora,
         quant=QuantSpec(t.bits, t.quant_type, t.double_quant), gradient_checkpointing=t.gradient_checkpointing,
         tf32=t.tf32, trust_remote_code=m.trust_remote_code)
