@@ -4,6 +4,10 @@ Container formats (.mp4, .avi, .mov, .webm, .mkv) are decoded with PyAV, whose w
 FFmpeg, so the same ``pip install`` works on CPU and GPU machines with no system libraries.
 Animated GIF/WebP go through PIL, their frame rate taken from the frames' durations.
 
+A container video is decoded only around the sampled frames: from the key frame at or before each
+one (see :mod:`vitacore.data.video_seek`), falling back to decoding from the start when the
+stream's timestamps cannot number its frames. Both give the same frames.
+
 VITA's rule for every clip (``_get_rawvideo_dec``, which reads GIFs too): take every
 ``round(fps / 3)``-th frame of the whole clip; more than 16 positions are thinned to 16 and fewer
 than 4 are stretched to 4 (with repeats), both with ``np.linspace(..., dtype=int)`` over the positions.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -20,16 +25,39 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from vitacore.data.images import open_image
 from vitacore.data.media_limits import MediaLimitError, MediaLimits
+from vitacore.data.video_seek import SeekUnreliable, decode_runs, plan_runs, planned_frames, read_timeline
 
 __all__ = [
-    "CONTAINER_EXTENSIONS", "VIDEO_FPS", "VIDEO_MAX_FRAMES", "VIDEO_MIN_FRAMES",
-    "count_sampled_frames", "load_video", "sample_frame_indices",
+    "CONTAINER_EXTENSIONS", "VIDEO_FPS", "VIDEO_MAX_FRAMES", "VIDEO_MIN_FRAMES", "ContainerDecode",
+    "count_sampled_frames", "decode_container", "load_video", "sample_frame_indices",
 ]
 
 VIDEO_FPS = 3  # VITA's video_framerate
 VIDEO_MIN_FRAMES = 4  # VITA's MIN_IMAGE_LENGTH
 VIDEO_MAX_FRAMES = 16  # VITA's MAX_IMAGE_LENGTH
 CONTAINER_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v"})
+# Packets indexed for seeking per frame the limits allow decoding: demuxing a packet costs about
+# a hundredth of decoding it, so indexing stays cheaper than the decode the limit allows.
+_PACKETS_PER_DECODED_FRAME = 50
+
+
+@dataclass
+class ContainerDecode:
+    """The sampled frames of a container video, and what decoding them cost.
+
+    Attributes:
+        frames: the sampled frames, RGB, one per entry of ``indices``.
+        fps: the stream's average frame rate (0.0 when unknown).
+        indices: each frame's position in the stream (the n-th frame decoded from the start is n).
+        num_frames_decoded: frames the decoder output to get them, those thrown away included.
+        num_seeks: seeks made; 0 when the frames came from decoding from the start.
+    """
+
+    frames: List[Image.Image]
+    fps: float
+    indices: List[int]
+    num_frames_decoded: int
+    num_seeks: int
 
 
 def sample_frame_indices(num_frames: int, fps: float, target_fps: float = VIDEO_FPS,
@@ -83,7 +111,7 @@ def _container_meta(container) -> Tuple[int, float]:
 
 
 def _decode_at(path: str, indices: List[int]) -> Tuple[List[Image.Image], int]:
-    """Decodes ``path`` once, keeping the frames at ``indices``; also returns the frames seen."""
+    """Decodes ``path`` from the start, keeping the frames at ``indices``; also returns the frames decoded."""
     import av
 
     wanted = set(indices)
@@ -114,30 +142,102 @@ def _count_decoded(path: str, limit: int) -> int:
     return seen
 
 
-def _load_container(path: str, limits: MediaLimits) -> Tuple[List[Image.Image], float]:
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        num_frames, fps = _container_meta(container)
-        codec = container.streams.video[0].codec_context
-        limits.check("max_image_pixels", codec.width * codec.height, "pixels per frame", path)
+def _decode_sequential(path: str, num_frames: int, fps: float, limits: MediaLimits) -> ContainerDecode:
+    """The sampled frames, decoded from the start of the file up to the last one."""
     # Sampling spans the whole clip, so decoding reaches (nearly) its last frame.
     limits.check("max_video_frames_decoded", num_frames, "frames to decode (the container's count)", path)
     indices = sample_frame_indices(num_frames, fps)
-    frames, _ = _decode_at(path, indices)
+    frames, num_decoded = _decode_at(path, indices)
     if not indices or len(frames) != len(indices):
         # The metadata over-counted (or had no count): sample from what really decodes.
         decodable = _count_decoded(path, limits.max_video_frames_decoded)
+        num_decoded += decodable
         limits.check("max_video_frames_decoded", decodable, "frames to decode (at least)", path)
         indices = sample_frame_indices(decodable, fps)
-        frames, _ = _decode_at(path, indices)
+        frames, num_retried = _decode_at(path, indices)
+        num_decoded += num_retried
         if len(frames) != len(indices):
             raise ValueError("decoding did not return the expected frames")
     if not frames:
         raise ValueError("no decodable frames")
-    return frames, fps
+    return ContainerDecode(frames, fps, indices, num_decoded, num_seeks=0)
+
+
+def _decode_seeking(container, num_frames: int, fps: float, limits: MediaLimits, path: str) -> ContainerDecode:
+    """The frames :func:`_decode_sequential` gives, decoded from the key frames before them.
+
+    Raises:
+        SeekUnreliable: the stream's packets cannot number its frames, or seeking went wrong.
+    """
+    stream = container.streams.video[0]
+    timeline = read_timeline(container, stream, _PACKETS_PER_DECODED_FRAME * limits.max_video_frames_decoded)
+    num_packets = len(timeline.pts)
+    indices = sample_frame_indices(num_frames, fps)
+    if not indices or indices[-1] >= num_packets:
+        indices = sample_frame_indices(num_packets, fps)  # as the sequential decode's recount does
+    runs = plan_runs(sorted(set(indices)), timeline.key_positions)
+    limits.check("max_video_frames_decoded", planned_frames(runs),
+                 "frames to decode (from the key frames before the sampled ones)", path)
+    kept, num_decoded, num_seeks = decode_runs(container, stream, timeline, runs,
+                                               limits.max_video_frames_decoded)
+    return ContainerDecode([kept[i] for i in indices], fps, indices, num_decoded, num_seeks)
+
+
+def _decode_container(path: str, limits: MediaLimits, seek: bool) -> ContainerDecode:
+    import av
+
+    num_failed = 0  # frames a seeking attempt decoded before giving up
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        num_frames, fps = _container_meta(container)
+        stream = container.streams.video[0]
+        limits.check("max_image_pixels", stream.codec_context.width * stream.codec_context.height,
+                     "pixels per frame", path)
+        if seek:
+            stream.thread_type = "AUTO"
+            try:
+                return _decode_seeking(container, num_frames, fps, limits, path)
+            except SeekUnreliable as failed:
+                num_failed = failed.num_frames_decoded
+            except av.FFmpegError:
+                pass  # a damaged stream: the sequential decode reports it as it always has
+    decoded = _decode_sequential(path, num_frames, fps, limits)
+    decoded.num_frames_decoded += num_failed
+    return decoded
+
+
+def decode_container(path: str, limits: Optional[MediaLimits] = None, seek: bool = True) -> ContainerDecode:
+    """Sampled RGB frames of a container video (VITA's 3 fps / 4..16 rule), with decoding stats.
+
+    Args:
+        path: the video file (one of :data:`CONTAINER_EXTENSIONS`).
+        limits: the run's media limits (None: the defaults). ``max_video_frames_decoded`` bounds the
+            frames decoded: from the key frames when seeking, else the container's frame count.
+        seek: decode only from the key frame before each sampled frame. False decodes from the
+            start of the file; both give the same frames. A stream whose timestamps cannot number
+            its frames is decoded from the start either way.
+
+    Returns:
+        The frames, their positions, the frame rate and the frames decoded to get them.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        MediaLimitError: too many frames to decode, or too many pixels per frame.
+        ValueError: the file cannot be decoded; the message names the file.
+    """
+    import av
+
+    path = os.fspath(path)
+    limits = limits or MediaLimits()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video {path!r} does not exist")
+    try:
+        return _decode_container(path, limits, seek)
+    except MediaLimitError:
+        raise
+    except (av.FFmpegError, ValueError, IndexError, OSError) as err:
+        raise ValueError(f"{path} is not a readable video: {err}") from None
 
 
 def _animated_fps(durations_ms: List[float]) -> float:
@@ -178,7 +278,7 @@ def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES,
     Args:
         path: the video file.
         max_frames: cap for animated images (container video uses VITA's fixed 16).
-        limits: the run's media limits, checked from the container before decoding (None: the defaults).
+        limits: the run's media limits, checked before decoding (None: the defaults).
 
     Returns:
         ``(frames, fps)``; ``fps`` is 0.0 when the file states no timing.
@@ -193,14 +293,8 @@ def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} does not exist")
     if _is_container(path):
-        import av
-
-        try:
-            return _load_container(path, limits)
-        except MediaLimitError:
-            raise
-        except (av.FFmpegError, ValueError, IndexError, OSError) as err:
-            raise ValueError(f"{path} is not a readable video: {err}") from None
+        decoded = decode_container(path, limits)
+        return decoded.frames, decoded.fps
     try:
         return _load_animated_image(path, max_frames, limits)
     except MediaLimitError:
