@@ -113,14 +113,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             x, target = hidden[rows], targets[rows]
             logits = F.linear(x, weight, bias).float()  # one chunk's logits, float32 as the LLM's loss has them
-            log_norm = torch.logsumexp(logits, dim=-1)
-            token_losses[rows] = log_norm - logits.gather(1, target[:, None]).squeeze(1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
             if predictions is not None:
                 predictions[rows] = logits.argmax(dim=-1)
+            # The softmax made in the logits' own buffer (torch.logsumexp would allocate a chunk-sized temporary).
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sums = exps.sum(dim=-1)
+            token_losses[rows] = row_max.squeeze(1) + sums.log() - picked
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
-            # d(loss)/d(logits) = softmax - one_hot, over the divisor; made in place in the logits' buffer.
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            # d(loss)/d(logits) = softmax - one_hot, over the divisor.
+            grad_logits = exps.div_(sums[:, None])
             grad_logits[torch.arange(x.shape[0], device=x.device), target] -= 1.0
             grad_logits.div_(divisor)
             grad_compute = grad_logits.to(x.dtype)
@@ -133,7 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += (grad_compute.t() @ x).float()
             if needs_bias:
                 grad_bias += grad_logits.sum(dim=0)
-            del logits, grad_logits, grad_compute
+            del logits, exps, grad_logits, grad_compute
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.needs = (needs_hidden, needs_weight, needs_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
