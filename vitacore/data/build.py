@@ -1,10 +1,17 @@
-"""Build a run's datasets from its :class:`DataSpec`: the user's VITA JSON, or bundled files (the demo's)."""
+"""Build a run's datasets from its :class:`DataSpec`: the user's VITA JSON, or bundled files (the demo's).
+
+The records are held in a :class:`~vitacore.data.record_store.RecordStore`, which forked loader
+workers share without copying, and their modality lengths are cached beside the data (see
+:mod:`vitacore.data.length_cache`).
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from vitacore.console import logger
 from vitacore.data.audio import AudioTransform
@@ -12,9 +19,11 @@ from vitacore.data.conversation import get_template, load_system_prompts, with_s
 from vitacore.data.dataset import Collator, VitaJsonDataset
 from vitacore.data.images import ImageSpec, ImageTransform, pad_colour
 from vitacore.data.kaldi_fbank import FbankSettings, KaldiFbankTransform
+from vitacore.data.length_cache import LengthCacheLocation
 from vitacore.data.media_limits import MediaLimits
+from vitacore.data.record_store import MEDIA_FLAGS, CodedStrings, RecordStore, RecordStoreBuilder
 from vitacore.data.records import RejectedRecord, read_records
-from vitacore.data.registry import DataSource, load_sources, sources_from_config
+from vitacore.data.registry import DataSource, dataset_names_of, load_sources, sources_from_config
 from vitacore.data.tiling import ImageTiler
 from vitacore.data.whisper_audio import WhisperAudioTransform
 
@@ -57,6 +66,10 @@ class DataSpec:
         model_max_length: a record whose text before its first answer reaches this is bad.
         media_limits: what one record's media may cost (the ``--max_image_pixels`` ... flags).
         seed: chooses ``data_ratio`` subsets.
+        length_cache_dir: folder of the modality-length cache (None: ``.vitacore_lengths`` beside
+            the first data file; see :mod:`vitacore.data.length_cache`).
+        output_dir: the run's output folder: the length cache goes there when the data's folder
+            is not writable (None: it is then not kept).
     """
 
     version: Optional[str] = None
@@ -80,6 +93,8 @@ class DataSpec:
     model_max_length: int = 512
     seed: int = 42
     media_limits: MediaLimits = MediaLimits()
+    length_cache_dir: Optional[str] = None
+    output_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,7 @@ def audio_transform_for(num_mel_bins: int, feature_extractor=None, fbank_setting
 _NUM_NAMED = 5  # malformed records named in the log; the rest are counted
 
 
-def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec, source: str) -> list[dict]:
+def _checked(records: Sequence[dict], rejected: list[RejectedRecord], spec: DataSpec, source: str) -> Sequence[dict]:
     """The good records, after the bad-record policy: ``error`` stops at the first bad one; ``skip``
     names the first few, counts them and stops only past ``max_bad_sample_ratio`` of the records (in a
     dataset of at least ``min_samples_for_bad_ratio`` records), or when no good record is left."""
@@ -145,23 +160,31 @@ def _checked(records: list[dict], rejected: list[RejectedRecord], spec: DataSpec
     return records
 
 
+def _length_cache(spec: DataSpec, data_file: str) -> LengthCacheLocation:
+    return LengthCacheLocation(spec.length_cache_dir, data_file, spec.output_dir)
+
+
 def _dataset(paths: list[str], media_root: str, tokenizer, template, image_transform, inputs: ModelInputs,
              spec: DataSpec):
-    records, rejected, names = [], [], []
-    for path in paths:
+    builder, codes, rejected, names = RecordStoreBuilder(), [], [], []
+    for code, path in enumerate(paths):
         good, bad = read_records(path, "bundled data")
-        records += good
+        for record in good:
+            builder.append(record)
+        codes += [code] * len(good)
         rejected += bad
-        names += [os.path.splitext(os.path.basename(path))[0]] * len(good)
+        names.append(os.path.splitext(os.path.basename(path))[0])
+    records = builder.finish()
     return VitaJsonDataset(_checked(records, rejected, spec, ", ".join(paths)), media_root, tokenizer, template,
                            image_transform, inputs.audio_transform, source=", ".join(paths),
-                           tokens_per_image=inputs.tokens_per_image, rejected=rejected, dataset_names=names)
+                           tokens_per_image=inputs.tokens_per_image, rejected=rejected,
+                           dataset_names=CodedStrings(np.asarray(codes, dtype=np.int32), names),
+                           length_cache=_length_cache(spec, paths[0]))
 
 
 def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template, image_transform,
                   inputs: ModelInputs):
-    dataset_names: list[str] = []
-    records, origins, rejected = load_sources(sources, spec.seed, dataset_names, spec.restrict_media_paths)
+    records, origins, rejected = load_sources(sources, spec.seed, spec.restrict_media_paths)
     names = ", ".join(s.chat_path for s in sources)
     if not records and not rejected:
         raise ValueError(f"no training records in {names}; add records or check data_ratio")
@@ -170,19 +193,29 @@ def _user_dataset(sources: list[DataSource], spec: DataSpec, tokenizer, template
     return VitaJsonDataset(records, os.path.dirname(sources[0].chat_path), tokenizer, template,
                            image_transform, inputs.audio_transform, source=names,
                            origins=origins, tokens_per_image=inputs.tokens_per_image, rejected=rejected,
-                           dataset_names=dataset_names)
+                           dataset_names=dataset_names_of(sources, origins),
+                           length_cache=_length_cache(spec, sources[0].chat_path))
+
+
+def _first_with(records, field: str) -> Optional[int]:
+    if isinstance(records, RecordStore):  # the store knows which records have which media
+        having = np.flatnonzero(records.flags & MEDIA_FLAGS[field])
+        return int(having[0]) if len(having) else None
+    return next((i for i, record in enumerate(records) if record.get(field)), None)
 
 
 def _check_modalities(dataset: VitaJsonDataset, inputs: ModelInputs) -> None:
     """Refuse data whose media the model has no encoder for, naming the first such record and the flag."""
     needs = (("image", inputs.image_spec, "--vision_tower"), ("video", inputs.image_spec, "--vision_tower"),
              ("audio", inputs.audio_transform, "--audio_encoder"))
-    for index, record in enumerate(dataset.records):
-        for field, encoder, flag in needs:
-            if record.get(field) and encoder is None:
-                where = dataset.origins[index] if dataset.origins is not None else f"{dataset.source}, record {index}"
-                raise ValueError(f"{where} has field '{field}' but the model has no encoder for it; give {flag} "
-                                 f"(or train on data without {field})")
+    found = [(index, order) for order, (field, encoder, _) in enumerate(needs)
+             if encoder is None and (index := _first_with(dataset.records, field)) is not None]
+    if found:
+        index, order = min(found)
+        field, _, flag = needs[order]
+        where = dataset.origins[index] if dataset.origins is not None else f"{dataset.source}, record {index}"
+        raise ValueError(f"{where} has field '{field}' but the model has no encoder for it; give {flag} "
+                         f"(or train on data without {field})")
 
 
 def _bundle(spec: DataSpec, inputs: ModelInputs, tokenizer, train: VitaJsonDataset,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -24,8 +23,10 @@ from vitacore.data.audio_files import check_audio_limits
 from vitacore.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSampleError
 from vitacore.data.conversation import ChatTemplate, tokenize_conversation
 from vitacore.data.images import ImageTransform, load_image
-from vitacore.data.lengths import record_length
+from vitacore.data.length_cache import LengthCacheLocation, cached_lengths
+from vitacore.data.lengths import LengthCounter
 from vitacore.data.media_limits import MediaLimits, check_record_media
+from vitacore.data.record_store import RecordStore, records_fingerprint
 from vitacore.data.records import RejectedRecord, load_records
 from vitacore.data.records import as_list as _as_list
 from vitacore.data.tiling import ImageTiler
@@ -58,13 +59,15 @@ class Sample:
 
 
 class VitaJsonDataset(Dataset):
-    """A list of VITA records whose media paths are absolute or relative to ``media_root``.
+    """VITA records whose media paths are absolute or relative to ``media_root``.
 
     Records from a registry carry absolute media paths (see :mod:`vitacore.data.registry`), so the
-    dataset opens files without knowing which folder each set lives in.
+    dataset opens files without knowing which folder each set lives in. A run's records come as a
+    :class:`~vitacore.data.record_store.RecordStore` (with compact ``origins`` and ``dataset_names``),
+    which forked loader workers share without copying; a plain list works too.
 
     Args:
-        records: VITA records (see :func:`load_records`).
+        records: VITA records (see :func:`load_records`): a list, or a ``RecordStore``.
         media_root: folder that relative ``image`` / ``video`` / ``audio`` paths are relative to.
         tokenizer: the LLM's tokenizer.
         template: the chat template.
@@ -72,7 +75,8 @@ class VitaJsonDataset(Dataset):
         audio_transform: wav path -> (fbank, LLM token count).
         source: name used in error messages (the JSON path).
         origins: per record, where it came from (``"file.json, record 7"``), used in error
-            messages instead of ``source`` and the dataset index; None: ``source`` for all.
+            messages instead of ``source`` and the dataset index (a list, or a compact
+            :class:`~vitacore.data.record_store.RecordOrigins`); None: ``source`` for all.
         tokens_per_image: LLM tokens per image / video frame (the vision tower's
             ``num_tokens_per_image``); only :attr:`modality_lengths` reads it.
         on_bad_sample: ``error`` raises on a bad record (see :mod:`vitacore.data.bad_samples`);
@@ -84,6 +88,10 @@ class VitaJsonDataset(Dataset):
             and tiles); over a limit is a bad sample. None: the flags' defaults.
         model_max_length: the model's longest sequence; a record whose answers would all be cut
             away by truncation to it (after media expansion) is bad. None: no check.
+        dataset_names: per record, the dataset it belongs to (a list, or a compact
+            :class:`~vitacore.data.record_store.CodedStrings`).
+        length_cache: where :attr:`modality_lengths` are cached (see
+            :mod:`vitacore.data.length_cache`); None: counted on first use, not kept.
     """
 
     def __init__(self, records, media_root: str, tokenizer, template: ChatTemplate,
@@ -92,7 +100,8 @@ class VitaJsonDataset(Dataset):
                  tokens_per_image: Optional[int] = None,
                  on_bad_sample: str = "error", model_max_length: Optional[int] = None,
                  image_tiler: Optional[ImageTiler] = None, rejected: Sequence[RejectedRecord] = (),
-                 dataset_names: Optional[Sequence[str]] = None, media_limits: Optional[MediaLimits] = None):
+                 dataset_names: Optional[Sequence[str]] = None, media_limits: Optional[MediaLimits] = None,
+                 length_cache: Optional[LengthCacheLocation] = None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of: {', '.join(ON_BAD_SAMPLE)}")
         self.on_bad_sample = on_bad_sample
@@ -102,7 +111,8 @@ class VitaJsonDataset(Dataset):
         self.origins = origins
         if dataset_names is not None and len(dataset_names) != len(records):
             raise ValueError(f"{len(dataset_names)} dataset names for {len(records)} records; give one per record")
-        self.dataset_names = list(dataset_names) if dataset_names is not None else None
+        self.dataset_names = dataset_names if dataset_names is None or isinstance(dataset_names, Sequence) \
+            else list(dataset_names)
         self.records = records
         self.media_root = media_root
         self.tokenizer = tokenizer
@@ -114,41 +124,47 @@ class VitaJsonDataset(Dataset):
         self.image_tiler = image_tiler
         self.media_limits = media_limits or MediaLimits()
         self.rejected = list(rejected)
-        self._modality_lengths: Optional[list[int]] = None
+        self.length_cache = length_cache
+        self._modality_lengths: Optional[np.ndarray] = None
         self._fingerprint: Optional[str] = None
 
+    def _has_visual_media(self) -> bool:
+        if isinstance(self.records, RecordStore):
+            return bool(self.records.with_media("image", "video").any())
+        return any(r.get("image") or r.get("video") for r in self.records)
+
     @property
-    def modality_lengths(self) -> list[int]:
+    def modality_lengths(self) -> np.ndarray:
         """Per record, its length in LLM tokens (media tokens counted), positive with media and
-        negative for text-only records; computed on first use from headers only, then cached.
+        negative for text-only records (``int64``); counted on first use from headers only, in
+        parallel, and kept in :attr:`length_cache` for the next start (see
+        :mod:`vitacore.data.length_cache`). Under ``torch.distributed`` the first use is collective:
+        every rank must ask.
 
         Raises:
             ValueError: the records have images or videos but no ``tokens_per_image`` was given.
         """
         if self._modality_lengths is None:
-            if self.tokens_per_image is None and any(r.get("image") or r.get("video") for r in self.records):
+            if self.tokens_per_image is None and self._has_visual_media():
                 raise ValueError("modality_lengths: the records have images or videos but the dataset was built "
                                  "without tokens_per_image (pass the vision tower's num_tokens_per_image)")
-            audio_tokens = getattr(self.audio_transform, "num_tokens_from_header", None)
-            self._modality_lengths = [
-                record_length(record, self._path, self.tokenizer, self.template, self.tokens_per_image or 0,
-                              audio_tokens, VIDEO_MAX_FRAMES,
-                              image_tiles=self.image_tiler.count_from_header if self.image_tiler else None)
-                for record in self.records]
+            counter = LengthCounter(self.media_root, self.tokenizer, self.template, self.tokens_per_image or 0,
+                                    self.audio_transform, self.image_tiler, VIDEO_MAX_FRAMES)
+            fingerprint = self.fingerprint if self.length_cache is not None else ""
+            self._modality_lengths = cached_lengths(self.records, counter, fingerprint, self.length_cache,
+                                                    self.model_max_length)
         return self._modality_lengths
 
     @property
     def fingerprint(self) -> str:
         """What the dataset holds, as ``"<record count>:<hash>"``: equal on two processes exactly when
         they read the same records in the same order (media paths as resolved, so a different
-        ``--image_folder`` counts as different data). Ranks compare it at start; computed once
-        (one pass of JSON serialisation and SHA-256, a few seconds per million records), then cached.
+        ``--image_folder`` counts as different data). Ranks compare it at start, and it names the
+        length cache; computed once (a SHA-256 of the record store's buffers, or one pass of JSON
+        encoding for a list), then cached.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for start in range(0, len(self.records), 4096):  # chunks: JSON's C encoder, bounded memory
-                digest.update(json.dumps(self.records[start:start + 4096], sort_keys=True, default=str).encode())
-            self._fingerprint = f"{len(self.records)}:{digest.hexdigest()[:16]}"
+            self._fingerprint = records_fingerprint(self.records)
         return self._fingerprint
 
     def __len__(self) -> int:

@@ -1,10 +1,10 @@
-"""Where the training data lives: a YAML dataset registry, or JSON files named on the command line.
+"""Where the training data lives: a YAML dataset registry, or data files named on the command line.
 
 VITA keeps its registry in Python source (``dataset_config.py``); vitacore reads the same layout
 from ``--data_registry datasets.yaml``::
 
     pretrain_mix:                      # a --dataset_use name (comma-separate several)
-      - chat_path: json/caption.json   # VITA JSON records
+      - chat_path: json/caption.json   # VITA JSON records (or JSON Lines: .jsonl)
         data_ratio: 0.5                # optional: keep this fraction (seeded by --seed)
         audio_folder: audio            # optional: folder of the records' audio files
         video_folder: videos           # optional: folder of the records' videos
@@ -26,12 +26,15 @@ import difflib
 import math
 import os
 import random
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
+import numpy as np
 import yaml
 
-from vitacore.data.records import RejectedRecord, as_list, read_records
+from vitacore.data.record_store import CodedStrings, RecordOrigins, RecordStore, RecordStoreBuilder
+from vitacore.data.records import RejectedRecord, as_list, read_file_records
 
 _FOLDER_KEYS = ("image_folder", "audio_folder", "video_folder")
 _RESERVED = ("chat_path", "data_ratio", *_FOLDER_KEYS)
@@ -255,48 +258,62 @@ def _check_inside(path: str, folder: str, where: str, field_name: str) -> None:
                          f"{root!r} (--restrict_media_paths True keeps media inside the declared folders)")
 
 
+def _kept_indices(source: DataSource, seed: int, num_records: int) -> range | list[int]:
+    """The indices of the good records ``data_ratio`` keeps, in file order."""
+    if source.data_ratio >= 1 or not num_records:
+        return range(num_records)
+    # Seeded per file, so the kept subset does not change when other entries are added.
+    rng = random.Random(f"{seed}/{os.path.basename(source.chat_path)}")
+    keep = max(1, math.floor(num_records * source.data_ratio))
+    return sorted(rng.sample(range(num_records), keep))
+
+
 def load_source(source: DataSource, seed: int, restrict_media_paths: bool = False
-                ) -> tuple[list[dict], list[str], list[RejectedRecord]]:
+                ) -> tuple[RecordStore, RecordOrigins, list[RejectedRecord]]:
     """Read a source's records, keep ``data_ratio`` of the good ones, resolve their media.
 
     A record whose media cannot be resolved (a ``set`` that names no folder; with
     ``restrict_media_paths``, a path outside its folder) is rejected like a record that breaks the schema.
 
     Returns:
-        ``(records, origins, rejected)``: records with absolute media paths; per record
-        ``"file.json, record i"`` (its index in the file) for error messages; and the records that
-        break VITA's schema (see :func:`vitacore.data.records.read_records`).
+        ``(records, origins, rejected)``: the records with absolute media paths, in a
+        :class:`~vitacore.data.record_store.RecordStore`; per record ``"file.json, record i"`` (its
+        index in the file; JSON Lines: ``"file.jsonl, line n"``) for error messages; and the records
+        that break VITA's schema (see :func:`vitacore.data.records.read_records`).
     """
-    records, rejected = read_records(source.chat_path, source.declared_by)
-    bad = {r.index for r in rejected}
-    file_indices = [i for i in range(len(records) + len(rejected)) if i not in bad]
-    indices = list(range(len(records)))
-    if source.data_ratio < 1 and records:
-        # Seeded per file, so the kept subset does not change when other entries are added.
-        rng = random.Random(f"{seed}/{os.path.basename(source.chat_path)}")
-        keep = max(1, math.floor(len(records) * source.data_ratio))
-        indices = sorted(rng.sample(indices, keep))
-    resolved, origins = [], []
-    for i in indices:
-        where = f"{source.chat_path}, record {file_indices[i]}"
-        try:
-            resolved.append(_resolve(records[i], source, where, restrict_media_paths))
-            origins.append(where)
-        except ValueError as err:  # this record's problem (its 'set', its paths), not the run's
-            rejected.append(RejectedRecord(file_indices[i], str(err)))
-    return resolved, origins, rejected
+    return load_sources([source], seed, restrict_media_paths)
 
 
-def load_sources(sources: list[DataSource], seed: int, names: Optional[list[str]] = None,
-                 restrict_media_paths: bool = False) -> tuple[list[dict], list[str], list[RejectedRecord]]:
-    """:func:`load_source` over several sources, concatenated in order; ``names``, when given, gets
-    each record's :attr:`DataSource.dataset_name` appended."""
-    records, origins, rejected = [], [], []
-    for source in sources:
-        more, where, bad = load_source(source, seed, restrict_media_paths)
-        if names is not None:
-            names += [source.dataset_name] * len(more)
-        records += more
-        origins += where
-        rejected += bad
-    return records, origins, rejected
+def load_sources(sources: list[DataSource], seed: int, restrict_media_paths: bool = False
+                 ) -> tuple[RecordStore, RecordOrigins, list[RejectedRecord]]:
+    """:func:`load_source` over several sources, concatenated in order.
+
+    Each file's records are read, resolved and stored compactly before the next file is read, so
+    the Python objects of one file at a time exist. The origins' :attr:`RecordOrigins.codes` are
+    each record's index in ``sources`` (see :func:`dataset_names_of`).
+    """
+    builder, codes, numbers = RecordStoreBuilder(), array("i"), array("q")
+    prefixes, rejected = [], []
+    for code, source in enumerate(sources):
+        found = read_file_records(source.chat_path, source.declared_by)
+        rejected += found.rejected
+        prefix = f"{source.chat_path}, {'line' if found.lines is not None else 'record'} "
+        prefixes.append(prefix)
+        for i in _kept_indices(source, seed, len(found.records)):
+            number = found.lines[i] if found.lines is not None else found.indices[i]
+            try:
+                resolved = _resolve(found.records[i], source, f"{prefix}{number}", restrict_media_paths)
+            except ValueError as err:  # this record's problem (its 'set', its paths), not the run's
+                rejected.append(RejectedRecord(found.indices[i], str(err)))
+                continue
+            builder.append(resolved)
+            codes.append(code)
+            numbers.append(number)
+        del found  # this file's dicts go before the next file is read
+    origins = RecordOrigins(prefixes, np.asarray(codes, dtype=np.int32), np.asarray(numbers, dtype=np.int64))
+    return builder.finish(), origins, rejected
+
+
+def dataset_names_of(sources: list[DataSource], origins: RecordOrigins) -> CodedStrings:
+    """Per record of :func:`load_sources`, its source's :attr:`DataSource.dataset_name`."""
+    return CodedStrings(origins.codes, [source.dataset_name for source in sources])

@@ -84,7 +84,7 @@ def data_spec(config: RunConfig, assets: Optional[DefaultAssets], demo_data: Syn
         max_dynamic_patch=d.max_dynamic_patch, use_thumbnail=d.use_thumbnail, on_bad_sample=d.on_bad_sample,
         max_bad_sample_ratio=d.max_bad_sample_ratio, min_samples_for_bad_ratio=d.min_samples_for_bad_ratio,
         restrict_media_paths=d.restrict_media_paths, model_max_length=t.model_max_length, seed=t.seed,
-        media_limits=MediaLimits.from_args(d))
+        media_limits=MediaLimits.from_args(d), length_cache_dir=d.length_cache_dir, output_dir=t.output_dir)
 
 
 def loop_config(config: RunConfig) -> LoopConfig:
