@@ -44,6 +44,14 @@ def rule_errors(cfg) -> List[str]:
     for name in ("warmup_steps", "dataloader_num_workers", "skip_nonfinite_steps", "loss_chunk_size"):
         at_least(name, 0)
     at_least("model_max_length", 16)
+    if t.packing_max_length is not None:
+        # A pack must hold any one sample the model keeps (it truncates each to --model_max_length).
+        check(t.packing_max_length >= t.model_max_length,
+              f"--packing_max_length {t.packing_max_length} is below --model_max_length {t.model_max_length}: a "
+              "sample the model keeps whole would not fit in a pack; raise --packing_max_length to at least "
+              "--model_max_length (or leave it unset to use --model_max_length)")
+        check(t.packing, f"--packing_max_length {t.packing_max_length} has no effect without --packing True; "
+                         "add it or drop the flag")
     check(t.dataloader_prefetch_factor is None or t.dataloader_prefetch_factor >= 1,
           f"--dataloader_prefetch_factor {t.dataloader_prefetch_factor} must be >= 1")
     check(t.learning_rate > 0, f"--learning_rate {t.learning_rate} must be > 0")

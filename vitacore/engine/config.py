@@ -43,6 +43,9 @@ class LoopConfig:
         min_samples_for_bad_ratio: samples (over all ranks) seen before ``max_bad_sample_ratio`` applies.
         dataloader_num_workers / dataloader_persistent_workers / dataloader_prefetch_factor: the loader.
         group_by_modality_length: VITA's modality- and length-grouped sampler.
+        packing: several samples per training row (:mod:`vitacore.data.packing`); evaluation stays unpacked.
+        packing_max_length: the most tokens of a packed row, media expanded (resolved: ``--model_max_length``
+            when the flag is unset); required with ``packing``.
         report_to: ``none``, ``tensorboard``, ``wandb``, ``all`` or a comma list (:mod:`vitacore.engine.trackers`).
         run_name: the run's name in wandb (None: the output folder's base name).
         progress_label: the progress bar's label (``"stage 1"``).
@@ -69,6 +72,8 @@ class LoopConfig:
     dataloader_persistent_workers: bool = False
     dataloader_prefetch_factor: Optional[int] = None
     group_by_modality_length: bool = False
+    packing: bool = False
+    packing_max_length: Optional[int] = None
     report_to: str = "none"
     run_name: Optional[str] = None
     progress_label: str = "train"
@@ -84,6 +89,9 @@ class LoopConfig:
             _check(getattr(self, name) in _STRATEGIES,
                    f"{name} {getattr(self, name)!r} is not one of: {', '.join(_STRATEGIES)}")
         _check(self.save_strategy != "steps" or self.save_steps >= 1, f"save_steps {self.save_steps} must be >= 1")
+        _check(not self.packing or (self.packing_max_length or 0) >= 1,
+               f"packing needs packing_max_length >= 1 (the most tokens of a packed row, usually the model's "
+               f"model_max_length); got {self.packing_max_length}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -10,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitacore.constants import IGNORE_INDEX
 from vitacore.data.grouped_sampler import ModalityLengthGroupedSampler
+from vitacore.data.packed_batch import PackedCollator, PackedDataset
+from vitacore.data.packing import PackSampler, grouped_order, pack_lengths, shuffled_order
 from vitacore.data.sampler import ResumableSampler
 from vitacore.engine.config import LoopConfig
 from vitacore.engine.signals import worker_signal_options
@@ -27,10 +31,12 @@ def loss_divisor(batches: list[dict], dist, accumulation: int) -> Optional[torch
     steps; dividing a token *sum* by this makes the step's gradient the mean over every token of
     the global batch, so 1 process x 8 samples and 2 processes x 4 give the same update. None when a
     batch has no labels (every rank's batches have the same keys, so all skip the collective together).
+    In a packed batch (``segment_ids``), a segment's first token is never a target: it would be
+    predicted from the previous sample's last token.
     """
     if any("labels" not in b for b in batches):
         return None
-    count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    count = sum(supervised_targets(b) for b in batches)
     total = torch.tensor([float(count)], device=dist.device)
     if dist.world_size > 1:
         torch.distributed.all_reduce(total)
@@ -38,17 +44,53 @@ def loss_divisor(batches: list[dict], dist, accumulation: int) -> Optional[torch
     return (total / scale).clamp(min=1.0 / scale).squeeze(0)
 
 
-def train_sampler(train_dataset: Dataset, args: LoopConfig, dist):
-    """The shuffled per-rank order; VITA's modality/length grouping with ``--group_by_modality_length``."""
-    if not args.group_by_modality_length:
-        return ResumableSampler(train_dataset, dist.world_size, dist.rank, seed=args.seed)
+def supervised_targets(batch: dict) -> int:
+    """Next-token targets of a batch: positions ``t >= 1`` whose label is not ignored and, in a packed
+    batch, whose token is in the same segment as the token before it."""
+    targets = batch["labels"][:, 1:] != IGNORE_INDEX
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is not None:
+        targets &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    return int(targets.sum())
+
+
+def _modality_lengths(train_dataset: Dataset, flag: str):
+    """The dataset's signed per-sample token lengths, which ``flag`` needs."""
     lengths = getattr(train_dataset, "modality_lengths", None)
     if lengths is None:
-        raise ValueError("--group_by_modality_length True needs a training dataset with `modality_lengths` "
-                         f"(signed token lengths); {type(train_dataset).__name__} has none")
+        raise ValueError(f"{flag} needs a training dataset with `modality_lengths` (signed token lengths, media "
+                         f"expanded); {type(train_dataset).__name__} has none: use a VitaJsonDataset, give "
+                         f"yours that property, or drop the flag")
     if len(lengths) != len(train_dataset):
-        raise ValueError(f"--group_by_modality_length True: the dataset has {len(train_dataset)} samples "
-                         f"but {len(lengths)} modality_lengths")
+        raise ValueError(f"{flag}: the dataset has {len(train_dataset)} samples but {len(lengths)} modality_lengths")
+    return lengths
+
+
+def pack_sampler(train_dataset: Dataset, args: LoopConfig, dist) -> PackSampler:
+    """This rank's packs of each epoch's global order (the grouped order with ``--group_by_modality_length``).
+
+    A record takes at most the dataset's ``model_max_length`` in its pack (the model truncates it there).
+    """
+    lengths = _modality_lengths(train_dataset, "--packing True")
+    room = pack_lengths(lengths, getattr(train_dataset, "model_max_length", None))
+    if args.group_by_modality_length:
+        # A megabatch of about the samples one optimizer step packs over all ranks.
+        per_pack = max(1, args.packing_max_length // max(1, round(sum(room) / len(room))))
+        packs_per_step = dist.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        order = grouped_order(lengths, args.seed, packs_per_step * per_pack, args.gradient_accumulation_steps)
+    else:
+        order = shuffled_order(len(train_dataset), args.seed)
+    return PackSampler(room, args.packing_max_length, dist.world_size, dist.rank, order)
+
+
+def train_sampler(train_dataset: Dataset, args: LoopConfig, dist):
+    """The shuffled per-rank order; VITA's modality/length grouping with ``--group_by_modality_length``;
+    packs of samples with ``--packing``."""
+    if args.packing:
+        return pack_sampler(train_dataset, args, dist)
+    if not args.group_by_modality_length:
+        return ResumableSampler(train_dataset, dist.world_size, dist.rank, seed=args.seed)
+    lengths = _modality_lengths(train_dataset, "--group_by_modality_length True")
     return ModalityLengthGroupedSampler(lengths, args.per_device_train_batch_size, dist.world_size,
                                         dist.rank, seed=args.seed,
                                         accumulation=args.gradient_accumulation_steps)
@@ -79,10 +121,45 @@ def build_train_loader(train_dataset: Dataset, collate_fn: Callable, args: LoopC
     iterator never draws from the global RNG that dropout uses: a resumed run stays on the same stream.
     """
     sampler = train_sampler(train_dataset, args, dist)
+    if args.packing:  # the loader's items are packs; each micro-batch is per_device_train_batch_size of them
+        train_dataset, collate_fn = PackedDataset(train_dataset), PackedCollator(collate_fn)
     generator = torch.Generator()
     loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
                         collate_fn=collate_fn, generator=generator, **worker_options(args))
     return sampler, loader, generator
+
+
+def micro_batches_in_epoch(sampler, batch_size: int, epoch: int) -> int:
+    """This rank's micro-batches in ``epoch`` (the same on every rank).
+
+    A pack sampler's count can change from epoch to epoch (each epoch packs its own order); the
+    other samplers have one count for every epoch.
+    """
+    per_epoch = getattr(sampler, "num_samples_in_epoch", None)
+    return math.ceil((per_epoch(epoch) if per_epoch is not None else sampler.num_samples_per_epoch) / batch_size)
+
+
+def run_length(sampler, loop: LoopConfig) -> tuple[Callable[[int], int], int]:
+    """``(epoch -> this rank's micro-batches in that epoch, the run's optimizer steps)`` for ``sampler``."""
+    micro_in_epoch = functools.partial(micro_batches_in_epoch, sampler, loop.per_device_train_batch_size)
+    return micro_in_epoch, num_optimizer_steps(loop, micro_in_epoch)
+
+
+def num_optimizer_steps(loop: LoopConfig, micro_in_epoch: Callable[[int], int]) -> int:
+    """The run's optimizer steps: ``max_steps``, else the steps of ``num_train_epochs`` epochs.
+
+    With one micro-batch count for every epoch this is the HF Trainer's ``ceil(epochs x steps per
+    epoch)``; with per-epoch counts (packing), the whole epochs' steps plus the started fraction of the last.
+    """
+    if loop.max_steps > 0:
+        return loop.max_steps
+    epochs = loop.num_train_epochs
+    updates = [max(1, math.ceil(micro_in_epoch(epoch) / loop.gradient_accumulation_steps))
+               for epoch in range(math.ceil(epochs))]
+    if len(set(updates)) == 1:
+        return max(1, math.ceil(epochs * updates[0]))
+    last = len(updates) - 1
+    return max(1, sum(updates[:last]) + math.ceil((epochs - last) * updates[last]))
 
 
 def _as_raised_in_worker(error: Exception) -> Exception:
@@ -131,14 +208,15 @@ class AccumulationGroup:
 
 
 def accumulation_groups(loader: DataLoader, sampler, generator: torch.Generator, loop: LoopConfig,
-                        num_micro_per_epoch: int, start_epoch: int = 0, start_micro: int = 0
+                        micro_in_epoch: Callable[[int], int], start_epoch: int = 0, start_micro: int = 0
                         ) -> Iterator[AccumulationGroup]:
     """Yield the run's accumulation groups, epoch after epoch, without end (the trainer stops).
 
     Micro-batches are read one group ahead. An epoch whose micro-batch count is not a multiple of
     ``gradient_accumulation_steps`` ends with a short group, which still makes an optimizer step
-    (as the HF Trainer does). A resumed run starts at ``start_micro`` of ``start_epoch`` (a group
-    boundary) by skipping indices: no sample before it is read.
+    (as the HF Trainer does); ``micro_in_epoch(epoch)`` is the epoch's micro-batch count
+    (:func:`micro_batches_in_epoch`). A resumed run starts at ``start_micro`` of ``start_epoch`` (a group
+    boundary) by skipping indices (packs, with packing): no sample before it is read.
 
     An error while reading is not raised here: it ends the run's groups with one that carries it
     (:attr:`AccumulationGroup.failure`), so the trainer raises it on every rank at the same point
@@ -151,6 +229,7 @@ def accumulation_groups(loader: DataLoader, sampler, generator: torch.Generator,
         sampler.skip(first * loop.per_device_train_batch_size)
         generator.manual_seed(loop.seed + epoch)
         group, start = [], first
+        num_micro_per_epoch = micro_in_epoch(epoch)
         try:
             batches = iter(loader)
         except Exception as err:  # noqa: BLE001 - handed to the trainer, which raises it on every rank

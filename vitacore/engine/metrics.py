@@ -176,7 +176,8 @@ class MetricsWindow:
         self.micro += 1
         self.tokens = None if self.tokens is None or "attention_mask" not in batch else (
             self.tokens + int(batch["attention_mask"].sum()))
-        self.samples += batch_size(batch)
+        # A packed batch holds several samples per row: count samples (the bad-sample ratio divides by them).
+        self.samples += len(batch["sample_ids"]) if "segment_ids" in batch else batch_size(batch)
 
     def row(self, step: int, epoch: float, lr, grad_norm, dist, datasets: Sequence[str] = ()) -> dict:
         """The metrics row; loss, tokens, samples and bad samples are summed over ranks.

@@ -9,7 +9,6 @@ output folder.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from typing import Callable, Optional
 
@@ -25,7 +24,14 @@ from vitacore.engine import step_checks as checks
 from vitacore.engine.config import LoopConfig, OptimConfig
 from vitacore.engine.distributed import DistInfo
 from vitacore.engine.evaluation import GenerationEval, evaluate
-from vitacore.engine.loader import AccumulationGroup, accumulation_groups, build_train_loader, loss_divisor, to_device
+from vitacore.engine.loader import (
+    AccumulationGroup,
+    accumulation_groups,
+    build_train_loader,
+    loss_divisor,
+    run_length,
+    to_device,
+)
 from vitacore.engine.metrics import MetricsLog, MetricsWindow, format_lr, sample_token_losses
 from vitacore.engine.optimizer import build_optimizer
 from vitacore.engine.outcomes import NonFiniteGradientError, NonFiniteLossError, StepOutcome, TrainResult
@@ -96,12 +102,7 @@ class Trainer:
         self._accepts_num_items = "num_items_in_batch" in inspect.signature(model.forward).parameters
 
         self.sampler, self.loader, self.loader_generator = build_train_loader(train_dataset, collate_fn, loop, dist)
-        self.num_micro_per_epoch = math.ceil(self.sampler.num_samples_per_epoch / loop.per_device_train_batch_size)
-        updates_per_epoch = max(1, math.ceil(self.num_micro_per_epoch / loop.gradient_accumulation_steps))
-        if loop.max_steps > 0:
-            self.total_steps = loop.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(loop.num_train_epochs * updates_per_epoch))
+        self.micro_in_epoch, self.total_steps = run_length(self.sampler, loop)  # packing: a count per epoch
         self.warmup_steps = warmup_steps_for(self.total_steps, optim.warmup_steps, optim.warmup_ratio)
         self.base_lrs = [float(group["lr"]) for group in param_groups]  # before the schedule scales them
         self.engine = self._initialize()
@@ -164,7 +165,7 @@ class Trainer:
         started = time.time()
         if self.step >= self.total_steps:
             return self._finish(epoch, next_micro, started, stopped_by)
-        groups = accumulation_groups(self.loader, self.sampler, self.loader_generator, loop, self.num_micro_per_epoch,
+        groups = accumulation_groups(self.loader, self.sampler, self.loader_generator, loop, self.micro_in_epoch,
                                      position["epoch"], position["micro_in_epoch"])
         ready = time.perf_counter()
         for group in groups:
@@ -341,11 +342,11 @@ class Trainer:
         position = state["position"]
         rebase_schedule(self.engine.lr_scheduler, self.base_lrs)  # an allowed --learning_rate change applies
         self.bad_samples.load_state_dict(position.get("bad_samples"))
-        if position["micro_in_epoch"] >= self.num_micro_per_epoch:
+        if position["micro_in_epoch"] >= self.micro_in_epoch(position["epoch"]):
             position.update(epoch=position["epoch"] + 1, micro_in_epoch=0)
         logger.info(f"note: resumed from {self.checkpointer.resume_path} at step {position['step']} of "
                     f"{self.total_steps} (epoch {position['epoch']}, micro-batch {position['micro_in_epoch']} of "
-                    f"{self.num_micro_per_epoch}; no data replayed)")
+                    f"{self.micro_in_epoch(position['epoch'])}; no data replayed)")
         self._log({"step": position["step"], "event": "resumed", "path": self.checkpointer.resume_path})
         return position
 
@@ -394,4 +395,4 @@ class Trainer:
         self.on_log(row)
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:
-        return round(epoch + micro / max(1, self.num_micro_per_epoch), 4)
+        return round(epoch + micro / max(1, self.micro_in_epoch(epoch)), 4)
