@@ -147,6 +147,18 @@ class VisionTower(nn.Module):
         cfg = self.encoder.config
         return (cfg.image_size // cfg.patch_size) ** 2 + (1 if self.drop_cls else 0)
 
+    @property
+    def fewest_tokens(self) -> int:
+        """The fewest tokens the blocks can run on and still give features: one patch (a 2×2 block under the
+        pixel shuffle), plus the CLS token where the tower has one."""
+        return (4 if self.pixel_shuffle else 1) + (1 if self.drop_cls else 0)
+
+    def fewest_token_cuts(self) -> list[tuple[nn.Module, int, int]]:
+        """``(module, dim, length)``: a dummy pass (:mod:`vitacore.model.encoder_sync`) cuts the embeddings' output
+        to :attr:`fewest_tokens`, before the first block (so before any block recomputed in backward)."""
+        embeddings = getattr(self.encoder, "vision_model", self.encoder).embeddings  # older transformers nest it
+        return [(embeddings, -2, self.fewest_tokens)]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encode ``(N, 3, H, W)`` images into ``(N, num_tokens_per_image, hidden_size)`` features."""
         dtype = next(self.encoder.parameters()).dtype

@@ -8,7 +8,8 @@ Cost: transformers' Whisper encoder only accepts its full window (30 s, 3000 fra
 and has no attention mask, so every clip is padded to the window and the encoder always does a full
 30 s pass; a 3 s clip costs as much encoder compute as a 30 s one. Only the states of the clip's
 own frames are returned (so the adapter and the LLM see the clip's length), but the encoder pass
-itself does not shrink. VITA's own encoder takes variable lengths; the tiny default does too.
+itself does not shrink. VITA's own encoder takes variable lengths; the tiny default does too. The
+dummy pass that keeps ranks in step (:mod:`vitacore.model.encoder_sync`) runs the blocks on one state.
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ class WhisperAudioEncoder(nn.Module):
     @property
     def num_mel_bins(self) -> int:
         return self.encoder.config.num_mel_bins
+
+    @property
+    def fewest_frames(self) -> int:
+        """Frames of a dummy clip (:mod:`vitacore.model.encoder_sync`): one state's worth (the rate halves)."""
+        return 2
+
+    def fewest_token_cuts(self) -> list[tuple[nn.Module, int, int]]:
+        """``(module, dim, length)``: a dummy pass cuts the first convolution's output to :attr:`fewest_frames`
+        and the position embeddings to one state, so the blocks run on one state, not the window's (1500 for 30 s)."""
+        # (B, d, frames) out of the convolution; (states, d) out of the position embeddings
+        return [(self.encoder.conv1, -1, self.fewest_frames), (self.encoder.embed_positions, -2, 1)]
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode ``(B, T, mel)`` features (``T`` <= the window); return the clips' states and their lengths.
