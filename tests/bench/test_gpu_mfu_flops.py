@@ -109,3 +109,25 @@ def test_without_a_gpu_it_says_so(mfu, capsys):
         pytest.skip("this machine has a GPU")
     assert mfu.main(["--steps", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_tower_attention_counts_per_image_and_head_per_position(mfu):
+    """Setup: the Qwen2.5-0.5B / SigLIP shapes with 0, 1 and 2 images per sample; the output head over every
+    position (full logits) and over 100 supervised positions (chunked loss).
+    Expect: the tower's attention is per image (two images cost twice one; a text-only sample has no tower
+    FLOPs); the head's FLOPs follow the positions it runs on."""
+    def shapes(images, head=None):
+        return mfu.Shapes(896, 24, 14, 2, 64, 4864, 151936, 1152, 27, 4304, 14, 3, 729, 729, True, -2, 500,
+                          images_per_sample=images, head_tokens=head)
+
+    def by_name(s):
+        return {p.name: mfu.part_flops(p) for p in mfu.stage3_parts(s, checkpointing=False)}
+
+    one, two, none = by_name(shapes(1)), by_name(shapes(2)), by_name(shapes(0))
+    tower = "vision tower layers (trained)"
+    assert two[tower] == 2 * one[tower] and none[tower] == 0 and none["mm_projector"] == 0
+    assert one[tower] == 6 * 26 * 15_224_832 * 729 + 12 * 26 * 1152 * 729**2
+    head = "llm output projection (logits)"
+    assert one[head] == 6 * 151936 * 896 * (500 + 729)
+    assert by_name(shapes(1, head=100))[head] == 6 * 151936 * 896 * 100
+    assert mfu.sample_flops(shapes(1), False)[0] == sum(one.values())
