@@ -3,8 +3,9 @@
     PYTHONPATH=tests torchrun --nproc_per_node 2 tests/model/encoder_sync_driver.py OUT_PREFIX
 
 For each case (ZeRO stage, whether the encoders train), both ranks build the same tiny model (a
-SigLIP tower and a Whisper encoder), train four one-sample micro-batches in which their media differ
-(rank 0: image + audio, text, image, audio; rank 1: text, image + audio, audio, image) and write
+SigLIP tower and a Whisper encoder), train six one-sample micro-batches: four in which their media
+differ (rank 0: image + audio, text, image, audio; rank 1: text, image + audio, audio, image), then
+text on both, then an image on both (no audio on either), and write
 ``OUT_PREFIX.rank<R>.pt``: per case the losses, the trainable parameters before and after (gathered),
 and how often the tower and the audio encoder ran in each step.
 """
@@ -27,7 +28,8 @@ from vitacore.model.audio import AudioAdapter
 from vitacore.model.whisper import WhisperAudioEncoder
 
 CASES = (("zero3", "trainable"), ("zero3", "frozen"), ("zero2", "frozen"))
-PATTERNS = (("image+audio", "text", "image", "audio"), ("text", "image+audio", "audio", "image"))
+PATTERNS = (("image+audio", "text", "image", "audio", "text", "image"),
+            ("text", "image+audio", "audio", "image", "text", "image"))
 WHISPER_MEL, WHISPER_SECONDS, CLIP_FRAMES = 16, 2, 30
 
 
