@@ -9,19 +9,20 @@ dummy passes as they were: one blank full-size image, one silent clip padded to 
 
 The models are random transformers ``Qwen2ForCausalLM``, ``SiglipVisionModel`` and ``WhisperEncoder``,
 wrapped as vitacore wraps them, built partitioned under ZeRO-3 (``configs/zero3.json`` completed by
-``vitacore.resolve_deepspeed_config``), scaled down with VITA-1.5's proportions (:data:`SIZES`) and the
-encoders' real input geometry (384-pixel images in 14-pixel patches: 729 patches; Whisper's 3000 frames,
-1500 states). Stage 3 trains the LLM, projector and tower; stage 4 the LLM and projector; audio stays
-frozen; activation checkpointing on the LLM, as in VITA's stages. Each step is timed around
-``engine(...)``, ``engine.backward`` and ``engine.step``, and so are the dummy passes and DeepSpeed's
-parameter gathers and gradient reduce-scatters (``fetch_sub_module``, the post-step re-gather of
-persistent parameters, ``__avg_scatter_grads``; waits included): the profile of the remainder. The sides
-take turns step by step, in an order that rotates between rounds. An analytic FLOP count of the step at
-these sizes and at VITA-1.5's real ones comes last.
+``vitacore.resolve_deepspeed_config``), scaled down with VITA-1.5's proportions (``SIZES`` in
+``bench/text_only_sizes.py``) and the encoders' real input geometry (384-pixel images in 14-pixel
+patches: 729 patches; Whisper's 3000 frames, 1500 states). Stage 3 trains the LLM, projector and
+tower; stage 4 the LLM and projector; audio stays frozen; activation checkpointing on the LLM, as in
+VITA's stages. Each step is timed around ``engine(...)``, ``engine.backward`` and ``engine.step``, and
+so are the dummy passes and DeepSpeed's parameter gathers and gradient reduce-scatters
+(``fetch_sub_module``, the post-step re-gather of persistent parameters, ``__avg_scatter_grads``; waits
+included): the profile of the remainder. The sides take turns step by step, in an order that rotates
+between rounds. An analytic FLOP count of the step at these sizes and at VITA-1.5's real ones comes last.
 
     python bench/text_only_step.py            # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
     python bench/text_only_step.py --stage 4  # the tower frozen too
     python bench/text_only_step.py --quick    # tiny sizes, a few steps: checks the script runs
+    python bench/text_only_step.py --param_persistence_threshold 0   # no parameter kept gathered between steps
 """
 
 from __future__ import annotations
@@ -41,30 +42,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO3 = os.path.join(REPO, "configs", "zero3.json")
 
-# Scaled to a few seconds per step on two CPU cores, with VITA-1.5's proportions (matmul weights: tower about
-# 1/17 of the LLM's, Whisper 1/21; depths 4 : 4 : 3 for 28 : 27 : 24) and the encoders' real input geometry.
-SIZES = {
-    "vita": dict(llm=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=1344, vocab_size=8192),
-                 tower=dict(hidden_size=80, num_hidden_layers=4, num_attention_heads=4, intermediate_size=300,
-                            image_size=384, patch_size=14),
-                 whisper=dict(d_model=80, encoder_layers=3, encoder_attention_heads=4, encoder_ffn_dim=320,
-                              max_source_positions=1500)),
-    "quick": dict(llm=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=128, vocab_size=1024),
-                  tower=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=384, patch_size=14),
-                  whisper=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                               max_source_positions=1500)),
-}
-# VITA-1.5's real parts, for the analytic FLOP count: Qwen2.5-7B, SigLIP-so400m-patch14-384, Whisper-medium.
-REAL = dict(llm=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                     intermediate_size=18944, vocab_size=152064),
-            tower=dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
-                       image_size=384, patch_size=14),
-            whisper=dict(d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096,
-                         max_source_positions=1500))
-MEL_BINS = 80
 SIDES = ("llm", "vitacore", "full-size")
 
 
@@ -78,6 +55,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage", choices=("3", "4"), default="3",
                         help="3: LLM, projector and tower train; 4: LLM and projector (audio frozen in both)")
     parser.add_argument("--no_gradient_checkpointing", action="store_true", help="no activation checkpointing")
+    parser.add_argument("--param_persistence_threshold", type=int, default=None,
+                        help="stage3_param_persistence_threshold for both sides (default: the config's \"auto\", "
+                             "10 x the LLM's hidden size); 0 keeps no parameter gathered between steps")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (meaningless figures)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 6)
@@ -102,7 +82,7 @@ def relaunch(argv: list[str]) -> int:
 # After this point the script runs in every process of the job.
 
 import torch  # noqa: E402
-from mfu_flops import Part, decoder_layer_weights, encoder_layer_weights, part_flops  # noqa: E402
+from text_only_sizes import MEL_BINS, SIZES, print_flops  # noqa: E402
 
 import vitacore  # noqa: E402
 import vitacore.model.multimodal as multimodal  # noqa: E402
@@ -204,6 +184,8 @@ def build_side(args, sizes: dict, with_encoders: bool, dist):
     ds_config, _ = vitacore.resolve_deepspeed_config(
         ZERO3, loop=vitacore.LoopConfig(per_device_train_batch_size=args.micro_batch),
         optim=vitacore.OptimConfig(), world_size=dist.world_size, hidden_size=llm_sizes["hidden_size"])
+    if args.param_persistence_threshold is not None:
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = args.param_persistence_threshold
     torch.manual_seed(0)
     keep_alive = HfDeepSpeedConfig(ds_config)  # a weak global: held while the models are built, so they are partitioned
     try:
@@ -309,53 +291,6 @@ def print_profile(say, results: dict) -> None:
             f"{extra['backward']:.1f} + optimizer step {extra['step']:.1f}")
 
 
-def analytic_flops(sizes: dict, args, fewest: bool) -> tuple[float, float, float]:
-    """FLOPs of one text-only micro-batch step: (LLM, dummy vision pass, dummy audio pass).
-
-    Counted with bench/mfu_flops.py's rules (matmuls and attention; forward, backward, recomputation).
-    ``fewest``: the passes on their fewest tokens (1 token through the tower's and Whisper's layers;
-    the patch embedding and Whisper's first convolution still see the full input).
-    """
-    lm, vt, wh = sizes["llm"], sizes["tower"], sizes["whisper"]
-    heads = lm["num_attention_heads"]
-    head_dim = lm["hidden_size"] // heads
-    layer = decoder_layer_weights(lm["hidden_size"], heads, lm["num_key_value_heads"], head_dim,
-                                  lm["intermediate_size"])
-    seq, ckpt = args.text_tokens, not args.no_gradient_checkpointing
-    llm = args.micro_batch * (part_flops(Part("llm", lm["num_hidden_layers"] * layer, seq, True, True, ckpt,
-                                              lm["num_hidden_layers"], lm["hidden_size"], seq))
-                              + part_flops(Part("logits", lm["vocab_size"] * lm["hidden_size"], seq, True, True)))
-    patches = (vt["image_size"] // vt["patch_size"]) ** 2
-    tokens = 1 if fewest else patches
-    trains = args.stage == "3"
-    width, used = vt["hidden_size"], vt["num_hidden_layers"] - 1  # features from hidden_states[-2]
-    enc = encoder_layer_weights(width, vt["intermediate_size"])
-    vision = (part_flops(Part("tower", used * enc, tokens, trains, trains, False, used, width, tokens))
-              # the last layer and the pooling head's keys / values run forward only: nothing uses them
-              + part_flops(Part("tower, forward only", enc + 2 * width * width, tokens, False, False, False, 1, width,
-                                tokens))
-              + part_flops(Part("patches", 3 * vt["patch_size"] ** 2 * width, patches, trains, False))
-              + part_flops(Part("projector", width * lm["hidden_size"] + lm["hidden_size"] ** 2, tokens, True, False)))
-    states = 1 if fewest else wh["max_source_positions"]
-    d = wh["d_model"]
-    audio = (part_flops(Part("whisper", wh["encoder_layers"] * encoder_layer_weights(d, wh["encoder_ffn_dim"]),
-                             states, False, False, False, wh["encoder_layers"], d, states))
-             + part_flops(Part("conv1", 3 * MEL_BINS * d, 2 * wh["max_source_positions"], False, False))
-             + part_flops(Part("conv2", 3 * d * d, states, False, False)))
-    return llm, vision, audio
-
-
-def print_flops(say, args) -> None:
-    say("\nanalytic FLOPs of one text-only micro-batch step (bench/mfu_flops.py's rules), dummy passes / LLM step:")
-    for name, sizes in (("these sizes", SIZES["quick" if args.quick else "vita"]), ("VITA-1.5's real sizes", REAL)):
-        row = []
-        for fewest in (False, True):
-            llm, vision, audio = analytic_flops(sizes, args, fewest)
-            row.append(f"{'fewest tokens' if fewest else 'full-size'} {(vision + audio) / llm:.4f} "
-                       f"(vision {vision / llm:.4f}, audio {audio / llm:.4f})")
-        say(f"  {name:22s} LLM step {llm / 1e12:9.4f} TFLOP; " + "; ".join(row))
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -375,7 +310,9 @@ def main(argv=None) -> int:
     mm = engines["mm"].module
     say(f"text-only micro-batch step, ZeRO-3 ({os.path.relpath(ZERO3, REPO)}), {dist.world_size} processes, "
         f"{torch.get_num_threads()} torch thread(s) each, fp32, stage {args.stage}, micro-batch {args.micro_batch} x "
-        f"{args.text_tokens} tokens, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}")
+        f"{args.text_tokens} tokens, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
+        f"stage3_param_persistence_threshold "
+        f"{engines['mm'].zero_param_persistence_threshold()}")
     unit_counts = {unit: sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
                    for unit, module in mm.unit_modules().items()}
     say("parameters: " + ", ".join(f"{unit} {count:,}" for unit, count in unit_counts.items()))
