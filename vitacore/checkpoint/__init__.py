@@ -4,7 +4,6 @@ from vitacore.checkpoint.artifacts import (
     AUDIO_ADAPTER_FILE,
     MM_PROJECTOR_FILE,
     atomic_torch_save,
-    atomic_write,
     read_adapter_file,
     save_stage_artifacts,
 )
@@ -42,6 +41,7 @@ from vitacore.checkpoint.resumable import (
 from vitacore.checkpoint.run_artifacts import StageArtifacts, is_lora_model, needs_full_export, save_run_artifacts
 from vitacore.checkpoint.run_status import RUN_STATUS_FILE, RunStatus, read_run_status
 from vitacore.checkpoint.vita_layout import from_vita_name, to_vita_name
+from vitacore.durable import atomic_write
 
 __all__ = [
     "AUDIO_ADAPTER_FILE", "CheckpointConfig", "CheckpointMismatchError", "Checkpointer", "MM_PROJECTOR_FILE",

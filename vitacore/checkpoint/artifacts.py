@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from vitacore.checkpoint.gather import gathered_state
-from vitacore.checkpoint.manifest import fsync_dir
+from vitacore.durable import atomic_write
 from vitacore.model import AdapterWeights
 from vitacore.model.loading import read_tensor_file
 
@@ -17,22 +16,6 @@ MM_PROJECTOR_FILE = "mm_projector.bin"
 AUDIO_ADAPTER_FILE = "audio_adpter.bin"  # VITA's spelling, kept so its loaders find the file
 MM_PROJECTOR_PREFIX = "model.mm_projector."
 AUDIO_ADAPTER_PREFIX = "model.audio_encoder.adpter."
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(temporary path)`` in the same folder, fsync the file, rename it to ``path``, fsync the folder:
-    a kill or power loss leaves the old file or the complete new one, never half a file or a lost rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_torch_save(obj, path: str) -> None:

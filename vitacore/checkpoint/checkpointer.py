@@ -12,7 +12,6 @@ from vitacore import ranks
 from vitacore.checkpoint import folders
 from vitacore.checkpoint.export.writer import publish_into
 from vitacore.checkpoint.lock import OutputLock
-from vitacore.checkpoint.manifest import fsync_tree
 from vitacore.checkpoint.resumable import (
     CONFIG_FILE,
     clean_partial_saves,
@@ -24,6 +23,7 @@ from vitacore.checkpoint.resumable import (
 from vitacore.checkpoint.resume_config import parse_allowed
 from vitacore.checkpoint.run_artifacts import StageArtifacts
 from vitacore.console import logger
+from vitacore.durable import fsync_tree
 
 FINAL_STAGING = "tmp-final-artifacts"  # beside the final artifacts; the lock keeps it to one run
 

@@ -29,11 +29,11 @@ from vitacore.checkpoint.manifest import (
     COMPLETE_MARKER,
     OWNER_FILE,
     find_problems,
-    fsync_dir,
     listed_files,
     write_owner_file,
 )
 from vitacore.console import logger
+from vitacore.durable import fsync_dir
 
 STATE_FILE = "vitacore_state.json"
 LEGACY_STATE_FILE = "trainer_state.json"  # what checkpoints of vitacore 0.x before the rename hold

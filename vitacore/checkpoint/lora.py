@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
+from vitacore.checkpoint.artifacts import atomic_torch_save
 from vitacore.checkpoint.vita_layout import to_vita_name
 from vitacore.constants import QUANTIZED_PARAM_TYPES
+from vitacore.durable import atomic_write
 from vitacore.freeze import LORA_BIAS, LORA_MARKER
 from vitacore.model import LoraWeights, is_quantized
 from vitacore.model.loading import read_tensor_file

@@ -15,36 +15,13 @@ import time
 from typing import Optional
 
 from vitacore import ranks
+from vitacore.durable import fsync_dir, fsync_file, fsync_tree
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 OWNER_FILE = "vitacore_checkpoint.json"  # written first into every folder vitacore creates for a checkpoint
 OWNER_FORMAT = "vitacore-checkpoint"
 MARKER_VERSION = 2  # 1: {"step", "time"} only (no file list)
 _CHUNK = 1 << 22
-
-
-def fsync_file(path: str) -> None:
-    """Flush one file's data to the disk (its writer may have been another process)."""
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    """Flush a folder's entries (the names created, renamed or removed in it) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: str, files: bool = True) -> None:
-    """fsync every file (``files``) and every folder under ``root``, folders after what they hold."""
-    for folder, _, names in os.walk(root, topdown=False):
-        if files:
-            for name in names:
-                fsync_file(os.path.join(folder, name))
-        fsync_dir(folder)
 
 
 def list_files(root: str) -> dict[str, int]:

@@ -50,7 +50,6 @@ from vitacore.checkpoint.manifest import (
     COMPLETE_MARKER,
     describe_files,
     find_problems,
-    fsync_dir,
     listed_files,
     write_complete_marker,
 )
@@ -64,6 +63,7 @@ from vitacore.checkpoint.state_files import (
     write_trainer_state,
 )
 from vitacore.console import logger
+from vitacore.durable import fsync_dir
 
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_TAG = "state"

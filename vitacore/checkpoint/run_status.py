@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
-from vitacore.checkpoint.artifacts import atomic_write
+from vitacore.durable import atomic_write
 
 RUN_STATUS_FILE = "run_status.json"
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"

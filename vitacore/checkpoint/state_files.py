@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from vitacore._version import __version__
-from vitacore.checkpoint.artifacts import atomic_torch_save, atomic_write
+from vitacore.checkpoint.artifacts import atomic_torch_save
 from vitacore.checkpoint.folders import LEGACY_STATE_FILE, STATE_FILE
 from vitacore.checkpoint.manifest import read_json_object
+from vitacore.durable import atomic_write
 
 
 def rng_file(folder: str, rank: int) -> str:

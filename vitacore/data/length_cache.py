@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,6 +41,7 @@ from vitacore import ranks
 from vitacore._version import __version__
 from vitacore.console import logger
 from vitacore.data.lengths import LengthCounter, compute_lengths, default_num_processes
+from vitacore.durable import atomic_write_bytes
 
 __all__ = ["CACHE_FOLDER", "FORMAT_VERSION", "LengthCacheLocation", "cache_key", "cached_lengths",
            "tokenizer_digest"]
@@ -159,28 +159,6 @@ def _find(folders: Sequence[str], key: str, num_records: int) -> Optional[np.nda
     return None
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """``data`` at ``path`` whole or not at all: a synced temporary file renamed over it."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temporary, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # the rename itself survives a crash
-    finally:
-        os.close(descriptor)
-
-
 def _store(folders: Sequence[str], key: str, parts: dict, lengths: np.ndarray) -> Optional[str]:
     """Write the cache file in the first folder that takes it; the path, or None (with a note)."""
     wide = lengths.size and max(-int(lengths.min()), int(lengths.max())) >= 2**31
@@ -192,7 +170,8 @@ def _store(folders: Sequence[str], key: str, parts: dict, lengths: np.ndarray) -
     for folder in folders:
         path = os.path.join(folder, _file_name(key))
         try:
-            _write_atomically(path, data)
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_bytes(path, data)
             return path
         except OSError as err:
             problems.append(f"{folder}: {err.strerror or err}")

@@ -25,8 +25,8 @@ from vitacore.checkpoint.export.format import (
     WEIGHTS_FILE,
     is_full_export,
 )
-from vitacore.checkpoint.manifest import fsync_dir, fsync_tree
 from vitacore.checkpoint.vita_layout import to_vita_name
+from vitacore.durable import fsync_dir, fsync_tree
 from vitacore.partition import gathered, is_partitioned
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
