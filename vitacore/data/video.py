@@ -228,16 +228,21 @@ def decode_container(path: str, limits: Optional[MediaLimits] = None, seek: bool
     """
     import av
 
-    path = os.fspath(path)
-    limits = limits or MediaLimits()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video {path!r} does not exist")
+    path, limits = _existing_video(path), limits or MediaLimits()
     try:
         return _decode_container(path, limits, seek)
     except MediaLimitError:
         raise
     except (av.FFmpegError, ValueError, IndexError, OSError) as err:
         raise ValueError(f"{path} is not a readable video: {err}") from None
+
+
+def _existing_video(path) -> str:
+    """``path`` as a string; FileNotFoundError when no file is there."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video {path!r} does not exist")
+    return path
 
 
 def _animated_fps(durations_ms: List[float]) -> float:
@@ -288,10 +293,7 @@ def load_video(path: str, max_frames: int = VIDEO_MAX_FRAMES,
         MediaLimitError: too many frames to decode, or too many pixels per frame.
         ValueError: the file cannot be decoded; the message names the file.
     """
-    path = os.fspath(path)
-    limits = limits or MediaLimits()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video {path!r} does not exist")
+    path, limits = _existing_video(path), limits or MediaLimits()
     if _is_container(path):
         decoded = decode_container(path, limits)
         return decoded.frames, decoded.fps
