@@ -22,9 +22,9 @@ A dummy pass costs no more than those two needs require:
   ZeRO-3 copies the first micro-batch's gradient of an accumulation window into a buffer it never
   clears, so a parameter without a gradient in a window is stepped with an older window's gradient.
   A frozen one could be skipped when the ranks agree none has its media, but the module order would
-  then change from step to step, and ZeRO-3's prefetch follows a recorded order (tried with
-  ``bench/text_only_step.py``, whose steps alternate orders: the parameter gathers in backward grew
-  from about 10 to 170 ms per step, against about 20 ms the skipped pass saved).
+  then depend on the data, and ZeRO-3's prefetch follows a recorded order (tried with
+  ``bench/text_only_step.py``, whose steps then alternated orders: DeepSpeed's parameter gathers in
+  backward grew from about 10 to 170 ms per step, against about 20 ms the skipped pass saved).
 - **No state changes.** BatchNorm layers run in eval mode during a dummy pass: a batch of zeros must
   not move their running statistics (VITA's adapters weigh each new batch 0.99). SyncBatchNorm is
   left as it is: in training mode it takes part in a collective of its own.
