@@ -72,6 +72,7 @@ def main(argv):
     with open(f"{out_path}.rank{dist.rank}", "w") as fh:
         json.dump({"losses": losses, "shards": shards, "full": full, "local": local, "steps": result.num_steps,
                    "world_size": dist.world_size, "stopped_by": result.stopped_by, "changed": changed,
+                   "sampler": type(trainer.sampler).__name__,
                    "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}, fh)
 
 
