@@ -211,3 +211,21 @@ def media_batch(dims, audio_frames=(AUDIO_FRAMES,)):
         "audio_token_lengths": torch.tensor([audio_token_length(n) for n in audio_frames]),
         "sample_ids": ["img", "aud", "txt"],
     }
+
+
+def built_stage_recipe(stage: str, output_dir: str, **flags):
+    """A ``StageRecipe`` of ``stage`` on the embedded default with its parts built (no training started).
+
+    Evaluation, saving and logging are off unless ``flags`` set them; ``flags`` are set as if given on the
+    command line.
+    """
+    import vitacore
+
+    config = vitacore.RunConfig()
+    config.stage = stage
+    values = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 10**9, **flags, "output_dir": output_dir}
+    for name, value in values.items():
+        config.set(name, value, "flag")
+    recipe = vitacore.StageRecipe(config)  # resolves the stage's preset and validates
+    recipe.build_parts()
+    return recipe

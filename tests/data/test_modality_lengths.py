@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import built_stage_recipe
 
 import vitacore
 from vitacore.constants import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
@@ -23,13 +24,7 @@ from vitacore.data.lengths import count_video_frames
 @pytest.fixture(scope="module")
 def stage4(vitacore_cache, tmp_path_factory):
     """(recipe, bundle, data) for stage 4 on the embedded default (the recipe's parts: specs, dist, ...)."""
-    config = vitacore.RunConfig()
-    config.stage = "4"
-    config.set("output_dir", str(tmp_path_factory.mktemp("grouped")), "flag")
-    for name, value in (("eval_strategy", "no"), ("save_strategy", "no"), ("logging_steps", 10**9)):
-        config.set(name, value, "flag")
-    recipe = vitacore.StageRecipe(config)  # resolves stage 4's preset (embedded default) and validates
-    recipe.build_parts()
+    recipe = built_stage_recipe("4", str(tmp_path_factory.mktemp("grouped")))
     bundle = recipe.bundle
     for name, param in bundle.model.named_parameters():  # only the order matters here: a cheap backward
         param.requires_grad = name == "llm.model.norm.weight"

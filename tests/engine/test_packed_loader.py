@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import built_stage_recipe
 
 import vitacore
 from vitacore.constants import IGNORE_INDEX
@@ -31,14 +32,7 @@ PAD = 0
 @pytest.fixture(scope="module")
 def stage4(vitacore_cache, tmp_path_factory):
     """The demo's stage-4 recipe, its parts built (embedded default model, image/video/audio/text data)."""
-    config = vitacore.RunConfig()
-    config.stage = "4"
-    config.set("output_dir", str(tmp_path_factory.mktemp("packed")), "flag")
-    for name, value in (("eval_strategy", "no"), ("save_strategy", "no"), ("logging_steps", 10**9)):
-        config.set(name, value, "flag")
-    recipe = vitacore.StageRecipe(config)
-    recipe.build_parts()
-    return recipe
+    return built_stage_recipe("4", str(tmp_path_factory.mktemp("packed")))
 
 
 def _rank(rank: int, world: int) -> DistInfo:
