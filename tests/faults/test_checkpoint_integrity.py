@@ -135,10 +135,10 @@ def test_truncated_zero3_shard_of_rank_1_stops_both_ranks_naming_it(vitacore_cac
     wall = time.time() - started
     output = job.stdout + job.stderr
     assert job.returncode != 0, output[-3000:]
-    cut = json.loads(next(line for line in job.stdout.splitlines() if line.startswith("{")))
+    # The two ranks print into one pipe: their lines may run together, so each line is found by its pattern.
+    cut = json.loads(re.search(r'\{"size": \d+, "expected": \d+\}', job.stdout).group(0))
     name = (f"checkpoint-4/state/zero_pp_rank_1_mp_rank_00_optim_states.pt: size {cut['size']}, "
             f"expected {cut['expected']}")
-    # The two ranks print into one pipe: their lines may run together, so each refusal is found by its pattern.
     refusals = re.findall(r"rank (\d) refused after ([\d.]+) s: ([^\n]*?\(truncated or partly copied\))", job.stdout)
     assert sorted(rank for rank, _, _ in refusals) == ["0", "1"], output[-3000:]
     for _, seconds, message in refusals:
