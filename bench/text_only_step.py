@@ -4,8 +4,10 @@ Under ZeRO-3 with several processes, a micro-batch without images (audio) still 
 (audio encoder) on a dummy input (``vitacore.model.encoder_sync``), since every rank must gather the same
 parameters in the same order. Three sides train the same text-only batches, side by side in one run:
 ``llm`` (the LLM alone, a ``VitaModel`` without encoders); ``vitacore`` (the LLM with a SigLIP tower and
-a Whisper encoder, running vitacore's dummy passes); ``full-size`` (the same model and engine, running the
-dummy passes as they were: one blank full-size image, one silent clip padded to Whisper's 30 s window).
+a Whisper encoder, handed to DeepSpeed as vitacore's Trainer hands it: frozen encoders and adapters held
+out of ZeRO-3, ``--zero3_frozen_parts whole``; running vitacore's dummy passes); ``full-size`` (the same
+model with every part partitioned, running the dummy passes as they were: one blank full-size image, one
+silent clip padded to Whisper's 30 s window).
 
 The models are random transformers ``Qwen2ForCausalLM``, ``SiglipVisionModel`` and ``WhisperEncoder``,
 wrapped as vitacore wraps them, built partitioned under ZeRO-3 (``configs/zero3.json`` completed by
@@ -23,6 +25,7 @@ between rounds. An analytic FLOP count of the step at these sizes and at VITA-1.
     python bench/text_only_step.py --stage 4  # the tower frozen too
     python bench/text_only_step.py --quick    # tiny sizes, a few steps: checks the script runs
     python bench/text_only_step.py --param_persistence_threshold 0   # no parameter kept gathered between steps
+    python bench/text_only_step.py --zero3_frozen_parts partitioned  # vitacore's side with frozen parts partitioned
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--param_persistence_threshold", type=int, default=None,
                         help="stage3_param_persistence_threshold for both sides (default: the config's \"auto\", "
                              "10 x the LLM's hidden size); 0 keeps no parameter gathered between steps")
+    parser.add_argument("--zero3_frozen_parts", choices=("whole", "partitioned"), default="whole",
+                        help="the vitacore side's frozen encoders and adapters: whole on every rank (vitacore's "
+                             "default) or ZeRO-3-partitioned (as before); the full-size side: partitioned")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (meaningless figures)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 6)
@@ -86,7 +92,7 @@ from text_only_sizes import MEL_BINS, SIZES, print_flops  # noqa: E402
 
 import vitacore  # noqa: E402
 import vitacore.model.multimodal as multimodal  # noqa: E402
-from vitacore.model import encoder_sync  # noqa: E402
+from vitacore.model import encoder_sync, module_for_engine  # noqa: E402
 
 
 class Clock:
@@ -160,8 +166,9 @@ def install_timers() -> None:
         setattr(owner, method, timed_method)
 
 
-def build_side(args, sizes: dict, with_encoders: bool, dist):
-    """A DeepSpeed ZeRO-3 engine over a random ``VitaModel`` (with or without encoders), built partitioned."""
+def build_side(args, sizes: dict, with_encoders: bool, dist, frozen_parts: str = "whole"):
+    """A DeepSpeed ZeRO-3 engine over a random ``VitaModel`` (with or without encoders), built partitioned;
+    ``frozen_parts``: ``--zero3_frozen_parts`` (frozen encoders and adapters made whole, or left partitioned)."""
     import deepspeed
     from transformers import (
         Qwen2Config,
@@ -212,7 +219,8 @@ def build_side(args, sizes: dict, with_encoders: bool, dist):
     model.eval_units = frozen
     vitacore.prepare_for_training(model, not args.no_gradient_checkpointing, None, dist.world_size, dist.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False,
+    module = module_for_engine(model, ds_config, frozen_parts)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False,
                                            optimizer=torch.optim.AdamW(trainable, lr=1e-5))
     engine.train()
     return engine
@@ -238,7 +246,7 @@ def run_round(engines: dict, batches: list[dict], warmup: int, order: tuple) -> 
             full = side == "full-size"
             DUMMIES.update(image=full_size_image_output if full else encoder_sync.dummy_image_output,
                            audio=full_size_audio_output if full else encoder_sync.dummy_audio_output)
-            engine = engines["llm" if side == "llm" else "mm"]
+            engine = engines[side]
             CLOCK.seconds.clear()
             start = time.perf_counter()
             with CLOCK.piece("forward"):
@@ -306,13 +314,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"run with 2 processes (the job has {dist.world_size})")
     sizes = SIZES["quick" if args.quick else "vita"]
     install_timers()
-    engines = {"llm": build_side(args, sizes, False, dist), "mm": build_side(args, sizes, True, dist)}
-    mm = engines["mm"].module
+    engines = {"llm": build_side(args, sizes, False, dist),
+               "vitacore": build_side(args, sizes, True, dist, args.zero3_frozen_parts),
+               "full-size": build_side(args, sizes, True, dist, "partitioned")}
+    mm = engines["vitacore"].module
+    mm = getattr(mm, "whole_model", mm)
     say(f"text-only micro-batch step, ZeRO-3 ({os.path.relpath(ZERO3, REPO)}), {dist.world_size} processes, "
         f"{torch.get_num_threads()} torch thread(s) each, fp32, stage {args.stage}, micro-batch {args.micro_batch} x "
         f"{args.text_tokens} tokens, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
         f"stage3_param_persistence_threshold "
-        f"{engines['mm'].zero_param_persistence_threshold()}")
+        f"{engines['vitacore'].zero_param_persistence_threshold()}, --zero3_frozen_parts {args.zero3_frozen_parts} "
+        f"(full-size: partitioned)")
     unit_counts = {unit: sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
                    for unit, module in mm.unit_modules().items()}
     say("parameters: " + ", ".join(f"{unit} {count:,}" for unit, count in unit_counts.items()))

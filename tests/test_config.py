@@ -233,6 +233,7 @@ VALIDATION_CASES = [
     (["--bits", "3"], ["--bits"]),
     (["--quant_type", "int4"], ["--quant_type"]),
     (["--lora_bias", "some"], ["--lora_bias"]),
+    (["--zero3_frozen_parts", "replicated"], ["--zero3_frozen_parts", "whole", "partitioned"]),
     (["--lora_r", "0"], ["--lora_r"]),
     (["--lora_dropout", "1"], ["--lora_dropout"]),
     (["--image_aspect_ratio", "anyres"], ["--image_aspect_ratio"]),

@@ -76,6 +76,7 @@ def rule_errors(cfg) -> List[str]:
     one_of("eval_strategy", _STRATEGIES)
     one_of("quant_type", ("fp4", "nf4"))
     one_of("lora_bias", ("all", "lora_only", "none"))
+    one_of("zero3_frozen_parts", ("whole", "partitioned"))
     check(t.optim in OPTIMIZERS,
           f"--optim {t.optim!r} is not supported; vitacore implements adamw_torch (torch.optim.AdamW) and "
           "adamw_torch_fused (torch.optim.AdamW with fused=True)")

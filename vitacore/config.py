@@ -141,6 +141,8 @@ class TrainingArguments:
     packing: bool = _f(False, "pack several samples into each row (up to --packing_max_length tokens after media "
                               "expansion); each sample attends only to itself")
     packing_max_length: Optional[int] = _f(None, "longest packed row in tokens (None: --model_max_length)")
+    zero3_frozen_parts: str = _f("whole", "under ZeRO-3, frozen encoders and adapters: whole on every rank (no "
+                                          "gathers, no dummy passes) or partitioned (less memory)")
     loss_chunk_size: int = _f(1024, "tokens per chunk of the output head + cross-entropy, so full-sequence logits "
                                     "are never built (0: the LLM's own loss over full logits)")
     output_dir: str = _f("output", "where checkpoints and logs go")

@@ -21,6 +21,7 @@ from vitacore.constants import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDE
 from vitacore.data.audio import audio_token_length
 from vitacore.data.dataset import Collator, Sample
 from vitacore.demo.tokenizer import build_tokenizer
+from vitacore.model import module_for_engine
 from vitacore.recipes import build_model_from_config, plan_model
 
 MM_PREFIXES = ("model.mm_projector.", "model.vision_tower.vision_tower.", "model.audio_encoder.encoder.",
@@ -305,7 +306,10 @@ ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, 
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def test_zero3_partitioned_export_equals_the_unpartitioned_one(tmp_path, tokenizer, dist):
+@pytest.mark.parametrize("frozen_parts", ["partitioned", "whole"])
+def test_zero3_partitioned_export_equals_the_unpartitioned_one(tmp_path, tokenizer, dist, frozen_parts):
+    """With --zero3_frozen_parts whole, the frozen tower (built partitioned) is made whole again and held out of
+    the engine: the export (of the engine, as a run writes it) still holds it, every tensor equal."""
     import deepspeed
 
     model = tiny(seed=11, tied=True)
@@ -316,10 +320,21 @@ def test_zero3_partitioned_export_equals_the_unpartitioned_one(tmp_path, tokeniz
     # LLM and tower arrive partitioned (zero.Init); initialize partitions the rest.
     assert all(hasattr(p, "ds_id") for p in built.llm.parameters())
     assert all(hasattr(p, "ds_id") for p in built.vision_tower.parameters())
+    for unit, part in built.unit_modules().items():  # stage 1: only the projector trains
+        part.requires_grad_(unit == "mm_projector")
     trainable = list(built.mm_projector.parameters())
-    engine, *_ = deepspeed.initialize(model=built, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ZERO3,
+    module = module_for_engine(built, ZERO3, frozen_parts)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ZERO3,
                                       dist_init_required=False)
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())
+    held_out = getattr(engine.module, "held_out", ())
+    assert set(held_out) == (set() if frozen_parts == "partitioned" else set(built.unit_modules()) - {"llm",
+                                                                                                   "mm_projector"})
+    if frozen_parts == "whole":
+        assert "vision_tower" in held_out
+        assert not any(hasattr(p, "ds_id") for p in built.vision_tower.parameters())
+        assert sum(p.numel() for p in built.vision_tower.parameters()) == sum(
+            p.numel() for p in model.vision_tower.parameters())
 
     save_full_export(engine, tokenizer, str(tmp_path / "zero3"), is_main=True, dtype=torch.float32,
                      max_shard_size="40KB")

@@ -135,6 +135,8 @@ def test_killed_between_writing_and_renaming_publishes_the_complete_checkpoint(v
 
 
 def test_two_process_zero3_resume_matches_within_1e_6(vitacore_cache, dropout_llm, tmp_path):
+    """The resumed half runs with --zero3_frozen_parts partitioned (the frozen audio parts partitioned, not
+    whole as before the kill): the checkpoint does not depend on it, and the losses still match."""
     steps, every = 10, 3
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     zero3 = ["--deepspeed", os.path.join(REPO, "configs", "zero3.json")]
@@ -142,8 +144,10 @@ def test_two_process_zero3_resume_matches_within_1e_6(vitacore_cache, dropout_ll
     kill_step = random.Random().randint(2 * every + 1, steps - 2)
     kill_at(torchrun(2, SCRIPT, *flags(dropout_llm, killed_dir, steps, every), *zero3), vitacore_cache,
             killed_dir, kill_step)
-    result = run_to_end(torchrun(2, SCRIPT, *flags(dropout_llm, killed_dir, steps, every), *zero3), vitacore_cache)
+    result = run_to_end(torchrun(2, SCRIPT, *flags(dropout_llm, killed_dir, steps, every), *zero3,
+                                 "--zero3_frozen_parts", "partitioned"), vitacore_cache)
     assert "resumed from" in result.stdout + result.stderr
+    assert "--zero3_frozen_parts: 'whole' -> 'partitioned'" in result.stdout + result.stderr
     assert_resumed_like_uninterrupted(losses(reference_dir), losses(killed_dir), 1e-6, f"killed at step {kill_step}")
     # DeepSpeed's zero_to_fp32.py, copied into the checkpoint, joins the two ranks' partitions.
     checkpoint = killed_dir / f"checkpoint-{steps}"

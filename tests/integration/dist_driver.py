@@ -2,7 +2,8 @@
 
 Run under torchrun (or plain python for one process):
     dist_driver.py OUT_JSON [--alternate_modalities] [--dump_changes] [train_stage.py flags...]
-Writes OUT_JSON.rank<R>: the logged losses, and for ZeRO-3 the local shard sizes of the parameters.
+Writes OUT_JSON.rank<R>: the logged losses, and for ZeRO-3 the local shard sizes of the parameters and the
+parts the engine holds out of ZeRO-3 (frozen encoders and adapters, kept whole).
 With ``--dump_changes``: the names of the parameters whose gathered values changed, and (rank 0)
 ``OUT_JSON.trained.pt`` with the final values of the trainable ones.
 """
@@ -73,6 +74,7 @@ def main(argv):
         json.dump({"losses": losses, "shards": shards, "full": full, "local": local, "steps": result.num_steps,
                    "world_size": dist.world_size, "stopped_by": result.stopped_by, "changed": changed,
                    "sampler": type(trainer.sampler).__name__,
+                   "held_out": list(getattr(trainer.engine.module, "held_out", ())),
                    "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}, fh)
 
 

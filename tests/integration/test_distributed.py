@@ -55,7 +55,8 @@ def reference(vitacore_cache, tmp_path_factory):
 def test_packed_rows_under_zero3_on_two_processes_match_one_process(vitacore_cache, tmp_path):
     """Setup: stage 4 on the demo data with --packing True and VITA's grouped order; one process with 2 packs a
     micro-batch against 2 processes under ZeRO-3 with 1 pack each (the same packs per step, dealt to the ranks).
-    Expect: the same losses as the one-process run (step 1 within 1e-6, later steps within 0.1%), on both ranks."""
+    Expect: the same losses as the one-process run (step 1 within 1e-6, later steps within 0.1%), on both ranks,
+    with the frozen tower and audio parts held out of ZeRO-3 (whole on every rank)."""
     packed = ["--stage", "4", "--packing", "True", "--group_by_modality_length", "True"]
     one = driver_run(vitacore_cache, tmp_path, 1, *packed, "--per_device_train_batch_size", "2")[0]
     assert one["sampler"] == "PackSampler"
@@ -64,6 +65,8 @@ def test_packed_rows_under_zero3_on_two_processes_match_one_process(vitacore_cac
                      "--deepspeed", os.path.join(REPO, "configs", "zero3.json"))
     got = two[0]["losses"]
     assert two[0]["sampler"] == "PackSampler" and len(one) == 5 and got == two[1]["losses"]
+    # Stage 4 freezes the tower (built partitioned, made whole again): held out of ZeRO-3 with the audio parts.
+    assert {"vision_tower", "audio_encoder"} <= set(two[0]["held_out"]) and "llm" not in two[0]["held_out"]
     assert abs(got[0] - one[0]) < 1e-6, (got, one)
     for step, (value, want) in enumerate(zip(got, one), start=1):
         assert abs(value - want) < 1e-3 * want, (step, got, one)
@@ -72,8 +75,12 @@ def test_packed_rows_under_zero3_on_two_processes_match_one_process(vitacore_cac
 @pytest.mark.parametrize("stage", ["1", "3"])
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_match_one_with_the_same_global_batch(vitacore_cache, tmp_path, reference, stage, zero):
+    """Under ZeRO-3, stage 1 runs with --zero3_frozen_parts partitioned (every parameter partitioned) and stage 3
+    with the default (frozen encoders and adapters whole on every rank, everything else partitioned)."""
+    frozen_parts = "partitioned" if stage == "1" else "whole"
     dumps = driver_run(vitacore_cache, tmp_path, 2, "--stage", stage, "--per_device_train_batch_size", "4",
-                       "--deepspeed", os.path.join(REPO, "configs", f"{zero}.json"))
+                       "--deepspeed", os.path.join(REPO, "configs", f"{zero}.json"),
+                       "--zero3_frozen_parts", frozen_parts)
     expected = reference(stage)
     got = dumps[0]["losses"]
     assert len(expected) == 5 and got == dumps[1]["losses"]
@@ -85,9 +92,16 @@ def test_two_processes_match_one_with_the_same_global_batch(vitacore_cache, tmp_
     for step, (value, want) in enumerate(zip(got, expected), start=1):
         assert abs(value - want) < 1e-3 * want, (step, got, expected)
     if zero == "zero3":
-        # Really partitioned: each rank holds about half of every parameter, and nothing outside a gather.
+        # The parts held out: every part but the LLM without a trainable parameter (none when partitioned).
+        units = {name.split(".")[0] for name in dumps[0]["local"]}
+        trained = {name.split(".")[0] for name in dumps[0]["trainable"]}
+        held_out = set() if frozen_parts == "partitioned" else units - trained - {"llm"}
+        assert stage == "1" or {"audio_encoder", "llm"} <= units and "audio_encoder" in held_out, (units, trained)
         for rank_dump in dumps:
-            assert rank_dump["shards"] and set(rank_dump["shards"]) == set(rank_dump["full"])
+            assert set(rank_dump["held_out"]) == held_out
+            # Really partitioned: each rank holds about half of every other parameter, nothing outside a gather.
+            partitioned = {name for name in rank_dump["local"] if name.split(".")[0] not in held_out}
+            assert rank_dump["shards"] and set(rank_dump["shards"]) == set(rank_dump["full"]) == partitioned
             for name, full in rank_dump["full"].items():
                 assert rank_dump["local"][name] == 0, name
                 assert rank_dump["shards"][name] == (full + 1) // 2, name

@@ -23,7 +23,7 @@ BOOKKEEPING_FLAGS = frozenset({
     "eval_generate", "report_to", "run_name", "plot_loss", "report_json", "dry_run", "cache_dir",
     "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor", "local_rank",
     "ddp_timeout", "trust_remote_code", "remove_unused_columns", "mpt_attn_impl", "lazy_preprocess",
-    "length_cache_dir", "loss_chunk_size",
+    "length_cache_dir", "loss_chunk_size", "zero3_frozen_parts",
 })
 
 

@@ -46,6 +46,8 @@ class LoopConfig:
         packing: several samples per training row (:mod:`vitacore.data.packing`); evaluation stays unpacked.
         packing_max_length: the most tokens of a packed row, media expanded (resolved: ``--model_max_length``
             when the flag is unset); required with ``packing``.
+        zero3_frozen_parts: under ZeRO-3, ``whole`` keeps frozen encoders and adapters whole on every rank,
+            outside DeepSpeed's partitioning; ``partitioned`` leaves them to it (:mod:`vitacore.model.zero3_view`).
         report_to: ``none``, ``tensorboard``, ``wandb``, ``all`` or a comma list (:mod:`vitacore.engine.trackers`).
         run_name: the run's name in wandb (None: the output folder's base name).
         progress_label: the progress bar's label (``"stage 1"``).
@@ -74,6 +76,7 @@ class LoopConfig:
     group_by_modality_length: bool = False
     packing: bool = False
     packing_max_length: Optional[int] = None
+    zero3_frozen_parts: str = "whole"
     report_to: str = "none"
     run_name: Optional[str] = None
     progress_label: str = "train"
@@ -92,6 +95,8 @@ class LoopConfig:
         _check(not self.packing or (self.packing_max_length or 0) >= 1,
                f"packing needs packing_max_length >= 1 (the most tokens of a packed row, usually the model's "
                f"model_max_length); got {self.packing_max_length}")
+        _check(self.zero3_frozen_parts in ("whole", "partitioned"),
+               f"zero3_frozen_parts {self.zero3_frozen_parts!r} is not one of: whole, partitioned")
 
 
 @dataclass(frozen=True)

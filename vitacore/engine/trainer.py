@@ -39,6 +39,7 @@ from vitacore.engine.plots import CurveRedraws
 from vitacore.engine.schedule import build_scheduler, rebase_schedule, warmup_steps_for
 from vitacore.engine.signals import StopRequest
 from vitacore.engine.trackers import Trackers
+from vitacore.model.zero3_view import module_for_engine
 
 
 class Trainer:
@@ -117,7 +118,9 @@ class Trainer:
         optim = self.optim
         schedule = (optim.lr_scheduler_type, self.warmup_steps, self.total_steps, optim.lr_scheduler_kwargs)
         build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), *schedule)  # bad kwargs: now
-        kwargs = {"model": self.model.to(self.dist.device), "config": self.ds_config, "dist_init_required": False}
+        # Under ZeRO-3 the engine gets a view without the frozen encoders and adapters (kept whole).
+        module = module_for_engine(self.model.to(self.dist.device), self.ds_config, self.loop.zero3_frozen_parts)
+        kwargs = {"model": module, "config": self.ds_config, "dist_init_required": False}
         if "optimizer" in self.ds_config:
             kwargs["model_parameters"] = self.param_groups
             if optim.optim != "adamw_torch":
@@ -361,8 +364,7 @@ class Trainer:
         return not flags[0], bool(flags[1])
 
     def _group_lrs(self) -> dict[str, float]:
-        groups = self.engine.optimizer.param_groups
-        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)}
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}
 
     def _save_due(self, end_of_epoch: bool) -> bool:
         strategy = self.loop.save_strategy

@@ -26,6 +26,7 @@ from vitacore.model.projector import build_projector
 from vitacore.model.runtime import prepare_for_training
 from vitacore.model.spec import AdapterWeights, LoraSpec, LoraWeights, ModelSpec, QuantSpec, StartWeights
 from vitacore.model.vision import VisionTower, build_vision_tower, load_vision_tower
+from vitacore.model.zero3_view import Zero3View, module_for_engine
 
 __all__ = [
     "AUDIO_CONFIG_FILE", "AdapterWeights", "AudioAdapter", "AudioEncoder", "AudioEncoderConfig", "AudioStack",
@@ -34,5 +35,6 @@ __all__ = [
     "apply_lora", "build_audio_adapter", "build_audio_encoder", "build_model", "build_projector",
     "build_vision_tower", "find_lora_targets", "finish_model", "folder_load_errors", "infer_model_type",
     "is_quantized", "is_zero3", "llm_load_kwargs", "load_adapter_weights", "load_audio_encoder", "load_audio_stack",
-    "load_tokenizer_for", "load_vision_tower", "prepare_for_training", "quiet_load_report", "zero3_construction",
+    "load_tokenizer_for", "load_vision_tower", "module_for_engine", "prepare_for_training", "quiet_load_report",
+    "zero3_construction", "Zero3View",
 ]

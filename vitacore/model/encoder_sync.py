@@ -14,10 +14,13 @@ A dummy pass costs no more than those two needs require:
   need. The cut lies before every block, so a block recomputed in backward (InternViT checkpoints its
   layers) sees the same tokens again.
 - **Nothing to gather, nothing to train.** An encoder whose parameters are not ZeRO-3-partitioned
-  (ZeRO-0/1/2) and all frozen does not run at all: no rank gathers it, and no gradient of it is
-  reduced. A trainable projector (adapter, audio prompt) after it still runs, alone, on one token of
-  zeros, so its gradient is reduced on every rank.
-- **Always, under ZeRO-3.** A partitioned encoder runs on every micro-batch, even when no rank has
+  and all frozen does not run at all: no rank gathers it, and no gradient of it is reduced. That is
+  every frozen encoder below ZeRO-3, and under ZeRO-3 too by default: the engine holds frozen
+  encoders and adapters out of partitioning, whole on every rank (:mod:`vitacore.model.zero3_view`,
+  ``--zero3_frozen_parts``). A trainable projector (adapter, audio prompt) after it still runs,
+  alone, on one token of zeros, so its gradient is reduced on every rank.
+- **Always, under ZeRO-3.** A partitioned encoder (a trainable one, or any with
+  ``--zero3_frozen_parts partitioned``) runs on every micro-batch, even when no rank has
   its media. A trainable one must: its gradient must exist, as zeros, on every micro-batch, because
   ZeRO-3 copies the first micro-batch's gradient of an accumulation window into a buffer it never
   clears, so a parameter without a gradient in a window is stepped with an older window's gradient.

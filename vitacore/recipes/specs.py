@@ -104,6 +104,7 @@ def loop_config(config: RunConfig) -> LoopConfig:
         dataloader_persistent_workers=t.dataloader_persistent_workers,
         dataloader_prefetch_factor=t.dataloader_prefetch_factor, group_by_modality_length=t.group_by_modality_length,
         packing=t.packing, packing_max_length=t.packing_max_length or t.model_max_length,
+        zero3_frozen_parts=t.zero3_frozen_parts,
         report_to=t.report_to, run_name=config.get("run_name"),
         progress_label="train" if config.stage == "none" else f"stage {config.stage}",
         plot_loss=t.plot_loss)

@@ -321,6 +321,7 @@ def save_full_export(model: nn.Module, tokenizer, directory: str, is_main: bool,
     wrapped = getattr(model, "module", None)  # a DeepSpeed engine: export the model it wraps
     if isinstance(wrapped, nn.Module) and hasattr(wrapped, "llm"):
         model = wrapped
+    model = getattr(model, "whole_model", model)  # a ZeRO-3 view without the frozen parts: the whole model
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"save_full_export: dtype {dtype} is not supported; use torch.bfloat16, float16 or float32")
     directory = os.path.abspath(directory)
