@@ -6,6 +6,7 @@ import re
 from typing import List, Sequence
 
 from vitacore import _flags
+from vitacore.constants import ZERO3_FROZEN_PART_MODES
 from vitacore.engine.config import OPTIMIZERS
 from vitacore.engine.schedule import SCHEDULES
 from vitacore.freeze import UNITS, parse_unit_lr
@@ -76,7 +77,7 @@ def rule_errors(cfg) -> List[str]:
     one_of("eval_strategy", _STRATEGIES)
     one_of("quant_type", ("fp4", "nf4"))
     one_of("lora_bias", ("all", "lora_only", "none"))
-    one_of("zero3_frozen_parts", ("whole", "partitioned"))
+    one_of("zero3_frozen_parts", ZERO3_FROZEN_PART_MODES)
     check(t.optim in OPTIMIZERS,
           f"--optim {t.optim!r} is not supported; vitacore implements adamw_torch (torch.optim.AdamW) and "
           "adamw_torch_fused (torch.optim.AdamW with fused=True)")

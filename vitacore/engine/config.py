@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from vitacore.constants import ZERO3_FROZEN_PART_MODES
 from vitacore.engine.schedule import SCHEDULES
 
 _STRATEGIES = ("no", "steps", "epoch")
@@ -95,8 +96,8 @@ class LoopConfig:
         _check(not self.packing or (self.packing_max_length or 0) >= 1,
                f"packing needs packing_max_length >= 1 (the most tokens of a packed row, usually the model's "
                f"model_max_length); got {self.packing_max_length}")
-        _check(self.zero3_frozen_parts in ("whole", "partitioned"),
-               f"zero3_frozen_parts {self.zero3_frozen_parts!r} is not one of: whole, partitioned")
+        _check(self.zero3_frozen_parts in ZERO3_FROZEN_PART_MODES,
+               f"zero3_frozen_parts {self.zero3_frozen_parts!r} is not one of: {', '.join(ZERO3_FROZEN_PART_MODES)}")
 
 
 @dataclass(frozen=True)

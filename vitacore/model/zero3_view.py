@@ -26,11 +26,10 @@ from typing import Optional
 
 import torch.nn as nn
 
+from vitacore.constants import ZERO3_FROZEN_PART_MODES
 from vitacore.model.loading import is_zero3
 from vitacore.partition import is_partitioned
 
-# --zero3_frozen_parts: "whole" (the default) or "partitioned".
-FROZEN_PART_MODES = ("whole", "partitioned")
 NEVER_HELD_OUT = ("llm",)
 
 
@@ -94,8 +93,9 @@ def module_for_engine(model: nn.Module, deepspeed_config: Optional[dict], frozen
     Raises:
         ValueError: an unknown ``frozen_part_mode``.
     """
-    if frozen_part_mode not in FROZEN_PART_MODES:
-        raise ValueError(f"--zero3_frozen_parts {frozen_part_mode!r}: choose one of {', '.join(FROZEN_PART_MODES)}")
+    if frozen_part_mode not in ZERO3_FROZEN_PART_MODES:
+        raise ValueError(f"--zero3_frozen_parts {frozen_part_mode!r}: choose one of "
+                         f"{', '.join(ZERO3_FROZEN_PART_MODES)}")
     if not is_zero3(deepspeed_config) or frozen_part_mode == "partitioned":
         return model
     held_out = frozen_parts(model)
