@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from mfu_flops import Part, decoder_layer_weights, encoder_layer_weights, part_flops
 
-# Scaled to a few seconds per step on two CPU cores, with VITA-1.5's proportions (matmul weights: tower about
-# 1/17 of the LLM's, Whisper 1/21; depths 4 : 4 : 3 for 28 : 27 : 24) and the encoders' real input geometry.
+# Scaled (widened x2 by the bench's default --width 2) to about 2 s per step on two CPU cores, with VITA-1.5's
+# proportions (matmul weights: tower about 1/17 of the LLM's, Whisper 1/21; depths 4 : 4 : 3 for 28 : 27 : 24)
+# and the encoders' real input geometry.
 SIZES = {
     "vita": dict(llm=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=1344, vocab_size=8192),
@@ -32,6 +33,16 @@ REAL = dict(llm=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads
             whisper=dict(d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096,
                          max_source_positions=1500))
 MEL_BINS = 80
+# Keys multiplied by ``--width``: every part's widths and head counts (head sizes, depths, vocabulary and input
+# geometry stay), so the parts keep their proportions while the step's compute grows against per-module costs.
+WIDTH_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "d_model",
+              "encoder_attention_heads", "encoder_ffn_dim")
+
+
+def widened(sizes: dict, width: int) -> dict:
+    """``sizes`` with every part's widths and head counts multiplied by ``width``."""
+    return {part: {key: value * width if key in WIDTH_KEYS else value for key, value in shape.items()}
+            for part, shape in sizes.items()}
 
 
 def analytic_flops(sizes: dict, args, fewest: bool) -> tuple[float, float, float]:
@@ -70,9 +81,14 @@ def analytic_flops(sizes: dict, args, fewest: bool) -> tuple[float, float, float
     return llm, vision, audio
 
 
+def bench_sizes(args) -> dict:
+    """The sizes this run builds: ``SIZES`` (quick or VITA-like) widened by ``--width``."""
+    return widened(SIZES["quick" if args.quick else "vita"], args.width)
+
+
 def print_flops(say, args) -> None:
     say("\nanalytic FLOPs of one text-only micro-batch step (bench/mfu_flops.py's rules), dummy passes / LLM step:")
-    for name, sizes in (("these sizes", SIZES["quick" if args.quick else "vita"]), ("VITA-1.5's real sizes", REAL)):
+    for name, sizes in (("these sizes", bench_sizes(args)), ("VITA-1.5's real sizes", REAL)):
         row = []
         for fewest in (False, True):
             llm, vision, audio = analytic_flops(sizes, args, fewest)

@@ -12,10 +12,10 @@ silent clip padded to Whisper's 30 s window).
 The models are random transformers ``Qwen2ForCausalLM``, ``SiglipVisionModel`` and ``WhisperEncoder``,
 wrapped as vitacore wraps them, built partitioned under ZeRO-3 (``configs/zero3.json`` completed by
 ``vitacore.resolve_deepspeed_config``), scaled down with VITA-1.5's proportions (``SIZES`` in
-``bench/text_only_sizes.py``) and the encoders' real input geometry (384-pixel images in 14-pixel
-patches: 729 patches; Whisper's 3000 frames, 1500 states). Stage 3 trains the LLM, projector and
-tower; stage 4 the LLM and projector; audio stays frozen; activation checkpointing on the LLM, as in
-VITA's stages. Each step is timed around ``engine(...)``, ``engine.backward`` and ``engine.step``, and
+``bench/text_only_sizes.py``, every width doubled by the default ``--width 2``) and the encoders' real
+input geometry (384-pixel images in 14-pixel patches: 729 patches; Whisper's 3000 frames, 1500 states).
+Stage 3 trains the LLM, projector and tower; stage 4 the LLM and projector; audio stays frozen;
+activation checkpointing on the LLM, as in VITA's stages. Each step is timed around ``engine(...)``, ``engine.backward`` and ``engine.step``, and
 so are the dummy passes and DeepSpeed's parameter gathers and gradient reduce-scatters
 (``fetch_sub_module``, the post-step re-gather of persistent parameters, ``__avg_scatter_grads``; waits
 included): the profile of the remainder. The sides take turns step by step, in an order that rotates
@@ -23,6 +23,7 @@ between rounds. An analytic FLOP count of the step at these sizes and at VITA-1.
 
     python bench/text_only_step.py            # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
     python bench/text_only_step.py --stage 4  # the tower frozen too
+    python bench/text_only_step.py --width 1  # half the widths: DeepSpeed's per-module costs weigh more
     python bench/text_only_step.py --quick    # tiny sizes, a few steps: checks the script runs
     python bench/text_only_step.py --param_persistence_threshold 0   # no parameter kept gathered between steps
     python bench/text_only_step.py --zero3_frozen_parts partitioned  # vitacore's side with frozen parts partitioned
@@ -52,7 +53,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side and round (default 6; quick 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, per side and round")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds; each runs every side (default 3; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds; each runs every side (default 5; quick 1)")
     parser.add_argument("--micro_batch", type=int, default=2, help="text-only samples per micro-batch and process")
     parser.add_argument("--text_tokens", type=int, default=256, help="tokens per sample")
     parser.add_argument("--stage", choices=("3", "4"), default="3",
@@ -64,14 +65,19 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero3_frozen_parts", choices=("whole", "partitioned"), default="whole",
                         help="the vitacore side's frozen encoders and adapters: whole on every rank (vitacore's "
                              "default) or ZeRO-3-partitioned (as before); the full-size side: partitioned")
+    parser.add_argument("--width", type=int, default=None,
+                        help="multiply every part's widths and head counts (not depths) by this: the same "
+                             "proportions, more compute per step against DeepSpeed's per-module and per-tensor "
+                             "costs (default 2: about 2 s per step; quick 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (meaningless figures)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 6)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.width = args.width or (1 if args.quick else 2)
     if args.quick and args.text_tokens == 256:
         args.text_tokens = 32
-    if min(args.steps, args.rounds, args.micro_batch, args.text_tokens, args.warmup) < 1:
-        parser.error("--steps, --rounds, --micro_batch, --text_tokens and --warmup must be >= 1")
+    if min(args.steps, args.rounds, args.micro_batch, args.text_tokens, args.warmup, args.width) < 1:
+        parser.error("--steps, --rounds, --micro_batch, --text_tokens, --warmup and --width must be >= 1")
     return args
 
 
@@ -88,7 +94,7 @@ def relaunch(argv: list[str]) -> int:
 # After this point the script runs in every process of the job.
 
 import torch  # noqa: E402
-from text_only_sizes import MEL_BINS, SIZES, print_flops  # noqa: E402
+from text_only_sizes import MEL_BINS, bench_sizes, print_flops  # noqa: E402
 
 import vitacore  # noqa: E402
 import vitacore.model.multimodal as multimodal  # noqa: E402
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
     if dist.world_size != 2:
         raise SystemExit(f"run with 2 processes (the job has {dist.world_size})")
-    sizes = SIZES["quick" if args.quick else "vita"]
+    sizes = bench_sizes(args)
     install_timers()
     engines = {"llm": build_side(args, sizes, False, dist),
                "vitacore": build_side(args, sizes, True, dist, args.zero3_frozen_parts),
@@ -321,7 +327,7 @@ def main(argv=None) -> int:
     mm = getattr(mm, "whole_model", mm)
     say(f"text-only micro-batch step, ZeRO-3 ({os.path.relpath(ZERO3, REPO)}), {dist.world_size} processes, "
         f"{torch.get_num_threads()} torch thread(s) each, fp32, stage {args.stage}, micro-batch {args.micro_batch} x "
-        f"{args.text_tokens} tokens, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
+        f"{args.text_tokens} tokens, widths x{args.width}, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
         f"stage3_param_persistence_threshold "
         f"{engines['vitacore'].zero_param_persistence_threshold()}, --zero3_frozen_parts {args.zero3_frozen_parts} "
         f"(full-size: partitioned)")
