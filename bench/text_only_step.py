@@ -15,10 +15,10 @@ wrapped as vitacore wraps them, built partitioned under ZeRO-3 (``configs/zero3.
 ``bench/text_only_sizes.py``, every width doubled by the default ``--width 2``) and the encoders' real
 input geometry (384-pixel images in 14-pixel patches: 729 patches; Whisper's 3000 frames, 1500 states).
 Stage 3 trains the LLM, projector and tower; stage 4 the LLM and projector; audio stays frozen;
-activation checkpointing on the LLM, as in VITA's stages. Each step is timed around ``engine(...)``, ``engine.backward`` and ``engine.step``, and
-so are the dummy passes and DeepSpeed's parameter gathers and gradient reduce-scatters
-(``fetch_sub_module``, the post-step re-gather of persistent parameters, ``__avg_scatter_grads``; waits
-included): the profile of the remainder. The sides take turns step by step, in an order that rotates
+activation checkpointing on the LLM, as in VITA's stages. Each step is timed around ``engine(...)``,
+``engine.backward`` and ``engine.step``, and so are the dummy passes and DeepSpeed's parameter gathers
+and gradient reduce-scatters (``fetch_sub_module``, the post-step re-gather of persistent parameters,
+``__avg_scatter_grads``; waits included): the profile of the remainder. The sides take turns step by step, in an order that rotates
 between rounds. An analytic FLOP count of the step at these sizes and at VITA-1.5's real ones comes last.
 
     python bench/text_only_step.py            # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     mm = getattr(mm, "whole_model", mm)
     say(f"text-only micro-batch step, ZeRO-3 ({os.path.relpath(ZERO3, REPO)}), {dist.world_size} processes, "
         f"{torch.get_num_threads()} torch thread(s) each, fp32, stage {args.stage}, micro-batch {args.micro_batch} x "
-        f"{args.text_tokens} tokens, widths x{args.width}, activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
+        f"{args.text_tokens} tokens, widths x{args.width}, "
+        f"activation checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
         f"stage3_param_persistence_threshold "
         f"{engines['vitacore'].zero_param_persistence_threshold()}, --zero3_frozen_parts {args.zero3_frozen_parts} "
         f"(full-size: partitioned)")
