@@ -18,8 +18,9 @@ Stage 3 trains the LLM, projector and tower; stage 4 the LLM and projector; audi
 activation checkpointing on the LLM, as in VITA's stages. Each step is timed around ``engine(...)``,
 ``engine.backward`` and ``engine.step``, and so are the dummy passes and DeepSpeed's parameter gathers
 and gradient reduce-scatters (``fetch_sub_module``, the post-step re-gather of persistent parameters,
-``__avg_scatter_grads``; waits included): the profile of the remainder. The sides take turns step by step, in an order that rotates
-between rounds. An analytic FLOP count of the step at these sizes and at VITA-1.5's real ones comes last.
+``__avg_scatter_grads``; waits included): the profile of the remainder. The sides take turns step by
+step, in an order that rotates between rounds. An analytic FLOP count of the step at these sizes and at
+VITA-1.5's real ones comes last.
 
     python bench/text_only_step.py            # relaunches itself: torchrun --nproc_per_node 2 (gloo, 1 thread each)
     python bench/text_only_step.py --stage 4  # the tower frozen too
