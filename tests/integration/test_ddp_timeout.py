@@ -2,7 +2,7 @@
 
 Two ranks train the embedded default under ``torchrun``; once a metrics row is written, rank 1 is
 frozen with SIGSTOP. Rank 0 then waits in its next collective and must give up after ``--ddp_timeout``
-seconds (30 here, to keep the suite short; VITA's scripts' 60 behaves the same), naming the timeout,
+seconds (15 here, to keep the suite short; VITA's scripts' 60 behaves the same), naming the timeout,
 instead of after the 1800 s default.
 """
 
@@ -18,7 +18,7 @@ from test_distributed import REPO, SCRIPT, env_for, torchrun
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 30
+TIMEOUT_S = 15
 # Rank 0 must give up on its own, about TIMEOUT_S after the stall (gloo counts from the collective's start).
 GIVES_UP_WITHIN_S = 90
 
