@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from vitacore.constants import ZERO3_FROZEN_PART_MODES
 from vitacore.model.loading import is_zero3
-from vitacore.partition import is_partitioned
+from vitacore.partition import gathered, is_partitioned
 
 NEVER_HELD_OUT = ("llm",)
 
@@ -110,14 +110,12 @@ def module_for_engine(model: nn.Module, deepspeed_config: Optional[dict], frozen
 def _make_whole(module: nn.Module) -> None:
     """Replace every ZeRO-3-partitioned parameter of ``module`` by a plain frozen one holding the whole tensor
     (a collective: one gather per submodule); a parameter shared by two submodules stays shared."""
-    import deepspeed
-
     whole: dict[int, nn.Parameter] = {}
     for submodule in module.modules():
         own = [(name, p) for name, p in submodule._parameters.items() if p is not None and is_partitioned(p)]
         fresh = [p for _, p in own if id(p) not in whole]
         if fresh:
-            with deepspeed.zero.GatheredParameters(fresh):
+            with gathered(fresh):
                 for param in fresh:
                     whole[id(param)] = nn.Parameter(param.data.detach().clone(), requires_grad=False)
         for name, param in own:
